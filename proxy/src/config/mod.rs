@@ -1,0 +1,677 @@
+//! Configuration in two stages: [`raw`] mirrors the TOML file (serde, unknown
+//! keys denied), [`load`] validates it into [`Config`], whose values are ready
+//! to use (addresses parsed and resolved, routes pointing at upstreams by
+//! index). Nothing here binds a socket, so `edge-router check` can run it alone.
+
+pub mod diag;
+pub mod raw;
+
+use std::collections::{BTreeMap, HashSet};
+use std::net::{IpAddr, SocketAddr, ToSocketAddrs};
+use std::path::Path;
+use std::time::Duration;
+
+use edge_policies::Policy;
+use ipnet::IpNet;
+use serde::de::DeserializeOwned;
+use toml::de::{DeTable, DeValue, ValueDeserializer};
+use toml::Spanned;
+
+pub use diag::{ConfigError, ConfigErrors};
+use diag::{Locator, Seg};
+use raw::{RawAdmin, RawRegion, RawRoute, RawServer, RawUpstream};
+
+/// A validated configuration for one proxy.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// `[server]`
+    pub server: ServerConfig,
+    /// `[admin]`
+    pub admin: AdminConfig,
+    /// Every region, the local one included, in configured order.
+    pub regions: Vec<RegionConfig>,
+    /// `[upstreams.*]`, sorted by name.
+    pub upstreams: Vec<UpstreamConfig>,
+    /// `[[routes]]`, in file order.
+    pub routes: Vec<RouteConfig>,
+}
+
+/// `[server]`, validated.
+#[derive(Debug, Clone)]
+pub struct ServerConfig {
+    /// The region this proxy serves.
+    pub region: String,
+    /// Traffic listeners.
+    pub listen: Vec<SocketAddr>,
+    /// Worker threads.
+    pub threads: usize,
+    /// Health path on the traffic listener.
+    pub health_path: String,
+    /// Serving time after SIGTERM.
+    pub drain_period: Duration,
+    /// Add `x-edge-decision` to responses.
+    pub debug_headers: bool,
+    /// Env var with the hop HMAC key.
+    pub hop_secret_env: String,
+    /// Networks whose forwarding headers are trusted.
+    pub trusted_proxies: Vec<IpNet>,
+}
+
+/// `[admin]`, validated.
+#[derive(Debug, Clone)]
+pub struct AdminConfig {
+    /// Admin listener.
+    pub listen: SocketAddr,
+    /// Env var with the bearer token for mutations.
+    pub token_env: String,
+}
+
+/// A peer edge-router's address.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PeerAddr {
+    /// Resolved socket address.
+    pub addr: SocketAddr,
+    /// `host:port` as written, for logs.
+    pub authority: String,
+}
+
+/// One region.
+#[derive(Debug, Clone)]
+pub struct RegionConfig {
+    /// Region name.
+    pub name: String,
+    /// Its edge-router (None only for the local region).
+    pub peer: Option<PeerAddr>,
+    /// Tie-break and pre-measurement preference.
+    pub order: u32,
+    /// RTT assumed until measured.
+    pub rtt_hint: Option<Duration>,
+}
+
+/// Active health check settings.
+#[derive(Debug, Clone)]
+pub struct HealthConfig {
+    /// Probe path.
+    pub path: String,
+    /// Probe interval.
+    pub interval: Duration,
+    /// Random spread added to each interval.
+    pub jitter: Duration,
+    /// Probe timeout.
+    pub timeout: Duration,
+    /// Passes to become healthy.
+    pub healthy: u32,
+    /// Failures to become unhealthy.
+    pub unhealthy: u32,
+}
+
+/// Passive outlier ejection settings.
+#[derive(Debug, Clone)]
+pub struct OutlierConfig {
+    /// Consecutive failures that eject.
+    pub consecutive_failures: u32,
+    /// Base ejection time.
+    pub base_ejection: Duration,
+    /// Longest ejection.
+    pub max_ejection: Duration,
+    /// Most of a region's backends ejected at once, percent.
+    pub max_ejection_percent: u8,
+}
+
+/// One upstream service.
+#[derive(Debug, Clone)]
+pub struct UpstreamConfig {
+    /// Name.
+    pub name: String,
+    /// Region owning writes (checked; used by later policies).
+    pub primary_region: Option<String>,
+    /// Active checks.
+    pub health: HealthConfig,
+    /// Passive ejection.
+    pub outlier: OutlierConfig,
+    /// Panic threshold in percent.
+    pub panic_threshold: u8,
+    /// Connect timeout.
+    pub connect_timeout: Duration,
+    /// Read timeout.
+    pub read_timeout: Duration,
+    /// Backends per region name.
+    pub backends: BTreeMap<String, Vec<SocketAddr>>,
+}
+
+/// How a route matches the Host header.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum HostMatch {
+    /// `api.example.com`
+    Exact(String),
+    /// `*.example.com`: stored as `.example.com`.
+    Suffix(String),
+    /// `*`
+    Any,
+}
+
+/// One route.
+#[derive(Debug, Clone)]
+pub struct RouteConfig {
+    /// Label for metrics and logs.
+    pub name: String,
+    /// Host match.
+    pub host: HostMatch,
+    /// Path prefix.
+    pub path_prefix: String,
+    /// Index into `Config::upstreams`.
+    pub upstream: usize,
+    /// Consistency policy.
+    pub policy: Policy,
+}
+
+impl Config {
+    /// The local region's config.
+    pub fn local_region(&self) -> &RegionConfig {
+        self.regions
+            .iter()
+            .find(|r| r.name == self.server.region)
+            .expect("validation guarantees the local region exists")
+    }
+}
+
+/// Read and validate a config file. `region_override` is `EDGE_REGION`.
+pub fn load(path: &Path, region_override: Option<&str>) -> Result<Config, ConfigErrors> {
+    let file = path.display().to_string();
+    let text = std::fs::read_to_string(path).map_err(|e| {
+        ConfigErrors(vec![ConfigError {
+            file: file.clone(),
+            line: 0,
+            column: 0,
+            key_path: "(file)".to_string(),
+            message: format!("cannot read: {e}"),
+        }])
+    })?;
+    parse(&file, &text, region_override)
+}
+
+/// Validate config text; `file` names it in errors.
+pub fn parse(file: &str, text: &str, region_override: Option<&str>) -> Result<Config, ConfigErrors> {
+    let loc = Locator::new(file, text);
+    let root = match DeTable::parse(text) {
+        Ok(root) => root,
+        Err(e) => return Err(ConfigErrors(vec![loc.from_toml(&[], &e)])),
+    };
+    let mut errors = Vec::new();
+    let sections = read_sections(&loc, root, &mut errors);
+    let config = validate(&loc, sections, region_override, &mut errors);
+    match config {
+        Some(c) if errors.is_empty() => Ok(c),
+        _ => {
+            errors.sort_by_key(|e| (e.line, e.column));
+            errors.dedup();
+            Err(ConfigErrors(errors))
+        }
+    }
+}
+
+#[derive(Default)]
+struct Sections {
+    server: Option<RawServer>,
+    admin: RawAdmin,
+    regions: Vec<(String, RawRegion)>,
+    upstreams: Vec<(String, RawUpstream)>,
+    routes: Vec<Option<RawRoute>>,
+}
+
+const SECTIONS: &str = "server, admin, regions, upstreams, routes";
+
+/// Deserialize each section (and each region, upstream and route) on its own,
+/// so that one mistake does not hide the next.
+fn read_sections(loc: &Locator<'_>, root: Spanned<DeTable<'_>>, errors: &mut Vec<ConfigError>) -> Sections {
+    let mut s = Sections::default();
+    let mut saw_server = false;
+    for (key, value) in root.into_inner() {
+        let name = key.get_ref().to_string();
+        let path = [Seg::Key(name.clone())];
+        match name.as_str() {
+            "server" => {
+                saw_server = true;
+                s.server = typed(loc, &path, value, errors);
+            }
+            "admin" => {
+                if let Some(a) = typed(loc, &path, value, errors) {
+                    s.admin = a;
+                }
+            }
+            "regions" => s.regions = typed_entries(loc, &path, value, errors),
+            "upstreams" => s.upstreams = typed_entries(loc, &path, value, errors),
+            "routes" => match value.into_inner() {
+                DeValue::Array(items) => {
+                    for (i, item) in items.into_iter().enumerate() {
+                        let p = [Seg::Key(name.clone()), Seg::Index(i)];
+                        s.routes.push(typed(loc, &p, item, errors));
+                    }
+                }
+                _ => errors.push(loc.at_path(&path, "expected an array of tables ([[routes]])")),
+            },
+            _ => errors.push(loc.at_offset(
+                key.span().start,
+                &path,
+                format!("unknown section `{name}`, expected one of: {SECTIONS}"),
+            )),
+        }
+    }
+    if !saw_server {
+        errors.push(loc.at_offset(0, &[Seg::from("server")], "missing [server] section (it needs at least `region`)"));
+    }
+    s
+}
+
+fn typed<T: DeserializeOwned>(
+    loc: &Locator<'_>,
+    path: &[Seg],
+    value: Spanned<DeValue<'_>>,
+    errors: &mut Vec<ConfigError>,
+) -> Option<T> {
+    match T::deserialize(ValueDeserializer::from(value)) {
+        Ok(v) => Some(v),
+        Err(e) => {
+            errors.push(loc.from_toml(path, &e));
+            None
+        }
+    }
+}
+
+fn typed_entries<T: DeserializeOwned>(
+    loc: &Locator<'_>,
+    path: &[Seg],
+    value: Spanned<DeValue<'_>>,
+    errors: &mut Vec<ConfigError>,
+) -> Vec<(String, T)> {
+    let DeValue::Table(table) = value.into_inner() else {
+        errors.push(loc.at_path(path, "expected a table"));
+        return Vec::new();
+    };
+    let mut out = Vec::new();
+    for (key, value) in table {
+        let name = key.get_ref().to_string();
+        let mut p = path.to_vec();
+        p.push(Seg::Key(name.clone()));
+        if let Some(v) = typed(loc, &p, value, errors) {
+            out.push((name, v));
+        }
+    }
+    out
+}
+
+fn validate(
+    loc: &Locator<'_>,
+    s: Sections,
+    region_override: Option<&str>,
+    errors: &mut Vec<ConfigError>,
+) -> Option<Config> {
+    let raw_server = s.server?;
+    let server = validate_server(loc, raw_server, region_override, errors);
+    let admin = validate_admin(loc, &s.admin, errors);
+    let regions = validate_regions(loc, &server.region, s.regions, errors);
+    let region_names: HashSet<&str> = regions.iter().map(|r| r.name.as_str()).collect();
+    let upstreams: Vec<UpstreamConfig> = s
+        .upstreams
+        .into_iter()
+        .filter_map(|(name, u)| validate_upstream(loc, &region_names, name, u, errors))
+        .collect();
+    let mut routes = Vec::new();
+    let mut seen = HashSet::new();
+    for (i, raw) in s.routes.into_iter().enumerate() {
+        let Some(raw) = raw else { continue };
+        if let Some(r) = validate_route(loc, i, raw, &upstreams, errors) {
+            if !seen.insert((r.host.clone(), r.path_prefix.clone())) {
+                errors.push(loc.at_path(
+                    &["routes".into(), i.into()],
+                    "duplicate route: an earlier route has the same host and path_prefix",
+                ));
+            }
+            routes.push(r);
+        }
+    }
+    if routes.is_empty() && errors.is_empty() {
+        errors.push(loc.at_offset(0, &[Seg::from("routes")], "no [[routes]]: the proxy would answer 404 to everything"));
+    }
+    Some(Config {
+        server,
+        admin,
+        regions,
+        upstreams,
+        routes,
+    })
+}
+
+fn validate_server(
+    loc: &Locator<'_>,
+    raw: RawServer,
+    region_override: Option<&str>,
+    errors: &mut Vec<ConfigError>,
+) -> ServerConfig {
+    let p = |k: &str| vec![Seg::from("server"), Seg::from(k)];
+    let mut listen = Vec::new();
+    for (i, l) in raw.listen.iter().enumerate() {
+        match l.parse::<SocketAddr>() {
+            Ok(a) => listen.push(a),
+            Err(_) => errors.push(loc.at_path(
+                &[Seg::from("server"), Seg::from("listen"), Seg::from(i)],
+                format!("`{l}` is not an ip:port address"),
+            )),
+        }
+    }
+    if raw.listen.is_empty() {
+        errors.push(loc.at_path(&p("listen"), "at least one listen address is needed"));
+    }
+    if raw.threads == 0 {
+        errors.push(loc.at_path(&p("threads"), "threads must be at least 1"));
+    }
+    if !raw.health_path.starts_with('/') {
+        errors.push(loc.at_path(&p("health_path"), "health_path must start with `/`"));
+    }
+    let mut trusted = Vec::new();
+    for (i, t) in raw.trusted_proxies.iter().enumerate() {
+        let parsed = t
+            .parse::<IpNet>()
+            .or_else(|_| t.parse::<IpAddr>().map(IpNet::from));
+        match parsed {
+            Ok(n) => trusted.push(n),
+            Err(_) => errors.push(loc.at_path(
+                &[Seg::from("server"), Seg::from("trusted_proxies"), Seg::from(i)],
+                format!("`{t}` is not a CIDR network or IP address"),
+            )),
+        }
+    }
+    let region = region_override
+        .filter(|r| !r.is_empty())
+        .map(str::to_string)
+        .unwrap_or(raw.region);
+    ServerConfig {
+        region,
+        listen,
+        threads: raw.threads.max(1),
+        health_path: raw.health_path,
+        drain_period: raw.drain_period,
+        debug_headers: raw.debug_headers,
+        hop_secret_env: raw.hop_secret_env,
+        trusted_proxies: trusted,
+    }
+}
+
+fn validate_admin(loc: &Locator<'_>, raw: &RawAdmin, errors: &mut Vec<ConfigError>) -> AdminConfig {
+    let listen = raw.listen.parse::<SocketAddr>().unwrap_or_else(|_| {
+        errors.push(loc.at_path(
+            &["admin".into(), "listen".into()],
+            format!("`{}` is not an ip:port address", raw.listen),
+        ));
+        SocketAddr::from(([127, 0, 0, 1], 9901))
+    });
+    AdminConfig {
+        listen,
+        token_env: raw.token_env.clone(),
+    }
+}
+
+fn validate_regions(
+    loc: &Locator<'_>,
+    local: &str,
+    raw: Vec<(String, RawRegion)>,
+    errors: &mut Vec<ConfigError>,
+) -> Vec<RegionConfig> {
+    if raw.is_empty() {
+        // A single-region proxy needs no [regions] table.
+        return vec![RegionConfig {
+            name: local.to_string(),
+            peer: None,
+            order: 0,
+            rtt_hint: None,
+        }];
+    }
+    if !raw.iter().any(|(n, _)| n == local) {
+        let known: Vec<&str> = raw.iter().map(|(n, _)| n.as_str()).collect();
+        errors.push(loc.at_path(
+            &["server".into(), "region".into()],
+            format!(
+                "region `{local}` is not among [regions] ({}); set server.region or EDGE_REGION to one of them",
+                known.join(", ")
+            ),
+        ));
+    }
+    let mut regions = Vec::new();
+    for (i, (name, r)) in raw.into_iter().enumerate() {
+        let path = [Seg::from("regions"), Seg::Key(name.clone())];
+        let peer = match &r.peer {
+            Some(url) => match parse_peer(url) {
+                Ok(p) => Some(p),
+                Err(msg) => {
+                    let mut pp = path.to_vec();
+                    pp.push(Seg::from("peer"));
+                    errors.push(loc.at_path(&pp, msg));
+                    None
+                }
+            },
+            None if name != local => {
+                errors.push(loc.at_path(
+                    &path,
+                    format!("region `{name}` has no peer address (add `peer = \"http://host:port\"`, its edge-router)"),
+                ));
+                None
+            }
+            None => None,
+        };
+        regions.push(RegionConfig {
+            name,
+            peer,
+            order: r.order.unwrap_or(i as u32),
+            rtt_hint: r.rtt,
+        });
+    }
+    regions.sort_by(|a, b| (a.order, &a.name).cmp(&(b.order, &b.name)));
+    regions
+}
+
+fn parse_peer(url: &str) -> Result<PeerAddr, String> {
+    let rest = if let Some(rest) = url.strip_prefix("http://") {
+        rest
+    } else if url.starts_with("https://") {
+        return Err(format!("`{url}`: https peers are not supported in this release; use http:// inside the private network"));
+    } else {
+        return Err(format!("`{url}` is not a URL of the form http://host:port"));
+    };
+    let authority = rest.trim_end_matches('/');
+    if authority.is_empty() || authority.contains('/') {
+        return Err(format!("`{url}` must be http://host:port with no path"));
+    }
+    let addr = resolve(authority)?;
+    Ok(PeerAddr {
+        addr,
+        authority: authority.to_string(),
+    })
+}
+
+fn resolve(authority: &str) -> Result<SocketAddr, String> {
+    if let Ok(a) = authority.parse::<SocketAddr>() {
+        return Ok(a);
+    }
+    if !authority.rsplit_once(':').is_some_and(|(_, p)| p.parse::<u16>().is_ok()) {
+        return Err(format!("`{authority}` needs a port (host:port)"));
+    }
+    authority
+        .to_socket_addrs()
+        .map_err(|e| format!("cannot resolve `{authority}`: {e}"))?
+        .next()
+        .ok_or_else(|| format!("`{authority}` resolves to no address"))
+}
+
+fn validate_upstream(
+    loc: &Locator<'_>,
+    regions: &HashSet<&str>,
+    name: String,
+    raw: RawUpstream,
+    errors: &mut Vec<ConfigError>,
+) -> Option<UpstreamConfig> {
+    let base = [Seg::from("upstreams"), Seg::Key(name.clone())];
+    let at = |keys: &[Seg]| {
+        let mut p = base.to_vec();
+        p.extend_from_slice(keys);
+        p
+    };
+    let before = errors.len();
+    let known = || {
+        let mut v: Vec<&str> = regions.iter().copied().collect();
+        v.sort_unstable();
+        v.join(", ")
+    };
+    if let Some(primary) = &raw.primary_region {
+        if !regions.contains(primary.as_str()) {
+            errors.push(loc.at_path(
+                &at(&["primary_region".into()]),
+                format!("unknown region `{primary}` (known: {})", known()),
+            ));
+        }
+    }
+    let mut backends = BTreeMap::new();
+    for (region, addrs) in &raw.backends {
+        let rp = at(&["backends".into(), Seg::Key(region.clone())]);
+        if !regions.contains(region.as_str()) {
+            errors.push(loc.at_path(&rp, format!("unknown region `{region}` (known: {})", known())));
+            continue;
+        }
+        let mut resolved = Vec::new();
+        for (i, a) in addrs.iter().enumerate() {
+            match resolve(a) {
+                Ok(sa) => resolved.push(sa),
+                Err(msg) => {
+                    let mut p = rp.clone();
+                    p.push(Seg::Index(i));
+                    errors.push(loc.at_path(&p, msg));
+                }
+            }
+        }
+        backends.insert(region.clone(), resolved);
+    }
+    if raw.backends.values().all(|v| v.is_empty()) {
+        errors.push(loc.at_path(&base, "upstream has no backends (add `backends.REGION = [\"host:port\"]`)"));
+    }
+    let h = &raw.health;
+    for (key, ok, msg) in [
+        ("healthy", h.healthy >= 1, "must be at least 1"),
+        ("unhealthy", h.unhealthy >= 1, "must be at least 1"),
+        ("interval", !h.interval.is_zero(), "must be more than 0s"),
+        ("timeout", !h.timeout.is_zero(), "must be more than 0s"),
+        ("path", h.path.starts_with('/'), "must start with `/`"),
+    ] {
+        if !ok {
+            errors.push(loc.at_path(&at(&["health".into(), key.into()]), msg));
+        }
+    }
+    let o = &raw.outlier;
+    if o.max_ejection_percent > 100 {
+        errors.push(loc.at_path(&at(&["outlier".into(), "max_ejection_percent".into()]), "must be 0..=100"));
+    }
+    if o.consecutive_failures == 0 {
+        errors.push(loc.at_path(&at(&["outlier".into(), "consecutive_failures".into()]), "must be at least 1"));
+    }
+    if raw.panic_threshold > 100 {
+        errors.push(loc.at_path(&at(&["panic_threshold".into()]), "must be 0..=100 (percent)"));
+    }
+    // An upstream with mistakes is still returned so routes naming it do not
+    // report a second, misleading "unknown upstream".
+    let _ = before;
+    Some(UpstreamConfig {
+        name,
+        primary_region: raw.primary_region,
+        health: HealthConfig {
+            path: h.path.clone(),
+            interval: h.interval,
+            jitter: h.jitter.unwrap_or(h.interval / 10),
+            timeout: h.timeout,
+            healthy: h.healthy,
+            unhealthy: h.unhealthy,
+        },
+        outlier: OutlierConfig {
+            consecutive_failures: o.consecutive_failures,
+            base_ejection: o.base_ejection,
+            max_ejection: o.max_ejection.max(o.base_ejection),
+            max_ejection_percent: o.max_ejection_percent,
+        },
+        panic_threshold: raw.panic_threshold,
+        connect_timeout: raw.connect_timeout,
+        read_timeout: raw.read_timeout,
+        backends,
+    })
+}
+
+fn validate_route(
+    loc: &Locator<'_>,
+    i: usize,
+    raw: RawRoute,
+    upstreams: &[UpstreamConfig],
+    errors: &mut Vec<ConfigError>,
+) -> Option<RouteConfig> {
+    let at = |k: &str| vec![Seg::from("routes"), Seg::from(i), Seg::from(k)];
+    let before = errors.len();
+    let host = match parse_host(&raw.host) {
+        Ok(h) => Some(h),
+        Err(msg) => {
+            errors.push(loc.at_path(&at("host"), msg));
+            None
+        }
+    };
+    if !raw.path_prefix.starts_with('/') {
+        errors.push(loc.at_path(&at("path_prefix"), "path_prefix must start with `/`"));
+    }
+    let upstream = upstreams.iter().position(|u| u.name == raw.upstream);
+    if upstream.is_none() {
+        let mut names: Vec<&str> = upstreams.iter().map(|u| u.name.as_str()).collect();
+        names.sort_unstable();
+        errors.push(loc.at_path(
+            &at("upstream"),
+            format!("unknown upstream `{}` (defined: {})", raw.upstream, names.join(", ")),
+        ));
+    }
+    let policy = match raw.policy.parse::<Policy>() {
+        Ok(p) => Some(p),
+        Err(e) => {
+            errors.push(loc.at_path(&at("policy"), e.to_string()));
+            None
+        }
+    };
+    if errors.len() > before {
+        return None;
+    }
+    Some(RouteConfig {
+        name: raw
+            .name
+            .unwrap_or_else(|| format!("{}{}", raw.host, raw.path_prefix)),
+        host: host?,
+        path_prefix: raw.path_prefix,
+        upstream: upstream?,
+        policy: policy?,
+    })
+}
+
+fn parse_host(h: &str) -> Result<HostMatch, String> {
+    let h = h.to_ascii_lowercase();
+    if h == "*" {
+        return Ok(HostMatch::Any);
+    }
+    let valid = |s: &str| {
+        !s.is_empty()
+            && s.split('.').all(|l| {
+                !l.is_empty() && l.chars().all(|c| c.is_ascii_alphanumeric() || c == '-')
+            })
+    };
+    if let Some(suffix) = h.strip_prefix("*.") {
+        if valid(suffix) {
+            return Ok(HostMatch::Suffix(format!(".{suffix}")));
+        }
+    } else if valid(&h) {
+        return Ok(HostMatch::Exact(h));
+    }
+    Err(format!(
+        "`{h}` is not a host name, `*.suffix` or `*` (ports are not part of a route's host)"
+    ))
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,151 @@
+//! Config rules, one test per rule; errors are checked for line and key path.
+
+use super::*;
+
+const THREE: &str = r#"
+[server]
+region = "us-east-1"
+listen = ["127.0.0.1:8080"]
+
+[regions.us-east-1]
+peer = "http://127.0.0.1:8080"
+[regions.eu-west-1]
+peer = "http://127.0.0.1:8081"
+order = 1
+[regions.ap-southeast-1]
+peer = "http://127.0.0.1:8082"
+order = 2
+
+[upstreams.api]
+primary_region = "us-east-1"
+health = { path = "/health", interval = "250ms", timeout = "100ms", healthy = 2, unhealthy = 2 }
+backends.us-east-1 = ["127.0.0.1:9000", "127.0.0.1:9001"]
+backends.eu-west-1 = ["127.0.0.1:9002"]
+
+[[routes]]
+host = "*.example.com"
+upstream = "api"
+policy = "local"
+
+[[routes]]
+host = "*"
+path_prefix = "/"
+upstream = "api"
+"#;
+
+fn errors(text: &str) -> Vec<ConfigError> {
+    parse("t.toml", text, None).expect_err("config should be rejected").0
+}
+
+#[test]
+fn three_region_config_validates_with_defaults() {
+    let c = parse("t.toml", THREE, None).unwrap();
+    assert_eq!(c.server.region, "us-east-1");
+    assert_eq!(c.server.health_path, "/.edge/health");
+    assert_eq!(c.server.drain_period, Duration::from_secs(10));
+    assert_eq!(c.admin.listen, "127.0.0.1:9901".parse().unwrap());
+    let names: Vec<&str> = c.regions.iter().map(|r| r.name.as_str()).collect();
+    assert_eq!(names, ["us-east-1", "eu-west-1", "ap-southeast-1"]);
+    let api = &c.upstreams[0];
+    assert_eq!(api.health.interval, Duration::from_millis(250));
+    assert_eq!(api.health.jitter, Duration::from_millis(25));
+    assert_eq!(api.outlier.consecutive_failures, 5);
+    assert_eq!(c.routes[0].host, HostMatch::Suffix(".example.com".into()));
+    assert_eq!(c.routes[0].policy, Policy::Local);
+    assert_eq!(c.routes[1].policy, Policy::LocalFirst);
+    assert_eq!(c.routes[1].name, "*/");
+}
+
+#[test]
+fn edge_region_overrides_server_region() {
+    let c = parse("t.toml", THREE, Some("eu-west-1")).unwrap();
+    assert_eq!(c.server.region, "eu-west-1");
+    assert_eq!(c.local_region().name, "eu-west-1");
+}
+
+#[test]
+fn override_to_an_unknown_region_is_an_error() {
+    let text = THREE;
+    let e = parse("t.toml", text, Some("mars-1")).unwrap_err().0;
+    assert_eq!(e[0].key_path, "server.region");
+    assert!(e[0].message.contains("mars-1"));
+}
+
+#[test]
+fn unknown_key_is_reported_with_its_line_and_path() {
+    let text = THREE.replace("listen = [\"127.0.0.1:8080\"]", "listen = [\"127.0.0.1:8080\"]\nthreds = 2");
+    let e = errors(&text);
+    assert_eq!(e.len(), 1, "{e:?}");
+    assert_eq!(e[0].line, 5);
+    assert_eq!(e[0].key_path, "server.threds");
+    assert!(e[0].message.contains("threds"), "{}", e[0].message);
+}
+
+#[test]
+fn bad_duration_names_the_key() {
+    let text = THREE.replace("interval = \"250ms\"", "interval = \"soon\"");
+    let e = errors(&text);
+    assert_eq!(e[0].key_path, "upstreams.api.health.interval");
+    assert_eq!(e[0].line, 17);
+}
+
+#[test]
+fn three_mistakes_are_all_reported_in_line_order() {
+    let text = THREE
+        .replace("[regions.eu-west-1]\npeer = \"http://127.0.0.1:8081\"\n", "[regions.eu-west-1]\n")
+        .replace("primary_region = \"us-east-1\"", "primary_region = \"us-east-2\"")
+        .replace("upstream = \"api\"\npolicy = \"local\"", "upstream = \"apii\"\npolicy = \"local\"");
+    let e = errors(&text);
+    let paths: Vec<&str> = e.iter().map(|e| e.key_path.as_str()).collect();
+    assert_eq!(
+        paths,
+        ["regions.eu-west-1", "upstreams.api.primary_region", "routes[0].upstream"],
+        "{e:#?}"
+    );
+    assert!(e.iter().all(|e| e.line > 0 && e.column > 0));
+    assert!(e[0].message.contains("no peer address"));
+}
+
+#[test]
+fn backends_in_an_unknown_region_are_rejected() {
+    let text = THREE.replace("backends.eu-west-1", "backends.eu-west-9");
+    let e = errors(&text);
+    assert_eq!(e[0].key_path, "upstreams.api.backends.eu-west-9");
+}
+
+#[test]
+fn later_policies_are_named_as_not_yet_available() {
+    let text = THREE.replace("policy = \"local\"", "policy = \"read-your-writes\"");
+    let e = errors(&text);
+    assert_eq!(e[0].key_path, "routes[0].policy");
+    assert!(e[0].message.contains("not available in this release"));
+}
+
+#[test]
+fn syntax_error_reports_position() {
+    let e = errors("[server\nregion = 1");
+    assert_eq!(e.len(), 1);
+    assert_eq!(e[0].line, 1);
+}
+
+#[test]
+fn single_region_needs_no_regions_table() {
+    let text = "[server]\nregion = \"solo\"\n[upstreams.a]\nbackends.solo = [\"127.0.0.1:1\"]\n[[routes]]\nhost = \"*\"\nupstream = \"a\"\n";
+    let c = parse("t.toml", text, None).unwrap();
+    assert_eq!(c.regions.len(), 1);
+    assert!(c.regions[0].peer.is_none());
+}
+
+#[test]
+fn bad_hosts_and_unknown_sections_are_rejected() {
+    let text = format!("{THREE}\n[cache]\nmax_bytes = 1\n").replace("host = \"*.example.com\"", "host = \"a.*.com\"");
+    let e = errors(&text);
+    let paths: Vec<&str> = e.iter().map(|e| e.key_path.as_str()).collect();
+    assert_eq!(paths, ["routes[0].host", "cache"], "{e:#?}");
+}
+
+#[test]
+fn errors_display_as_file_line_col_path() {
+    let e = &errors("[server]\nregion = \"x\"\nbogus = 1\n")[0];
+    assert_eq!(e.to_string(), format!("t.toml:3:1: server.bogus: {}", e.message));
+}
