@@ -14,6 +14,7 @@ use std::time::Duration;
 use edge_policies::Policy;
 use ipnet::IpNet;
 use serde::de::DeserializeOwned;
+use serde::Deserialize;
 use toml::de::{DeTable, DeValue, ValueDeserializer};
 use toml::Spanned;
 
@@ -165,16 +166,6 @@ pub struct RouteConfig {
     pub policy: Policy,
 }
 
-impl Config {
-    /// The local region's config.
-    pub fn local_region(&self) -> &RegionConfig {
-        self.regions
-            .iter()
-            .find(|r| r.name == self.server.region)
-            .expect("validation guarantees the local region exists")
-    }
-}
-
 /// Read and validate a config file. `region_override` is `EDGE_REGION`.
 pub fn load(path: &Path, region_override: Option<&str>) -> Result<Config, ConfigErrors> {
     let file = path.display().to_string();
@@ -210,9 +201,16 @@ pub fn parse(file: &str, text: &str, region_override: Option<&str>) -> Result<Co
     }
 }
 
+/// Just the region of a `[server]` table that failed to read as a whole.
+#[derive(serde::Deserialize)]
+struct ServerRegion {
+    region: String,
+}
+
 #[derive(Default)]
 struct Sections {
     server: Option<RawServer>,
+    server_region: Option<String>,
     admin: RawAdmin,
     regions: Vec<(String, RawRegion)>,
     upstreams: Vec<(String, RawUpstream)>,
@@ -232,6 +230,9 @@ fn read_sections(loc: &Locator<'_>, root: Spanned<DeTable<'_>>, errors: &mut Vec
         match name.as_str() {
             "server" => {
                 saw_server = true;
+                // If [server] has a mistake, its region alone still lets the
+                // other sections be checked, so one run reports everything.
+                s.server_region = typed::<ServerRegion>(loc, &path, value.clone(), &mut Vec::new()).map(|r| r.region);
                 s.server = typed(loc, &path, value, errors);
             }
             "admin" => {
@@ -306,7 +307,15 @@ fn validate(
     region_override: Option<&str>,
     errors: &mut Vec<ConfigError>,
 ) -> Option<Config> {
-    let raw_server = s.server?;
+    let raw_server = match s.server {
+        Some(raw) => raw,
+        None => {
+            // Errors were already recorded; keep checking with defaults and the region.
+            let region = s.server_region?;
+            let placeholder = format!("region = {region:?}");
+            RawServer::deserialize(ValueDeserializer::parse(&format!("{{ {placeholder} }}")).ok()?).ok()?
+        }
+    };
     let server = validate_server(loc, raw_server, region_override, errors);
     let admin = validate_admin(loc, &s.admin, errors);
     let regions = validate_regions(loc, &server.region, s.regions, errors);

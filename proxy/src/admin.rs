@@ -1,0 +1,117 @@
+//! The admin listener (loopback by default): `GET /metrics`, `GET /status`,
+//! `POST /drain` and `DELETE /drain` (bearer token). Reads are open to
+//! whoever can reach the listener; mutations need the token.
+
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use http::{Method, Response, StatusCode};
+use pingora::apps::http_app::ServeHttp;
+use pingora::protocols::http::ServerSession;
+
+use crate::health::HealthState;
+use crate::lifecycle::Lifecycle;
+use crate::metrics::Metrics;
+
+/// The admin HTTP app of one proxy.
+pub struct AdminApp {
+    health: Arc<HealthState>,
+    lifecycle: Arc<Lifecycle>,
+    metrics: Arc<Metrics>,
+    token: Option<String>,
+}
+
+impl AdminApp {
+    /// `token` is the bearer token for mutations; None refuses them all.
+    pub fn new(
+        health: Arc<HealthState>,
+        lifecycle: Arc<Lifecycle>,
+        metrics: Arc<Metrics>,
+        token: Option<String>,
+    ) -> Self {
+        AdminApp {
+            health,
+            lifecycle,
+            metrics,
+            token: token.filter(|t| !t.is_empty()),
+        }
+    }
+
+    fn authorized(&self, header: Option<&[u8]>) -> bool {
+        let (Some(token), Some(header)) = (&self.token, header) else {
+            return false;
+        };
+        let Some(given) = header.strip_prefix(b"Bearer ") else {
+            return false;
+        };
+        constant_time_eq(given, token.as_bytes())
+    }
+}
+
+/// Compare without leaking the position of the first difference through timing.
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+fn respond(status: StatusCode, content_type: &str, body: Vec<u8>) -> Response<Vec<u8>> {
+    let mut builder = Response::builder()
+        .status(status)
+        .header(http::header::CONTENT_TYPE, content_type)
+        .header(http::header::CONTENT_LENGTH, body.len());
+    if status == StatusCode::UNAUTHORIZED {
+        builder = builder.header(http::header::WWW_AUTHENTICATE, "Bearer realm=\"edge-router admin\"");
+    }
+    builder.body(body).unwrap_or_else(|_| Response::new(Vec::new()))
+}
+
+fn text(status: StatusCode, msg: &str) -> Response<Vec<u8>> {
+    respond(status, "text/plain; charset=utf-8", format!("{msg}\n").into_bytes())
+}
+
+#[async_trait]
+impl ServeHttp for AdminApp {
+    async fn response(&self, session: &mut ServerSession) -> Response<Vec<u8>> {
+        let req = session.req_header();
+        let method = req.method.clone();
+        let path = req.uri.path().to_string();
+        let auth = req
+            .headers
+            .get(http::header::AUTHORIZATION)
+            .map(|v| v.as_bytes().to_vec());
+        match (method, path.as_str()) {
+            (Method::GET, "/metrics") => {
+                respond(StatusCode::OK, "text/plain; version=0.0.4", self.metrics.render())
+            }
+            (Method::GET, "/status") => {
+                let mut doc = self.health.status_json();
+                doc["draining"] = self.lifecycle.is_draining().into();
+                let body = serde_json::to_vec_pretty(&doc).unwrap_or_default();
+                respond(StatusCode::OK, "application/json", body)
+            }
+            (m @ (Method::POST | Method::DELETE), "/drain") => {
+                if !self.authorized(auth.as_deref()) {
+                    tracing::warn!(path, "admin mutation refused: missing or wrong bearer token");
+                    return text(StatusCode::UNAUTHORIZED, "a valid `Authorization: Bearer <token>` is required");
+                }
+                let drain = m == Method::POST;
+                self.lifecycle.set_draining(drain);
+                tracing::info!(draining = drain, "drain state changed through the admin API");
+                text(StatusCode::OK, if drain { "draining: health path answers 503" } else { "drain cancelled" })
+            }
+            (_, "/metrics" | "/status" | "/drain") => text(StatusCode::METHOD_NOT_ALLOWED, "method not allowed"),
+            _ => text(StatusCode::NOT_FOUND, "not found: try /metrics, /status, POST /drain"),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::constant_time_eq;
+
+    #[test]
+    fn token_comparison() {
+        assert!(constant_time_eq(b"abc", b"abc"));
+        assert!(!constant_time_eq(b"abc", b"abd"));
+        assert!(!constant_time_eq(b"abc", b"abcd"));
+    }
+}

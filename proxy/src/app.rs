@@ -1,0 +1,117 @@
+//! Assembles one region's proxy from a validated config: the traffic
+//! service, the admin service and the health prober, added to a Pingora
+//! server. `run` uses it once; `demo` once per simulated region.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use edge_policies::Reason;
+use pingora::server::configuration::ServerConf;
+use pingora::server::Server;
+use pingora::services::background::background_service;
+use pingora::services::listening::Service;
+
+use crate::admin::AdminApp;
+use crate::config::Config;
+use crate::health::prober::Prober;
+use crate::health::{HealthState, Topology};
+use crate::hop::HopSigner;
+use crate::lifecycle::Lifecycle;
+use crate::metrics::Metrics;
+use crate::routing::RouteTable;
+use crate::service::EdgeProxy;
+
+/// How far a hop's timestamp may be from our clock (NTP-bounded skew plus transit).
+const HOP_WINDOW: Duration = Duration::from_secs(60);
+
+/// Secrets that come from the environment, not the file.
+pub struct Secrets {
+    /// HMAC key shared by every region's proxy.
+    pub hop_key: Vec<u8>,
+    /// Bearer token for admin mutations; None disables them.
+    pub admin_token: Option<String>,
+}
+
+/// The Pingora server settings we rely on: stop promptly once our own drain is over.
+pub fn server_conf() -> ServerConf {
+    ServerConf {
+        grace_period_seconds: Some(0),
+        graceful_shutdown_timeout_seconds: Some(1),
+        ..ServerConf::default()
+    }
+}
+
+/// A Pingora server with our settings.
+pub fn new_server() -> anyhow::Result<Server> {
+    let mut server = Server::new_with_opt_and_conf(None, server_conf());
+    server.bootstrap();
+    Ok(server)
+}
+
+/// Create the label sets we know of at start with value 0, so dashboards
+/// and alerts see `edge_failovers_total` and friends before the first event.
+fn prime_metrics(metrics: &Metrics, config: &Config, topo: &Topology) {
+    let local = topo.local_name();
+    for route in &config.routes {
+        for kind in ["backend", "region"] {
+            metrics.retries.with_label_values(&[route.name.as_str(), kind]);
+        }
+        for region in topo.regions.iter().filter(|r| r.name != local) {
+            for reason in [Reason::FailoverNoHealthyLocal, Reason::FailoverRetry] {
+                metrics
+                    .failovers
+                    .with_label_values(&[route.name.as_str(), region.name.as_str(), reason.as_str()]);
+            }
+        }
+    }
+    for u in &topo.upstreams {
+        for &b in &u.by_region[topo.local] {
+            metrics
+                .ejections
+                .with_label_values(&[u.name.as_str(), local, u.backends[b].label.as_str()]);
+        }
+    }
+    metrics.draining.set(0);
+}
+
+/// Add one region's services to `server`; returns its drain state.
+pub fn add_region(server: &mut Server, config: &Config, secrets: Secrets) -> anyhow::Result<Arc<Lifecycle>> {
+    let region = config.server.region.clone();
+    let metrics = Arc::new(Metrics::new(&region).context("registering metrics")?);
+    let topo = Arc::new(Topology::from_config(config));
+    let health = Arc::new(HealthState::new(topo, metrics.clone()));
+    let lifecycle = Arc::new(Lifecycle::new(metrics.clone()));
+    prime_metrics(&metrics, config, &health.topo);
+
+    let proxy = EdgeProxy {
+        health: health.clone(),
+        routes: RouteTable::new(config.routes.clone()),
+        hop: HopSigner::new(&secrets.hop_key, HOP_WINDOW),
+        metrics: metrics.clone(),
+        lifecycle: lifecycle.clone(),
+        health_path: config.server.health_path.clone(),
+        debug_headers: config.server.debug_headers,
+        trusted_proxies: config.server.trusted_proxies.clone(),
+    };
+    let mut traffic = pingora::proxy::http_proxy_service_with_name(
+        &server.configuration,
+        proxy,
+        &format!("edge-router {region}"),
+    );
+    for addr in &config.server.listen {
+        traffic.add_tcp(&addr.to_string());
+    }
+    traffic.threads = Some(config.server.threads);
+    server.add_service(traffic);
+
+    let admin_app = AdminApp::new(health.clone(), lifecycle.clone(), metrics, secrets.admin_token);
+    let mut admin = Service::new(format!("admin {region}"), admin_app);
+    admin.add_tcp(&config.admin.listen.to_string());
+    admin.threads = Some(1);
+    server.add_service(admin);
+
+    let prober = Prober::new(health, config.server.health_path.clone());
+    server.add_service(background_service(&format!("health {region}"), prober));
+    Ok(lifecycle)
+}

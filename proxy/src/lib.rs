@@ -1,0 +1,22 @@
+//! edge-router: a multi-region active-active reverse proxy on Pingora.
+//!
+//! One module per concern: [`config`] (two-stage, located errors), [`routing`]
+//! (host and path to route), [`health`] (active checks, outlier ejection, the
+//! snapshot `edge_policies::decide` reads), [`service`] (the thin Pingora
+//! `ProxyHttp`), [`hop`] (signed forwarding between regions), [`forwarding`]
+//! (header rules), [`admin`], [`metrics`], [`lifecycle`] (drain and signals),
+//! [`telemetry`], [`demo`]; [`app`] assembles them. The binary is `main.rs`.
+#![forbid(unsafe_code)]
+
+pub mod admin;
+pub mod app;
+pub mod config;
+pub mod demo;
+pub mod forwarding;
+pub mod health;
+pub mod hop;
+pub mod lifecycle;
+pub mod metrics;
+pub mod routing;
+pub mod service;
+pub mod telemetry;

@@ -1,0 +1,147 @@
+//! Prometheus metrics of one region's proxy, in its own registry (the demo
+//! runs several regions in one process). Names are prefixed `edge_`.
+
+use prometheus::{
+    Encoder, GaugeVec, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, IntGaugeVec, Opts,
+    Registry, TextEncoder,
+};
+
+/// Every metric the proxy exports.
+pub struct Metrics {
+    registry: Registry,
+    /// Requests by route, region, upstream region, decision and status class.
+    pub requests: IntCounterVec,
+    /// Whole-request latency at the edge.
+    pub request_duration: HistogramVec,
+    /// Time from sending upstream to the response header.
+    pub upstream_duration: HistogramVec,
+    /// 1 when a backend passes active checks and is not ejected.
+    pub backend_healthy: IntGaugeVec,
+    /// 1 while a backend is ejected by outlier detection.
+    pub backend_ejected: IntGaugeVec,
+    /// Outlier ejections.
+    pub ejections: IntCounterVec,
+    /// Requests served outside the local region because of health.
+    pub failovers: IntCounterVec,
+    /// Retries after a connection failure, by kind (backend | region).
+    pub retries: IntCounterVec,
+    /// Failed upstream attempts by kind (connect | reset | timeout | status_5xx).
+    pub upstream_errors: IntCounterVec,
+    /// 1 while a peer region's edge-router answers its health path.
+    pub peer_healthy: IntGaugeVec,
+    /// Smoothed RTT to a peer region.
+    pub peer_rtt: GaugeVec,
+    /// 1 while draining.
+    pub draining: IntGauge,
+}
+
+impl Metrics {
+    /// Register every metric, labelled with this proxy's region.
+    pub fn new(region: &str) -> Result<Metrics, prometheus::Error> {
+        let registry = Registry::new_custom(None, None)?;
+        let buckets = vec![
+            0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+        ];
+        let counter = |name: &str, help: &str, labels: &[&str]| -> Result<IntCounterVec, prometheus::Error> {
+            let c = IntCounterVec::new(Opts::new(name, help).const_label("region", region), labels)?;
+            registry.register(Box::new(c.clone()))?;
+            Ok(c)
+        };
+        let gauge = |name: &str, help: &str, labels: &[&str]| -> Result<IntGaugeVec, prometheus::Error> {
+            let g = IntGaugeVec::new(Opts::new(name, help).const_label("region", region), labels)?;
+            registry.register(Box::new(g.clone()))?;
+            Ok(g)
+        };
+        let histogram = |name: &str, help: &str| -> Result<HistogramVec, prometheus::Error> {
+            let h = HistogramVec::new(
+                HistogramOpts::new(name, help)
+                    .const_label("region", region)
+                    .buckets(buckets.clone()),
+                &["route", "upstream_region"],
+            )?;
+            registry.register(Box::new(h.clone()))?;
+            Ok(h)
+        };
+        let peer_rtt = GaugeVec::new(
+            Opts::new("edge_peer_rtt_seconds", "Smoothed RTT to the peer region's edge-router.")
+                .const_label("region", region),
+            &["peer_region"],
+        )?;
+        registry.register(Box::new(peer_rtt.clone()))?;
+        let draining = IntGauge::with_opts(
+            Opts::new("edge_draining", "1 while the proxy drains (health path answers 503).")
+                .const_label("region", region),
+        )?;
+        registry.register(Box::new(draining.clone()))?;
+        Ok(Metrics {
+            requests: counter(
+                "edge_requests_total",
+                "Requests by route, upstream region, decision and status class.",
+                &["route", "upstream_region", "decision", "status_class"],
+            )?,
+            request_duration: histogram("edge_request_duration_seconds", "Request latency at the edge.")?,
+            upstream_duration: histogram(
+                "edge_upstream_duration_seconds",
+                "Time from sending upstream to the response header.",
+            )?,
+            backend_healthy: gauge(
+                "edge_backend_healthy",
+                "1 when a backend passes active checks and is not ejected.",
+                &["upstream", "backend_region", "backend"],
+            )?,
+            backend_ejected: gauge(
+                "edge_backend_ejected",
+                "1 while a backend is ejected by outlier detection.",
+                &["upstream", "backend_region", "backend"],
+            )?,
+            ejections: counter(
+                "edge_backend_ejections_total",
+                "Outlier ejections.",
+                &["upstream", "backend_region", "backend"],
+            )?,
+            failovers: counter(
+                "edge_failovers_total",
+                "Requests served by another region because of health.",
+                &["route", "to_region", "decision"],
+            )?,
+            retries: counter(
+                "edge_retries_total",
+                "Retries after a failed upstream attempt, by kind (backend, region).",
+                &["route", "kind"],
+            )?,
+            upstream_errors: counter(
+                "edge_upstream_errors_total",
+                "Failed upstream attempts by kind.",
+                &["upstream", "upstream_region", "kind"],
+            )?,
+            peer_healthy: gauge(
+                "edge_peer_healthy",
+                "1 while the peer region's edge-router answers its health path.",
+                &["peer_region"],
+            )?,
+            peer_rtt,
+            draining,
+            registry,
+        })
+    }
+
+    /// The Prometheus text exposition.
+    pub fn render(&self) -> Vec<u8> {
+        let mut out = Vec::new();
+        // Encoding into a Vec cannot fail for well-formed metric families.
+        let _ = TextEncoder::new().encode(&self.registry.gather(), &mut out);
+        out
+    }
+}
+
+/// `2xx`, `4xx`, … for a status code (0 when no response was written).
+pub fn status_class(status: u16) -> &'static str {
+    match status {
+        100..=199 => "1xx",
+        200..=299 => "2xx",
+        300..=399 => "3xx",
+        400..=499 => "4xx",
+        500..=599 => "5xx",
+        _ => "none",
+    }
+}

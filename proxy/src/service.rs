@@ -1,0 +1,542 @@
+//! The Pingora `ProxyHttp` implementation, kept thin: `request_filter` fills
+//! the context (route, hop, request id), `upstream_peer` asks
+//! `edge_policies::decide` and maps the answer to a peer, the other hooks
+//! apply header rules, record outcomes and write one access-log event.
+
+use std::net::IpAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use edge_policies::{decide, Decision, RequestFacts, Target};
+use http::Method;
+use ipnet::IpNet;
+use pingora::http::{RequestHeader, ResponseHeader};
+use pingora::prelude::*;
+use pingora::proxy::FailToProxy;
+use pingora::{Error, ErrorSource, ErrorType};
+
+use crate::forwarding::{self, acceptable_request_id, new_request_id};
+use crate::health::HealthState;
+use crate::hop::{HopSigner, SignedRequest, HOP_HEADER};
+use crate::lifecycle::Lifecycle;
+use crate::metrics::{status_class, Metrics};
+use crate::routing::RouteTable;
+
+/// Attempts per request: the first, another backend, then the next region.
+const MAX_ATTEMPTS: u32 = 3;
+/// Idle upstream connections are kept this long for reuse.
+const UPSTREAM_IDLE: Duration = Duration::from_secs(60);
+
+/// Everything one region's proxy needs to handle a request.
+pub struct EdgeProxy {
+    /// Health and topology.
+    pub health: Arc<HealthState>,
+    /// Routes.
+    pub routes: RouteTable,
+    /// Hop signer.
+    pub hop: HopSigner,
+    /// Metrics.
+    pub metrics: Arc<Metrics>,
+    /// Drain state.
+    pub lifecycle: Arc<Lifecycle>,
+    /// Health path on the traffic listener.
+    pub health_path: String,
+    /// Add `x-edge-decision`.
+    pub debug_headers: bool,
+    /// Networks whose forwarding headers are kept.
+    pub trusted_proxies: Vec<IpNet>,
+}
+
+/// Per-request state.
+pub struct RequestCtx {
+    start: Instant,
+    request_id: String,
+    route: Option<usize>,
+    hop_from: Option<String>,
+    decision: Option<Decision>,
+    target_region: Option<usize>,
+    backend: Option<usize>,
+    tried_backends: Vec<usize>,
+    failed_regions: Vec<usize>,
+    attempts: u32,
+    upstream_start: Option<Instant>,
+    upstream_time: Option<Duration>,
+    got_response: bool,
+    /// Set when the proxy answered itself: `health`, `no-route`, `bad-request`.
+    local_reply: Option<&'static str>,
+}
+
+fn unix_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+fn request_host(req: &RequestHeader) -> Option<&str> {
+    req.headers
+        .get(http::header::HOST)
+        .and_then(|h| h.to_str().ok())
+        .or_else(|| req.uri.authority().map(|a| a.as_str()))
+        .filter(|h| !h.is_empty())
+}
+
+fn path_and_query(req: &RequestHeader) -> &str {
+    req.uri.path_and_query().map(|p| p.as_str()).unwrap_or("/")
+}
+
+/// Idempotent requests may be retried: the safe methods, and any request
+/// whose client says so with an `Idempotency-Key`.
+fn retryable(req: &RequestHeader) -> bool {
+    matches!(req.method, Method::GET | Method::HEAD | Method::OPTIONS)
+        || req.headers.contains_key("idempotency-key")
+}
+
+fn client_ip(session: &Session) -> Option<IpAddr> {
+    session.client_addr().and_then(|a| a.as_inet()).map(|a| a.ip())
+}
+
+impl EdgeProxy {
+    fn local(&self) -> usize {
+        self.health.topo.local
+    }
+
+    fn region_name(&self, index: usize) -> &str {
+        &self.health.topo.regions[index].name
+    }
+
+    /// Write a response the proxy makes itself, with the edge headers.
+    async fn reply(&self, session: &mut Session, ctx: &RequestCtx, status: u16, content_type: &str, body: Bytes) -> Result<()> {
+        let mut resp = ResponseHeader::build(status, Some(6))?;
+        resp.insert_header(http::header::CONTENT_TYPE, content_type)?;
+        resp.insert_header(http::header::CONTENT_LENGTH, body.len().to_string())?;
+        resp.insert_header(http::header::CACHE_CONTROL, "no-store")?;
+        resp.insert_header("x-edge-region", self.region_name(self.local()))?;
+        resp.insert_header("x-request-id", ctx.request_id.as_str())?;
+        if self.debug_headers {
+            if let Some(d) = ctx.decision {
+                resp.insert_header("x-edge-decision", d.reason.as_str())?;
+            }
+        }
+        let head_only = session.req_header().method == Method::HEAD;
+        session.write_response_header(Box::new(resp), head_only).await?;
+        if !head_only {
+            session.write_response_body(Some(body), true).await?;
+        }
+        Ok(())
+    }
+
+    async fn serve_health(&self, session: &mut Session, ctx: &mut RequestCtx) -> Result<bool> {
+        ctx.local_reply = Some("health");
+        let serviceable = self.health.snapshot().serviceable;
+        let (status, code) = match (self.lifecycle.is_draining(), serviceable) {
+            (true, _) => ("draining", 503),
+            (false, false) => ("unavailable", 503),
+            (false, true) => ("ok", 200),
+        };
+        let report = self.health.report(status);
+        let body = serde_json::to_vec(&report).unwrap_or_default();
+        self.reply(session, ctx, code, "application/json", body.into()).await?;
+        Ok(true)
+    }
+
+    /// Book-keeping after an attempt failed before a response: passive
+    /// outlier detection, and which backends and regions not to try again.
+    fn record_failed_attempt(&self, ctx: &mut RequestCtx, kind: &str) {
+        let Some(route) = ctx.route.map(|r| &self.routes.routes()[r]) else { return };
+        let upstream = &self.health.topo.upstreams[route.upstream];
+        let region = ctx.target_region.unwrap_or(self.local());
+        self.metrics
+            .upstream_errors
+            .with_label_values(&[upstream.name.as_str(), self.region_name(region), kind])
+            .inc();
+        match ctx.backend {
+            Some(b) => {
+                self.health.observe_response(route.upstream, b, false);
+                ctx.tried_backends.push(b);
+                // "Once on another backend, then the next region."
+                if ctx.tried_backends.len() >= 2 && !ctx.failed_regions.contains(&region) {
+                    ctx.failed_regions.push(region);
+                }
+            }
+            None => {
+                if !ctx.failed_regions.contains(&region) {
+                    ctx.failed_regions.push(region);
+                }
+            }
+        }
+    }
+
+    /// Mark the error retryable when the request allows another attempt.
+    fn maybe_retry(&self, session: &Session, ctx: &mut RequestCtx, e: &mut Error) {
+        let allowed = retryable(session.req_header())
+            && !session.as_ref().retry_buffer_truncated()
+            && ctx.attempts + 1 < MAX_ATTEMPTS;
+        e.set_retry(allowed);
+        if allowed {
+            ctx.attempts += 1;
+            let kind = if ctx.failed_regions.contains(&ctx.target_region.unwrap_or(self.local())) {
+                "region"
+            } else {
+                "backend"
+            };
+            let route = ctx.route.map(|r| self.routes.routes()[r].name.as_str()).unwrap_or("-");
+            self.metrics.retries.with_label_values(&[route, kind]).inc();
+        }
+    }
+}
+
+fn peer_for(addr: std::net::SocketAddr, connect: Duration, read: Duration) -> Box<HttpPeer> {
+    // `new` resolves through ToSocketAddrs, which for an already-parsed SocketAddr cannot fail.
+    let mut peer = HttpPeer::new(addr, false, String::new());
+    peer.options.connection_timeout = Some(connect);
+    peer.options.read_timeout = Some(read);
+    peer.options.idle_timeout = Some(UPSTREAM_IDLE);
+    Box::new(peer)
+}
+
+#[async_trait]
+impl ProxyHttp for EdgeProxy {
+    type CTX = RequestCtx;
+
+    fn new_ctx(&self) -> RequestCtx {
+        RequestCtx {
+            start: Instant::now(),
+            request_id: String::new(),
+            route: None,
+            hop_from: None,
+            decision: None,
+            target_region: None,
+            backend: None,
+            tried_backends: Vec::new(),
+            failed_regions: Vec::new(),
+            attempts: 0,
+            upstream_start: None,
+            upstream_time: None,
+            got_response: false,
+            local_reply: None,
+        }
+    }
+
+    async fn request_filter(&self, session: &mut Session, ctx: &mut RequestCtx) -> Result<bool> {
+        let req = session.req_header();
+        ctx.request_id = req
+            .headers
+            .get("x-request-id")
+            .and_then(|v| v.to_str().ok())
+            .filter(|id| acceptable_request_id(id))
+            .map(str::to_string)
+            .unwrap_or_else(new_request_id);
+        if req.uri.path() == self.health_path {
+            return self.serve_health(session, ctx).await;
+        }
+        let Some(host) = request_host(req) else {
+            ctx.local_reply = Some("bad-request");
+            self.reply(session, ctx, 400, "text/plain", Bytes::from_static(b"missing Host header\n")).await?;
+            return Ok(true);
+        };
+        if let Some(hop) = req.headers.get(HOP_HEADER).and_then(|v| v.to_str().ok()) {
+            let signed = SignedRequest {
+                method: req.method.as_str(),
+                host,
+                path: path_and_query(req),
+            };
+            match self.hop.verify(hop, unix_ms(), signed) {
+                Some(src) => ctx.hop_from = Some(src.to_string()),
+                None => tracing::debug!(request_id = %ctx.request_id, "invalid x-edge-hop from client stripped"),
+            }
+        }
+        ctx.route = self.routes.find(host, req.uri.path());
+        // Our namespace: nothing a client sends under x-edge-* is believed or forwarded.
+        let spoofable: Vec<String> = req
+            .headers
+            .keys()
+            .filter(|k| k.as_str().starts_with("x-edge-"))
+            .map(|k| k.as_str().to_string())
+            .collect();
+        let req = session.req_header_mut();
+        for name in &spoofable {
+            req.remove_header(name.as_str());
+        }
+        if ctx.route.is_none() {
+            ctx.local_reply = Some("no-route");
+            self.reply(session, ctx, 404, "text/plain", Bytes::from_static(b"no route for this host and path\n")).await?;
+            return Ok(true);
+        }
+        Ok(false)
+    }
+
+    async fn upstream_peer(&self, _session: &mut Session, ctx: &mut RequestCtx) -> Result<Box<HttpPeer>> {
+        let route_index = ctx
+            .route
+            .ok_or_else(|| Error::explain(ErrorType::InternalError, "upstream_peer without a route"))?;
+        let route = &self.routes.routes()[route_index];
+        let topo = &self.health.topo;
+        let upstream = &topo.upstreams[route.upstream];
+        let snap = self.health.snapshot();
+        loop {
+            let facts = RequestFacts {
+                policy: route.policy,
+                valid_hop: ctx.hop_from.is_some(),
+                exclude: &ctx.failed_regions,
+            };
+            let d = decide(&snap.views[route.upstream], &facts);
+            ctx.decision = Some(d);
+            let (index, panic) = match d.target {
+                Target::Region { index, panic } if !ctx.failed_regions.contains(&index) => (index, panic),
+                _ => {
+                    let status = if ctx.attempts > 0 { 502 } else { 503 };
+                    return Err(Error::explain(ErrorType::HTTPStatus(status), d.reason.as_str()));
+                }
+            };
+            ctx.target_region = Some(index);
+            if index != topo.local {
+                ctx.backend = None;
+                let peer = topo.regions[index]
+                    .peer
+                    .as_ref()
+                    .ok_or_else(|| Error::explain(ErrorType::InternalError, "chosen region has no peer"))?;
+                return Ok(peer_for(peer.addr, upstream.connect_timeout, upstream.read_timeout));
+            }
+            match self.health.pick_local(&snap, route.upstream, &ctx.tried_backends, panic) {
+                Some(b) => {
+                    ctx.backend = Some(b);
+                    let addr = upstream.backends[b].addr;
+                    return Ok(peer_for(addr, upstream.connect_timeout, upstream.read_timeout));
+                }
+                None => ctx.failed_regions.push(index),
+            }
+        }
+    }
+
+    async fn upstream_request_filter(
+        &self,
+        session: &mut Session,
+        upstream_request: &mut RequestHeader,
+        ctx: &mut RequestCtx,
+    ) -> Result<()> {
+        let connection = upstream_request
+            .headers
+            .get(http::header::CONNECTION)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_string);
+        let has_upgrade = upstream_request.headers.contains_key(http::header::UPGRADE);
+        for name in forwarding::hop_by_hop_to_remove(connection.as_deref(), has_upgrade) {
+            upstream_request.remove_header(name.as_str());
+        }
+        let ip = client_ip(session);
+        let trusted = ctx.hop_from.is_some() || forwarding::is_trusted(ip, &self.trusted_proxies);
+        let existing = |name: &str| {
+            upstream_request
+                .headers
+                .get(name)
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_string)
+        };
+        let (prior_for, has_proto, has_host) = (
+            existing("x-forwarded-for"),
+            existing("x-forwarded-proto").is_some(),
+            existing("x-forwarded-host").is_some(),
+        );
+        if let Some(xff) = forwarding::forwarded_for(prior_for.as_deref(), ip, trusted) {
+            upstream_request.insert_header("x-forwarded-for", xff)?;
+        }
+        if !(trusted && has_proto) {
+            upstream_request.insert_header("x-forwarded-proto", "http")?;
+        }
+        let host = request_host(session.req_header()).unwrap_or_default().to_string();
+        if !(trusted && has_host) {
+            upstream_request.insert_header("x-forwarded-host", host.as_str())?;
+        }
+        upstream_request.insert_header("x-request-id", ctx.request_id.as_str())?;
+        if ctx.target_region.is_some_and(|r| r != self.local()) {
+            let signed = SignedRequest {
+                method: upstream_request.method.as_str(),
+                host: &host,
+                path: path_and_query(upstream_request),
+            };
+            let value = self.hop.sign(self.region_name(self.local()), unix_ms(), signed);
+            upstream_request.insert_header(HOP_HEADER, value)?;
+        }
+        ctx.upstream_start = Some(Instant::now());
+        Ok(())
+    }
+
+    async fn upstream_response_filter(
+        &self,
+        _session: &mut Session,
+        upstream_response: &mut ResponseHeader,
+        ctx: &mut RequestCtx,
+    ) -> Result<()> {
+        ctx.got_response = true;
+        ctx.upstream_time = ctx.upstream_start.map(|t| t.elapsed());
+        let status = upstream_response.status.as_u16();
+        if let (Some(route), Some(b)) = (ctx.route, ctx.backend) {
+            let upstream = self.routes.routes()[route].upstream;
+            self.health.observe_response(upstream, b, status < 500);
+            if status >= 500 {
+                let name = &self.health.topo.upstreams[upstream].name;
+                self.metrics
+                    .upstream_errors
+                    .with_label_values(&[name.as_str(), self.region_name(self.local()), "status_5xx"])
+                    .inc();
+            }
+        }
+        let connection = upstream_response
+            .headers
+            .get(http::header::CONNECTION)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_string);
+        for name in forwarding::hop_by_hop_to_remove(connection.as_deref(), status == 101) {
+            upstream_response.remove_header(name.as_str());
+        }
+        Ok(())
+    }
+
+    async fn response_filter(
+        &self,
+        _session: &mut Session,
+        resp: &mut ResponseHeader,
+        ctx: &mut RequestCtx,
+    ) -> Result<()> {
+        resp.insert_header("x-edge-region", self.region_name(self.local()))?;
+        if let Some(r) = ctx.target_region {
+            resp.insert_header("x-edge-upstream-region", self.region_name(r))?;
+        }
+        match (self.debug_headers, ctx.decision) {
+            (true, Some(d)) => resp.insert_header("x-edge-decision", d.reason.as_str())?,
+            _ => {
+                resp.remove_header("x-edge-decision");
+            }
+        }
+        resp.insert_header("x-request-id", ctx.request_id.as_str())?;
+        let mut timing = format!("edge;dur={:.3}", ctx.start.elapsed().as_secs_f64() * 1000.0);
+        if let Some(up) = ctx.upstream_time {
+            timing.push_str(&format!(", upstream;dur={:.3}", up.as_secs_f64() * 1000.0));
+        }
+        let timing = match resp.headers.get("server-timing").and_then(|v| v.to_str().ok()) {
+            Some(prev) if !prev.is_empty() => format!("{timing}, {prev}"),
+            _ => timing,
+        };
+        resp.insert_header("server-timing", timing)?;
+        Ok(())
+    }
+
+    fn fail_to_connect(&self, session: &mut Session, _peer: &HttpPeer, ctx: &mut RequestCtx, mut e: Box<Error>) -> Box<Error> {
+        let kind = match e.etype() {
+            ErrorType::ConnectTimedout => "connect_timeout",
+            _ => "connect",
+        };
+        self.record_failed_attempt(ctx, kind);
+        self.maybe_retry(session, ctx, &mut e);
+        e
+    }
+
+    fn error_while_proxy(
+        &self,
+        peer: &HttpPeer,
+        session: &mut Session,
+        e: Box<Error>,
+        ctx: &mut RequestCtx,
+        _client_reused: bool,
+    ) -> Box<Error> {
+        let mut e = e.more_context(format!("peer: {peer}"));
+        if ctx.got_response || e.esource() != &ErrorSource::Upstream {
+            e.set_retry(false);
+            return e;
+        }
+        // The upstream failed before answering (reset, closed keep-alive, read timeout).
+        let kind = match e.etype() {
+            ErrorType::ReadTimedout | ErrorType::WriteTimedout => "timeout",
+            _ => "reset",
+        };
+        self.record_failed_attempt(ctx, kind);
+        self.maybe_retry(session, ctx, &mut e);
+        e
+    }
+
+    async fn fail_to_proxy(&self, session: &mut Session, e: &Error, ctx: &mut RequestCtx) -> FailToProxy {
+        let code = match e.etype() {
+            ErrorType::HTTPStatus(code) => *code,
+            ErrorType::ConnectTimedout | ErrorType::ReadTimedout | ErrorType::WriteTimedout => 504,
+            _ => match e.esource() {
+                ErrorSource::Upstream => 502,
+                ErrorSource::Downstream => match e.etype() {
+                    ErrorType::WriteError | ErrorType::ReadError | ErrorType::ConnectionClosed => 0,
+                    _ => 400,
+                },
+                ErrorSource::Internal | ErrorSource::Unset => 500,
+            },
+        };
+        if code > 0 {
+            let reason = ctx.decision.map(|d| d.reason.as_str()).unwrap_or("error");
+            let msg = match code {
+                503 => format!("no healthy upstream ({reason})\n"),
+                502 => format!("upstream failed before answering ({reason})\n"),
+                504 => "upstream timed out\n".to_string(),
+                _ => format!("{}\n", http::StatusCode::from_u16(code).map(|s| s.to_string()).unwrap_or_default()),
+            };
+            if let Err(err) = self.reply(session, ctx, code, "text/plain", Bytes::from(msg)).await {
+                tracing::debug!(error = %err, "could not send the error response");
+            }
+        }
+        FailToProxy {
+            error_code: code,
+            can_reuse_downstream: false,
+        }
+    }
+
+    async fn logging(&self, session: &mut Session, e: Option<&Error>, ctx: &mut RequestCtx) {
+        let status = session.response_written().map(|r| r.status.as_u16()).unwrap_or(0);
+        let route = ctx.route.map(|r| self.routes.routes()[r].name.as_str()).unwrap_or("-");
+        let upstream_region = ctx.target_region.map(|r| self.region_name(r)).unwrap_or("none");
+        let decision = ctx
+            .decision
+            .map(|d| d.reason.as_str())
+            .or(ctx.local_reply)
+            .unwrap_or("none");
+        let elapsed = ctx.start.elapsed();
+        if ctx.local_reply != Some("health") {
+            self.metrics
+                .requests
+                .with_label_values(&[route, upstream_region, decision, status_class(status)])
+                .inc();
+            self.metrics
+                .request_duration
+                .with_label_values(&[route, upstream_region])
+                .observe(elapsed.as_secs_f64());
+            if let Some(up) = ctx.upstream_time {
+                self.metrics
+                    .upstream_duration
+                    .with_label_values(&[route, upstream_region])
+                    .observe(up.as_secs_f64());
+            }
+            if let Some(d) = ctx.decision.filter(|d| d.reason.is_failover() && status > 0) {
+                self.metrics
+                    .failovers
+                    .with_label_values(&[route, upstream_region, d.reason.as_str()])
+                    .inc();
+            }
+        }
+        let req = session.req_header();
+        tracing::info!(
+            target: "edge_router::access",
+            method = %req.method,
+            host = request_host(req).unwrap_or("-"),
+            path = path_and_query(req),
+            status,
+            duration_ms = elapsed.as_secs_f64() * 1000.0,
+            upstream_ms = ctx.upstream_time.map(|d| d.as_secs_f64() * 1000.0),
+            route,
+            region = upstream_region,
+            decision,
+            attempts = ctx.attempts + 1,
+            hop_from = ctx.hop_from.as_deref(),
+            request_id = %ctx.request_id,
+            error = e.map(|e| e.to_string()),
+            "request"
+        );
+    }
+}

@@ -1,0 +1,64 @@
+//! `edge-router check`: every mistake with its location, exit 2; the shipped examples pass.
+
+use std::process::Command;
+
+use crate::support::edge_binary;
+
+#[test]
+fn check_reports_three_mistakes_with_lines_and_exits_2() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("bad.toml");
+    std::fs::write(
+        &path,
+        r#"[server]
+region = "us-east-1"
+listen = ["127.0.0.1:8080"]
+drain_period = "ten seconds"
+
+[regions.us-east-1]
+peer = "http://127.0.0.1:8080"
+[regions.eu-west-1]
+order = 1
+
+[upstreams.api]
+backends.us-east-1 = ["127.0.0.1:9000"]
+
+[[routes]]
+host = "*"
+upstream = "ap"
+"#,
+    )
+    .unwrap();
+    let out = Command::new(edge_binary()).args(["check", "-c"]).arg(&path).output().unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let lines: Vec<&str> = stderr.lines().collect();
+    assert_eq!(lines.len(), 3, "{stderr}");
+    let file = path.display().to_string();
+    assert!(lines[0].starts_with(&format!("{file}:4:")) && lines[0].contains("server.drain_period"), "{stderr}");
+    assert!(lines[1].starts_with(&format!("{file}:8:")) && lines[1].contains("regions.eu-west-1") && lines[1].contains("no peer"), "{stderr}");
+    assert!(lines[2].starts_with(&format!("{file}:16:")) && lines[2].contains("routes[0].upstream"), "{stderr}");
+}
+
+#[test]
+fn shipped_examples_check_ok() {
+    let examples = concat!(env!("CARGO_MANIFEST_DIR"), "/../examples");
+    let mut n = 0;
+    for entry in std::fs::read_dir(examples).unwrap() {
+        let path = entry.unwrap().path();
+        if path.extension().is_some_and(|e| e == "toml") {
+            let out = Command::new(edge_binary()).args(["check", "-c"]).arg(&path).env_remove("EDGE_REGION").output().unwrap();
+            assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "ok", "{}: {}", path.display(), String::from_utf8_lossy(&out.stderr));
+            assert!(out.status.success());
+            n += 1;
+        }
+    }
+    assert!(n >= 3, "expected the three example configs");
+}
+
+#[test]
+fn unreadable_config_is_exit_2() {
+    let out = Command::new(edge_binary()).args(["check", "-c", "/nonexistent/edge.toml"]).output().unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("cannot read"));
+}

@@ -1,0 +1,10 @@
+//! End-to-end tests: the real `edge-router` binary, real origins, real sockets on 127.0.0.1.
+
+mod support;
+
+mod admin;
+mod check_cli;
+mod drain;
+mod failover;
+mod hop;
+mod outlier;
