@@ -8,7 +8,11 @@ use clap::{Parser, Subcommand};
 use edge_loadtest::origin::{Origin, OriginIdentity};
 
 #[derive(Parser)]
-#[command(name = "edge-loadtest", version, about = "Latency benchmarking tools for edge-router")]
+#[command(
+    name = "edge-loadtest",
+    version,
+    about = "Latency benchmarking tools for edge-router"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,

@@ -214,11 +214,17 @@ async fn handle(
     match (req.method(), path.as_str()) {
         (&Method::POST, "/.demo/fail") => {
             state.failing.store(true, Ordering::Relaxed);
-            return Ok(plain(StatusCode::OK, format!("{} is now failing\n", state.identity.name)));
+            return Ok(plain(
+                StatusCode::OK,
+                format!("{} is now failing\n", state.identity.name),
+            ));
         }
         (&Method::POST, "/.demo/recover") => {
             state.failing.store(false, Ordering::Relaxed);
-            return Ok(plain(StatusCode::OK, format!("{} is healthy again\n", state.identity.name)));
+            return Ok(plain(
+                StatusCode::OK,
+                format!("{} is healthy again\n", state.identity.name),
+            ));
         }
         (&Method::GET, "/.origin/stats") => {
             let body = serde_json::json!({
@@ -239,9 +245,15 @@ async fn handle(
     if let Some(delay) = shape.delay {
         tokio::time::sleep(delay).await;
     }
-    let region = shape.region.clone().unwrap_or_else(|| state.identity.region.clone());
+    let region = shape
+        .region
+        .clone()
+        .unwrap_or_else(|| state.identity.region.clone());
     let mut resp = if state.failing.load(Ordering::Relaxed) {
-        plain(StatusCode::SERVICE_UNAVAILABLE, format!("{} is failing (demo)\n", state.identity.name))
+        plain(
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("{} is failing (demo)\n", state.identity.name),
+        )
     } else {
         let status = shape
             .status
@@ -270,7 +282,10 @@ async fn handle(
                         .headers()
                         .iter()
                         .map(|(k, v)| {
-                            (k.as_str().to_string(), String::from_utf8_lossy(v.as_bytes()).into())
+                            (
+                                k.as_str().to_string(),
+                                String::from_utf8_lossy(v.as_bytes()).into(),
+                            )
                         })
                         .collect();
                     body["headers"] = headers.into();
@@ -331,7 +346,10 @@ mod tests {
 
     #[test]
     fn bare_delay_number_is_milliseconds_and_bad_values_are_errors() {
-        assert_eq!(Shape::parse(Some("delay=20")).unwrap().delay, Some(Duration::from_millis(20)));
+        assert_eq!(
+            Shape::parse(Some("delay=20")).unwrap().delay,
+            Some(Duration::from_millis(20))
+        );
         assert!(Shape::parse(Some("status=99")).is_err());
         assert!(Shape::parse(Some("size=big")).is_err());
     }

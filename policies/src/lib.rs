@@ -272,7 +272,10 @@ fn in_panic<'a>(view: &UpstreamView, regions: impl Iterator<Item = &'a RegionVie
 
 /// The nearest region among those `eligible` accepts: lowest RTT, where RTTs
 /// closer than the tolerance tie and the configured order decides.
-pub fn nearest(view: &UpstreamView, eligible: impl Fn(usize, &RegionView) -> bool) -> Option<usize> {
+pub fn nearest(
+    view: &UpstreamView,
+    eligible: impl Fn(usize, &RegionView) -> bool,
+) -> Option<usize> {
     let mut candidates: Vec<usize> = (0..view.regions.len())
         .filter(|&i| eligible(i, &view.regions[i]))
         .collect();

@@ -258,7 +258,13 @@ fn policy_names_parse_and_later_policies_are_named_as_such() {
 }
 
 fn arb_view() -> impl Strategy<Value = UpstreamView> {
-    let region = (0u32..4, 0u32..4, any::<bool>(), proptest::option::of(0u64..200), 0u32..5);
+    let region = (
+        0u32..4,
+        0u32..4,
+        any::<bool>(),
+        proptest::option::of(0u64..200),
+        0u32..5,
+    );
     (
         proptest::collection::vec(region, 1..6),
         0usize..6,

@@ -59,13 +59,22 @@ fn respond(status: StatusCode, content_type: &str, body: Vec<u8>) -> Response<Ve
         .header(http::header::CONTENT_TYPE, content_type)
         .header(http::header::CONTENT_LENGTH, body.len());
     if status == StatusCode::UNAUTHORIZED {
-        builder = builder.header(http::header::WWW_AUTHENTICATE, "Bearer realm=\"edge-router admin\"");
+        builder = builder.header(
+            http::header::WWW_AUTHENTICATE,
+            "Bearer realm=\"edge-router admin\"",
+        );
     }
-    builder.body(body).unwrap_or_else(|_| Response::new(Vec::new()))
+    builder
+        .body(body)
+        .unwrap_or_else(|_| Response::new(Vec::new()))
 }
 
 fn text(status: StatusCode, msg: &str) -> Response<Vec<u8>> {
-    respond(status, "text/plain; charset=utf-8", format!("{msg}\n").into_bytes())
+    respond(
+        status,
+        "text/plain; charset=utf-8",
+        format!("{msg}\n").into_bytes(),
+    )
 }
 
 #[async_trait]
@@ -79,9 +88,11 @@ impl ServeHttp for AdminApp {
             .get(http::header::AUTHORIZATION)
             .map(|v| v.as_bytes().to_vec());
         match (method, path.as_str()) {
-            (Method::GET, "/metrics") => {
-                respond(StatusCode::OK, "text/plain; version=0.0.4", self.metrics.render())
-            }
+            (Method::GET, "/metrics") => respond(
+                StatusCode::OK,
+                "text/plain; version=0.0.4",
+                self.metrics.render(),
+            ),
             (Method::GET, "/status") => {
                 let mut doc = self.health.status_json();
                 doc["draining"] = self.lifecycle.is_draining().into();
@@ -90,16 +101,37 @@ impl ServeHttp for AdminApp {
             }
             (m @ (Method::POST | Method::DELETE), "/drain") => {
                 if !self.authorized(auth.as_deref()) {
-                    tracing::warn!(path, "admin mutation refused: missing or wrong bearer token");
-                    return text(StatusCode::UNAUTHORIZED, "a valid `Authorization: Bearer <token>` is required");
+                    tracing::warn!(
+                        path,
+                        "admin mutation refused: missing or wrong bearer token"
+                    );
+                    return text(
+                        StatusCode::UNAUTHORIZED,
+                        "a valid `Authorization: Bearer <token>` is required",
+                    );
                 }
                 let drain = m == Method::POST;
                 self.lifecycle.set_draining(drain);
-                tracing::info!(draining = drain, "drain state changed through the admin API");
-                text(StatusCode::OK, if drain { "draining: health path answers 503" } else { "drain cancelled" })
+                tracing::info!(
+                    draining = drain,
+                    "drain state changed through the admin API"
+                );
+                text(
+                    StatusCode::OK,
+                    if drain {
+                        "draining: health path answers 503"
+                    } else {
+                        "drain cancelled"
+                    },
+                )
             }
-            (_, "/metrics" | "/status" | "/drain") => text(StatusCode::METHOD_NOT_ALLOWED, "method not allowed"),
-            _ => text(StatusCode::NOT_FOUND, "not found: try /metrics, /status, POST /drain"),
+            (_, "/metrics" | "/status" | "/drain") => {
+                text(StatusCode::METHOD_NOT_ALLOWED, "method not allowed")
+            }
+            _ => text(
+                StatusCode::NOT_FOUND,
+                "not found: try /metrics, /status, POST /drain",
+            ),
         }
     }
 }

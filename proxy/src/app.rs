@@ -55,28 +55,38 @@ fn prime_metrics(metrics: &Metrics, config: &Config, topo: &Topology) {
     let local = topo.local_name();
     for route in &config.routes {
         for kind in ["backend", "region"] {
-            metrics.retries.with_label_values(&[route.name.as_str(), kind]);
+            metrics
+                .retries
+                .with_label_values(&[route.name.as_str(), kind]);
         }
         for region in topo.regions.iter().filter(|r| r.name != local) {
             for reason in [Reason::FailoverNoHealthyLocal, Reason::FailoverRetry] {
-                metrics
-                    .failovers
-                    .with_label_values(&[route.name.as_str(), region.name.as_str(), reason.as_str()]);
+                metrics.failovers.with_label_values(&[
+                    route.name.as_str(),
+                    region.name.as_str(),
+                    reason.as_str(),
+                ]);
             }
         }
     }
     for u in &topo.upstreams {
         for &b in &u.by_region[topo.local] {
-            metrics
-                .ejections
-                .with_label_values(&[u.name.as_str(), local, u.backends[b].label.as_str()]);
+            metrics.ejections.with_label_values(&[
+                u.name.as_str(),
+                local,
+                u.backends[b].label.as_str(),
+            ]);
         }
     }
     metrics.draining.set(0);
 }
 
 /// Add one region's services to `server`; returns its drain state.
-pub fn add_region(server: &mut Server, config: &Config, secrets: Secrets) -> anyhow::Result<Arc<Lifecycle>> {
+pub fn add_region(
+    server: &mut Server,
+    config: &Config,
+    secrets: Secrets,
+) -> anyhow::Result<Arc<Lifecycle>> {
     let region = config.server.region.clone();
     let metrics = Arc::new(Metrics::new(&region).context("registering metrics")?);
     let topo = Arc::new(Topology::from_config(config));
@@ -105,7 +115,12 @@ pub fn add_region(server: &mut Server, config: &Config, secrets: Secrets) -> any
     traffic.threads = Some(config.server.threads);
     server.add_service(traffic);
 
-    let admin_app = AdminApp::new(health.clone(), lifecycle.clone(), metrics, secrets.admin_token);
+    let admin_app = AdminApp::new(
+        health.clone(),
+        lifecycle.clone(),
+        metrics,
+        secrets.admin_token,
+    );
     let mut admin = Service::new(format!("admin {region}"), admin_app);
     admin.add_tcp(&config.admin.listen.to_string());
     admin.threads = Some(1);

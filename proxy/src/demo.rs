@@ -63,7 +63,8 @@ struct DemoRegion {
 fn plan(args: &DemoArgs) -> anyhow::Result<Vec<DemoRegion>> {
     let n = usize::from(args.regions);
     let port = |base: u16, off: usize| -> anyhow::Result<u16> {
-        u16::try_from(usize::from(base) + off).context("port out of range: pick a lower --base-port")
+        u16::try_from(usize::from(base) + off)
+            .context("port out of range: pick a lower --base-port")
     };
     (0..n)
         .map(|i| {
@@ -71,7 +72,10 @@ fn plan(args: &DemoArgs) -> anyhow::Result<Vec<DemoRegion>> {
                 name: REGION_NAMES[i],
                 proxy: port(args.base_port, i)?,
                 admin: port(args.admin_base_port, i)?,
-                origins: [port(args.base_port, 100 + 2 * i)?, port(args.base_port, 101 + 2 * i)?],
+                origins: [
+                    port(args.base_port, 100 + 2 * i)?,
+                    port(args.base_port, 101 + 2 * i)?,
+                ],
             })
         })
         .collect()
@@ -118,9 +122,7 @@ fn ensure_free(regions: &[DemoRegion]) -> anyhow::Result<()> {
         .filter(|p| TcpListener::bind(("127.0.0.1", *p)).is_err())
         .collect();
     if !busy.is_empty() {
-        bail!(
-            "ports already in use: {busy:?}; pick others with --base-port / --admin-base-port"
-        );
+        bail!("ports already in use: {busy:?}; pick others with --base-port / --admin-base-port");
     }
     Ok(())
 }
@@ -145,7 +147,11 @@ fn start_origins(regions: &[DemoRegion]) -> anyhow::Result<()> {
     std::thread::Builder::new()
         .name("demo-origins".into())
         .spawn(move || {
-            let rt = match tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build() {
+            let rt = match tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(1)
+                .enable_all()
+                .build()
+            {
                 Ok(rt) => rt,
                 Err(e) => {
                     let _ = tx.send(Err(anyhow::anyhow!("origin runtime: {e}")));
@@ -169,13 +175,22 @@ fn start_origins(regions: &[DemoRegion]) -> anyhow::Result<()> {
             });
         })
         .context("spawning the origin thread")?;
-    rx.recv_timeout(Duration::from_secs(10)).context("origins did not start")?
+    rx.recv_timeout(Duration::from_secs(10))
+        .context("origins did not start")?
 }
 
 fn print_table(regions: &[DemoRegion], token: &str) {
     let mut out = String::new();
-    let _ = writeln!(out, "\nedge-router demo: {} regions on 127.0.0.1 (Ctrl-C to stop)\n", regions.len());
-    let _ = writeln!(out, "{:<16} {:<24} {:<24} ORIGINS", "REGION", "PROXY", "ADMIN");
+    let _ = writeln!(
+        out,
+        "\nedge-router demo: {} regions on 127.0.0.1 (Ctrl-C to stop)\n",
+        regions.len()
+    );
+    let _ = writeln!(
+        out,
+        "{:<16} {:<24} {:<24} ORIGINS",
+        "REGION", "PROXY", "ADMIN"
+    );
     for r in regions {
         let _ = writeln!(
             out,
@@ -191,13 +206,21 @@ fn print_table(regions: &[DemoRegion], token: &str) {
     }
     let a = &regions[0];
     let _ = writeln!(out, "\nTry:");
-    let _ = writeln!(out, "  curl -i http://127.0.0.1:{}/hello            # served by a {} origin", a.proxy, a.name);
+    let _ = writeln!(
+        out,
+        "  curl -i http://127.0.0.1:{}/hello            # served by a {} origin",
+        a.proxy, a.name
+    );
     let _ = writeln!(
         out,
         "  curl -X POST http://127.0.0.1:{}/.demo/fail; curl -X POST http://127.0.0.1:{}/.demo/fail",
         a.origins[0], a.origins[1]
     );
-    let _ = writeln!(out, "                                                 # fail both {} origins", a.name);
+    let _ = writeln!(
+        out,
+        "                                                 # fail both {} origins",
+        a.name
+    );
     if let Some(b) = regions.get(1) {
         let _ = writeln!(
             out,
@@ -210,8 +233,16 @@ fn print_table(regions: &[DemoRegion], token: &str) {
         "  curl -X POST http://127.0.0.1:{}/.demo/recover; curl -X POST http://127.0.0.1:{}/.demo/recover",
         a.origins[0], a.origins[1]
     );
-    let _ = writeln!(out, "                                                 # traffic fails back to {} within ~2 s", a.name);
-    let _ = writeln!(out, "  curl http://127.0.0.1:{}/status               # health, ejections, peer RTT", a.admin);
+    let _ = writeln!(
+        out,
+        "                                                 # traffic fails back to {} within ~2 s",
+        a.name
+    );
+    let _ = writeln!(
+        out,
+        "  curl http://127.0.0.1:{}/status               # health, ejections, peer RTT",
+        a.admin
+    );
     let _ = writeln!(out, "  curl http://127.0.0.1:{}/metrics", a.admin);
     let _ = writeln!(
         out,

@@ -49,7 +49,11 @@ pub fn is_trusted(client: Option<IpAddr>, trusted: &[IpNet]) -> bool {
 }
 
 /// The `x-forwarded-for` value to send upstream.
-pub fn forwarded_for(existing: Option<&str>, client: Option<IpAddr>, trusted: bool) -> Option<String> {
+pub fn forwarded_for(
+    existing: Option<&str>,
+    client: Option<IpAddr>,
+    trusted: bool,
+) -> Option<String> {
     let client = client.map(|ip| ip.to_string());
     match (trusted, existing.filter(|e| !e.trim().is_empty()), client) {
         (true, Some(prev), Some(ip)) => Some(format!("{prev}, {ip}")),
@@ -68,7 +72,14 @@ pub fn acceptable_request_id(id: &str) -> bool {
 pub fn new_request_id() -> String {
     let v: u128 = rand::random();
     let h = format!("{v:032x}");
-    format!("{}-{}-{}-{}-{}", &h[..8], &h[8..12], &h[12..16], &h[16..20], &h[20..])
+    format!(
+        "{}-{}-{}-{}-{}",
+        &h[..8],
+        &h[8..12],
+        &h[12..16],
+        &h[16..20],
+        &h[20..]
+    )
 }
 
 #[cfg(test)]
@@ -95,7 +106,10 @@ mod tests {
     #[test]
     fn untrusted_clients_cannot_spoof_forwarded_for() {
         let ip: IpAddr = "192.0.2.7".parse().unwrap();
-        assert_eq!(forwarded_for(Some("6.6.6.6"), Some(ip), false).as_deref(), Some("192.0.2.7"));
+        assert_eq!(
+            forwarded_for(Some("6.6.6.6"), Some(ip), false).as_deref(),
+            Some("192.0.2.7")
+        );
         assert_eq!(
             forwarded_for(Some("6.6.6.6"), Some(ip), true).as_deref(),
             Some("6.6.6.6, 192.0.2.7")

@@ -25,7 +25,9 @@ pub struct HopSigner {
 
 impl std::fmt::Debug for HopSigner {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("HopSigner").field("window", &self.window).finish_non_exhaustive()
+        f.debug_struct("HopSigner")
+            .field("window", &self.window)
+            .finish_non_exhaustive()
     }
 }
 
@@ -66,7 +68,12 @@ impl HopSigner {
     }
 
     /// The source region if `value` is a valid, fresh signature for this request.
-    pub fn verify<'v>(&self, value: &'v str, now_ms: u64, req: SignedRequest<'_>) -> Option<&'v str> {
+    pub fn verify<'v>(
+        &self,
+        value: &'v str,
+        now_ms: u64,
+        req: SignedRequest<'_>,
+    ) -> Option<&'v str> {
         let rest = value.strip_prefix("v1:")?;
         let mut parts = rest.rsplitn(3, ':');
         let sig = parts.next()?;
@@ -106,14 +113,25 @@ mod tests {
         let v = signer().sign("eu-west-1", 1_000_000, REQ);
         let other = HopSigner::new(b"other", Duration::from_secs(60));
         assert_eq!(other.verify(&v, 1_000_000, REQ), None);
-        let moved = SignedRequest { path: "/admin", ..REQ };
+        let moved = SignedRequest {
+            path: "/admin",
+            ..REQ
+        };
         assert_eq!(signer().verify(&v, 1_000_000, moved), None);
         assert_eq!(signer().verify(&v, 1_000_000 + 61_000, REQ), None);
     }
 
     #[test]
     fn garbage_is_rejected_without_panicking() {
-        for v in ["", "v1:", "v1:a:b:c", "v1::1:AAAA", "v2:a:1:AAAA", "v1:a:1:!!!", "v1:a:99999999999999999999:x"] {
+        for v in [
+            "",
+            "v1:",
+            "v1:a:b:c",
+            "v1::1:AAAA",
+            "v2:a:1:AAAA",
+            "v1:a:1:!!!",
+            "v1:a:99999999999999999999:x",
+        ] {
             assert_eq!(signer().verify(v, 1, REQ), None, "{v}");
         }
     }

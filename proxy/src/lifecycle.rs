@@ -60,7 +60,10 @@ impl DrainThenStop {
 #[async_trait]
 impl ShutdownSignalWatch for DrainThenStop {
     async fn recv(&self) -> ShutdownSignal {
-        let (mut term, mut int) = match (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) {
+        let (mut term, mut int) = match (
+            signal(SignalKind::terminate()),
+            signal(SignalKind::interrupt()),
+        ) {
             (Ok(t), Ok(i)) => (t, i),
             (Err(e), _) | (_, Err(e)) => {
                 tracing::error!(error = %e, "cannot install signal handlers; the process will not stop on SIGTERM");

@@ -1,7 +1,6 @@
 //! The `edge-router` binary: `run`, `check` and `demo`.
 #![forbid(unsafe_code)]
 
-
 use std::path::PathBuf;
 use std::process::ExitCode;
 
@@ -20,10 +19,20 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 const EXIT_CONFIG: u8 = 2;
 
 #[derive(Parser)]
-#[command(name = "edge-router", version, about = "Multi-region active-active reverse proxy on Pingora")]
+#[command(
+    name = "edge-router",
+    version,
+    about = "Multi-region active-active reverse proxy on Pingora"
+)]
 struct Cli {
     /// Log format.
-    #[arg(long, global = true, value_enum, default_value = "text", env = "EDGE_LOG_FORMAT")]
+    #[arg(
+        long,
+        global = true,
+        value_enum,
+        default_value = "text",
+        env = "EDGE_LOG_FORMAT"
+    )]
     log_format: LogFormat,
     #[command(subcommand)]
     command: Command,
@@ -52,7 +61,7 @@ fn region_override() -> Option<String> {
     std::env::var("EDGE_REGION").ok().filter(|r| !r.is_empty())
 }
 
-fn load_or_report(path: &PathBuf) -> Result<config::Config, ExitCode> {
+fn load_or_report(path: &std::path::Path) -> Result<config::Config, ExitCode> {
     config::load(path, region_override().as_deref()).map_err(|errors| {
         eprintln!("{errors}");
         ExitCode::from(EXIT_CONFIG)
@@ -106,12 +115,21 @@ fn run(config: config::Config) -> anyhow::Result<()> {
         // One region never forwards, so a throwaway key is enough.
         _ => rand::random::<[u8; 32]>().to_vec(),
     };
-    let admin_token = std::env::var(&config.admin.token_env).ok().filter(|t| !t.is_empty());
+    let admin_token = std::env::var(&config.admin.token_env)
+        .ok()
+        .filter(|t| !t.is_empty());
     if admin_token.is_none() {
         tracing::warn!(env = %config.admin.token_env, "no admin token set: admin mutations (POST /drain) are refused");
     }
     let mut server = app::new_server()?;
-    let lifecycle = app::add_region(&mut server, &config, app::Secrets { hop_key, admin_token })?;
+    let lifecycle = app::add_region(
+        &mut server,
+        &config,
+        app::Secrets {
+            hop_key,
+            admin_token,
+        },
+    )?;
     tracing::info!(
         region = %config.server.region,
         listen = ?config.server.listen,
@@ -119,7 +137,10 @@ fn run(config: config::Config) -> anyhow::Result<()> {
         "edge-router starting"
     );
     server.run(RunArgs {
-        shutdown_signal: Box::new(DrainThenStop::new(vec![lifecycle], config.server.drain_period)),
+        shutdown_signal: Box::new(DrainThenStop::new(
+            vec![lifecycle],
+            config.server.drain_period,
+        )),
     });
     Ok(())
 }

@@ -42,16 +42,22 @@ impl Metrics {
         let buckets = vec![
             0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
         ];
-        let counter = |name: &str, help: &str, labels: &[&str]| -> Result<IntCounterVec, prometheus::Error> {
-            let c = IntCounterVec::new(Opts::new(name, help).const_label("region", region), labels)?;
+        let counter = |name: &str,
+                       help: &str,
+                       labels: &[&str]|
+         -> Result<IntCounterVec, prometheus::Error> {
+            let c =
+                IntCounterVec::new(Opts::new(name, help).const_label("region", region), labels)?;
             registry.register(Box::new(c.clone()))?;
             Ok(c)
         };
-        let gauge = |name: &str, help: &str, labels: &[&str]| -> Result<IntGaugeVec, prometheus::Error> {
-            let g = IntGaugeVec::new(Opts::new(name, help).const_label("region", region), labels)?;
-            registry.register(Box::new(g.clone()))?;
-            Ok(g)
-        };
+        let gauge =
+            |name: &str, help: &str, labels: &[&str]| -> Result<IntGaugeVec, prometheus::Error> {
+                let g =
+                    IntGaugeVec::new(Opts::new(name, help).const_label("region", region), labels)?;
+                registry.register(Box::new(g.clone()))?;
+                Ok(g)
+            };
         let histogram = |name: &str, help: &str| -> Result<HistogramVec, prometheus::Error> {
             let h = HistogramVec::new(
                 HistogramOpts::new(name, help)
@@ -63,14 +69,20 @@ impl Metrics {
             Ok(h)
         };
         let peer_rtt = GaugeVec::new(
-            Opts::new("edge_peer_rtt_seconds", "Smoothed RTT to the peer region's edge-router.")
-                .const_label("region", region),
+            Opts::new(
+                "edge_peer_rtt_seconds",
+                "Smoothed RTT to the peer region's edge-router.",
+            )
+            .const_label("region", region),
             &["peer_region"],
         )?;
         registry.register(Box::new(peer_rtt.clone()))?;
         let draining = IntGauge::with_opts(
-            Opts::new("edge_draining", "1 while the proxy drains (health path answers 503).")
-                .const_label("region", region),
+            Opts::new(
+                "edge_draining",
+                "1 while the proxy drains (health path answers 503).",
+            )
+            .const_label("region", region),
         )?;
         registry.register(Box::new(draining.clone()))?;
         Ok(Metrics {
@@ -79,7 +91,10 @@ impl Metrics {
                 "Requests by route, upstream region, decision and status class.",
                 &["route", "upstream_region", "decision", "status_class"],
             )?,
-            request_duration: histogram("edge_request_duration_seconds", "Request latency at the edge.")?,
+            request_duration: histogram(
+                "edge_request_duration_seconds",
+                "Request latency at the edge.",
+            )?,
             upstream_duration: histogram(
                 "edge_upstream_duration_seconds",
                 "Time from sending upstream to the response header.",

@@ -48,7 +48,9 @@ impl RouteTable {
 pub fn normalize_host(host: &str) -> &str {
     let host = if host.starts_with('[') {
         // [v6]:port
-        host.split_once(']').map(|(h, _)| &host[..h.len() + 1]).unwrap_or(host)
+        host.split_once(']')
+            .map(|(h, _)| &host[..h.len() + 1])
+            .unwrap_or(host)
     } else {
         host.rsplit_once(':').map(|(h, _)| h).unwrap_or(host)
     };
@@ -74,7 +76,11 @@ mod tests {
         RouteTable::new(vec![
             route("any", HostMatch::Any, "/"),
             route("wild", HostMatch::Suffix(".example.com".into()), "/"),
-            route("deep-wild", HostMatch::Suffix(".eu.example.com".into()), "/"),
+            route(
+                "deep-wild",
+                HostMatch::Suffix(".eu.example.com".into()),
+                "/",
+            ),
             route("api", HostMatch::Exact("api.example.com".into()), "/"),
             route("api-v2", HostMatch::Exact("api.example.com".into()), "/v2/"),
         ])
@@ -86,18 +92,27 @@ mod tests {
 
     #[test]
     fn exact_host_beats_wildcards() {
-        assert_eq!(name(&table(), "api.example.com", "/x").as_deref(), Some("api"));
+        assert_eq!(
+            name(&table(), "api.example.com", "/x").as_deref(),
+            Some("api")
+        );
     }
 
     #[test]
     fn longest_path_prefix_wins_within_a_host() {
-        assert_eq!(name(&table(), "api.example.com", "/v2/users").as_deref(), Some("api-v2"));
+        assert_eq!(
+            name(&table(), "api.example.com", "/v2/users").as_deref(),
+            Some("api-v2")
+        );
     }
 
     #[test]
     fn longest_suffix_wins_and_port_and_case_are_ignored() {
         let t = table();
-        assert_eq!(name(&t, "x.eu.example.com:8443", "/").as_deref(), Some("deep-wild"));
+        assert_eq!(
+            name(&t, "x.eu.example.com:8443", "/").as_deref(),
+            Some("deep-wild")
+        );
         assert_eq!(name(&t, "WWW.Example.com", "/").as_deref(), Some("wild"));
         // A suffix does not match the bare domain.
         assert_eq!(name(&t, "example.com", "/").as_deref(), Some("any"));
@@ -105,7 +120,11 @@ mod tests {
 
     #[test]
     fn unknown_host_without_catch_all_matches_nothing() {
-        let t = RouteTable::new(vec![route("api", HostMatch::Exact("api.example.com".into()), "/")]);
+        let t = RouteTable::new(vec![route(
+            "api",
+            HostMatch::Exact("api.example.com".into()),
+            "/",
+        )]);
         assert_eq!(t.find("evil.test", "/"), None);
         assert_eq!(t.find("api.example.com", "/"), Some(0));
     }

@@ -95,7 +95,10 @@ fn retryable(req: &RequestHeader) -> bool {
 }
 
 fn client_ip(session: &Session) -> Option<IpAddr> {
-    session.client_addr().and_then(|a| a.as_inet()).map(|a| a.ip())
+    session
+        .client_addr()
+        .and_then(|a| a.as_inet())
+        .map(|a| a.ip())
 }
 
 impl EdgeProxy {
@@ -108,7 +111,14 @@ impl EdgeProxy {
     }
 
     /// Write a response the proxy makes itself, with the edge headers.
-    async fn reply(&self, session: &mut Session, ctx: &RequestCtx, status: u16, content_type: &str, body: Bytes) -> Result<()> {
+    async fn reply(
+        &self,
+        session: &mut Session,
+        ctx: &RequestCtx,
+        status: u16,
+        content_type: &str,
+        body: Bytes,
+    ) -> Result<()> {
         let mut resp = ResponseHeader::build(status, Some(6))?;
         resp.insert_header(http::header::CONTENT_TYPE, content_type)?;
         resp.insert_header(http::header::CONTENT_LENGTH, body.len().to_string())?;
@@ -121,7 +131,9 @@ impl EdgeProxy {
             }
         }
         let head_only = session.req_header().method == Method::HEAD;
-        session.write_response_header(Box::new(resp), head_only).await?;
+        session
+            .write_response_header(Box::new(resp), head_only)
+            .await?;
         if !head_only {
             session.write_response_body(Some(body), true).await?;
         }
@@ -138,14 +150,17 @@ impl EdgeProxy {
         };
         let report = self.health.report(status);
         let body = serde_json::to_vec(&report).unwrap_or_default();
-        self.reply(session, ctx, code, "application/json", body.into()).await?;
+        self.reply(session, ctx, code, "application/json", body.into())
+            .await?;
         Ok(true)
     }
 
     /// Book-keeping after an attempt failed before a response: passive
     /// outlier detection, and which backends and regions not to try again.
     fn record_failed_attempt(&self, ctx: &mut RequestCtx, kind: &str) {
-        let Some(route) = ctx.route.map(|r| &self.routes.routes()[r]) else { return };
+        let Some(route) = ctx.route.map(|r| &self.routes.routes()[r]) else {
+            return;
+        };
         let upstream = &self.health.topo.upstreams[route.upstream];
         let region = ctx.target_region.unwrap_or(self.local());
         self.metrics
@@ -177,12 +192,18 @@ impl EdgeProxy {
         e.set_retry(allowed);
         if allowed {
             ctx.attempts += 1;
-            let kind = if ctx.failed_regions.contains(&ctx.target_region.unwrap_or(self.local())) {
+            let kind = if ctx
+                .failed_regions
+                .contains(&ctx.target_region.unwrap_or(self.local()))
+            {
                 "region"
             } else {
                 "backend"
             };
-            let route = ctx.route.map(|r| self.routes.routes()[r].name.as_str()).unwrap_or("-");
+            let route = ctx
+                .route
+                .map(|r| self.routes.routes()[r].name.as_str())
+                .unwrap_or("-");
             self.metrics.retries.with_label_values(&[route, kind]).inc();
         }
     }
@@ -234,7 +255,14 @@ impl ProxyHttp for EdgeProxy {
         }
         let Some(host) = request_host(req) else {
             ctx.local_reply = Some("bad-request");
-            self.reply(session, ctx, 400, "text/plain", Bytes::from_static(b"missing Host header\n")).await?;
+            self.reply(
+                session,
+                ctx,
+                400,
+                "text/plain",
+                Bytes::from_static(b"missing Host header\n"),
+            )
+            .await?;
             return Ok(true);
         };
         if let Some(hop) = req.headers.get(HOP_HEADER).and_then(|v| v.to_str().ok()) {
@@ -245,7 +273,9 @@ impl ProxyHttp for EdgeProxy {
             };
             match self.hop.verify(hop, unix_ms(), signed) {
                 Some(src) => ctx.hop_from = Some(src.to_string()),
-                None => tracing::debug!(request_id = %ctx.request_id, "invalid x-edge-hop from client stripped"),
+                None => {
+                    tracing::debug!(request_id = %ctx.request_id, "invalid x-edge-hop from client stripped")
+                }
             }
         }
         ctx.route = self.routes.find(host, req.uri.path());
@@ -262,16 +292,27 @@ impl ProxyHttp for EdgeProxy {
         }
         if ctx.route.is_none() {
             ctx.local_reply = Some("no-route");
-            self.reply(session, ctx, 404, "text/plain", Bytes::from_static(b"no route for this host and path\n")).await?;
+            self.reply(
+                session,
+                ctx,
+                404,
+                "text/plain",
+                Bytes::from_static(b"no route for this host and path\n"),
+            )
+            .await?;
             return Ok(true);
         }
         Ok(false)
     }
 
-    async fn upstream_peer(&self, _session: &mut Session, ctx: &mut RequestCtx) -> Result<Box<HttpPeer>> {
-        let route_index = ctx
-            .route
-            .ok_or_else(|| Error::explain(ErrorType::InternalError, "upstream_peer without a route"))?;
+    async fn upstream_peer(
+        &self,
+        _session: &mut Session,
+        ctx: &mut RequestCtx,
+    ) -> Result<Box<HttpPeer>> {
+        let route_index = ctx.route.ok_or_else(|| {
+            Error::explain(ErrorType::InternalError, "upstream_peer without a route")
+        })?;
         let route = &self.routes.routes()[route_index];
         let topo = &self.health.topo;
         let upstream = &topo.upstreams[route.upstream];
@@ -285,26 +326,41 @@ impl ProxyHttp for EdgeProxy {
             let d = decide(&snap.views[route.upstream], &facts);
             ctx.decision = Some(d);
             let (index, panic) = match d.target {
-                Target::Region { index, panic } if !ctx.failed_regions.contains(&index) => (index, panic),
+                Target::Region { index, panic } if !ctx.failed_regions.contains(&index) => {
+                    (index, panic)
+                }
                 _ => {
                     let status = if ctx.attempts > 0 { 502 } else { 503 };
-                    return Err(Error::explain(ErrorType::HTTPStatus(status), d.reason.as_str()));
+                    return Err(Error::explain(
+                        ErrorType::HTTPStatus(status),
+                        d.reason.as_str(),
+                    ));
                 }
             };
             ctx.target_region = Some(index);
             if index != topo.local {
                 ctx.backend = None;
-                let peer = topo.regions[index]
-                    .peer
-                    .as_ref()
-                    .ok_or_else(|| Error::explain(ErrorType::InternalError, "chosen region has no peer"))?;
-                return Ok(peer_for(peer.addr, upstream.connect_timeout, upstream.read_timeout));
+                let peer = topo.regions[index].peer.as_ref().ok_or_else(|| {
+                    Error::explain(ErrorType::InternalError, "chosen region has no peer")
+                })?;
+                return Ok(peer_for(
+                    peer.addr,
+                    upstream.connect_timeout,
+                    upstream.read_timeout,
+                ));
             }
-            match self.health.pick_local(&snap, route.upstream, &ctx.tried_backends, panic) {
+            match self
+                .health
+                .pick_local(&snap, route.upstream, &ctx.tried_backends, panic)
+            {
                 Some(b) => {
                     ctx.backend = Some(b);
                     let addr = upstream.backends[b].addr;
-                    return Ok(peer_for(addr, upstream.connect_timeout, upstream.read_timeout));
+                    return Ok(peer_for(
+                        addr,
+                        upstream.connect_timeout,
+                        upstream.read_timeout,
+                    ));
                 }
                 None => ctx.failed_regions.push(index),
             }
@@ -346,7 +402,9 @@ impl ProxyHttp for EdgeProxy {
         if !(trusted && has_proto) {
             upstream_request.insert_header("x-forwarded-proto", "http")?;
         }
-        let host = request_host(session.req_header()).unwrap_or_default().to_string();
+        let host = request_host(session.req_header())
+            .unwrap_or_default()
+            .to_string();
         if !(trusted && has_host) {
             upstream_request.insert_header("x-forwarded-host", host.as_str())?;
         }
@@ -357,7 +415,9 @@ impl ProxyHttp for EdgeProxy {
                 host: &host,
                 path: path_and_query(upstream_request),
             };
-            let value = self.hop.sign(self.region_name(self.local()), unix_ms(), signed);
+            let value = self
+                .hop
+                .sign(self.region_name(self.local()), unix_ms(), signed);
             upstream_request.insert_header(HOP_HEADER, value)?;
         }
         ctx.upstream_start = Some(Instant::now());
@@ -380,7 +440,11 @@ impl ProxyHttp for EdgeProxy {
                 let name = &self.health.topo.upstreams[upstream].name;
                 self.metrics
                     .upstream_errors
-                    .with_label_values(&[name.as_str(), self.region_name(self.local()), "status_5xx"])
+                    .with_label_values(&[
+                        name.as_str(),
+                        self.region_name(self.local()),
+                        "status_5xx",
+                    ])
                     .inc();
             }
         }
@@ -416,7 +480,11 @@ impl ProxyHttp for EdgeProxy {
         if let Some(up) = ctx.upstream_time {
             timing.push_str(&format!(", upstream;dur={:.3}", up.as_secs_f64() * 1000.0));
         }
-        let timing = match resp.headers.get("server-timing").and_then(|v| v.to_str().ok()) {
+        let timing = match resp
+            .headers
+            .get("server-timing")
+            .and_then(|v| v.to_str().ok())
+        {
             Some(prev) if !prev.is_empty() => format!("{timing}, {prev}"),
             _ => timing,
         };
@@ -424,7 +492,13 @@ impl ProxyHttp for EdgeProxy {
         Ok(())
     }
 
-    fn fail_to_connect(&self, session: &mut Session, _peer: &HttpPeer, ctx: &mut RequestCtx, mut e: Box<Error>) -> Box<Error> {
+    fn fail_to_connect(
+        &self,
+        session: &mut Session,
+        _peer: &HttpPeer,
+        ctx: &mut RequestCtx,
+        mut e: Box<Error>,
+    ) -> Box<Error> {
         let kind = match e.etype() {
             ErrorType::ConnectTimedout => "connect_timeout",
             _ => "connect",
@@ -457,7 +531,12 @@ impl ProxyHttp for EdgeProxy {
         e
     }
 
-    async fn fail_to_proxy(&self, session: &mut Session, e: &Error, ctx: &mut RequestCtx) -> FailToProxy {
+    async fn fail_to_proxy(
+        &self,
+        session: &mut Session,
+        e: &Error,
+        ctx: &mut RequestCtx,
+    ) -> FailToProxy {
         let code = match e.etype() {
             ErrorType::HTTPStatus(code) => *code,
             ErrorType::ConnectTimedout | ErrorType::ReadTimedout | ErrorType::WriteTimedout => 504,
@@ -476,9 +555,17 @@ impl ProxyHttp for EdgeProxy {
                 503 => format!("no healthy upstream ({reason})\n"),
                 502 => format!("upstream failed before answering ({reason})\n"),
                 504 => "upstream timed out\n".to_string(),
-                _ => format!("{}\n", http::StatusCode::from_u16(code).map(|s| s.to_string()).unwrap_or_default()),
+                _ => format!(
+                    "{}\n",
+                    http::StatusCode::from_u16(code)
+                        .map(|s| s.to_string())
+                        .unwrap_or_default()
+                ),
             };
-            if let Err(err) = self.reply(session, ctx, code, "text/plain", Bytes::from(msg)).await {
+            if let Err(err) = self
+                .reply(session, ctx, code, "text/plain", Bytes::from(msg))
+                .await
+            {
                 tracing::debug!(error = %err, "could not send the error response");
             }
         }
@@ -489,9 +576,18 @@ impl ProxyHttp for EdgeProxy {
     }
 
     async fn logging(&self, session: &mut Session, e: Option<&Error>, ctx: &mut RequestCtx) {
-        let status = session.response_written().map(|r| r.status.as_u16()).unwrap_or(0);
-        let route = ctx.route.map(|r| self.routes.routes()[r].name.as_str()).unwrap_or("-");
-        let upstream_region = ctx.target_region.map(|r| self.region_name(r)).unwrap_or("none");
+        let status = session
+            .response_written()
+            .map(|r| r.status.as_u16())
+            .unwrap_or(0);
+        let route = ctx
+            .route
+            .map(|r| self.routes.routes()[r].name.as_str())
+            .unwrap_or("-");
+        let upstream_region = ctx
+            .target_region
+            .map(|r| self.region_name(r))
+            .unwrap_or("none");
         let decision = ctx
             .decision
             .map(|d| d.reason.as_str())
@@ -513,7 +609,10 @@ impl ProxyHttp for EdgeProxy {
                     .with_label_values(&[route, upstream_region])
                     .observe(up.as_secs_f64());
             }
-            if let Some(d) = ctx.decision.filter(|d| d.reason.is_failover() && status > 0) {
+            if let Some(d) = ctx
+                .decision
+                .filter(|d| d.reason.is_failover() && status > 0)
+            {
                 self.metrics
                     .failovers
                     .with_label_values(&[route, upstream_region, d.reason.as_str()])

@@ -121,7 +121,12 @@ impl<'a> Locator<'a> {
     }
 
     /// An error at a byte offset.
-    pub fn at_offset(&self, offset: usize, path: &[Seg], message: impl Into<String>) -> ConfigError {
+    pub fn at_offset(
+        &self,
+        offset: usize,
+        path: &[Seg],
+        message: impl Into<String>,
+    ) -> ConfigError {
         let (line, column) = line_col(self.text, offset);
         ConfigError {
             file: self.file.to_string(),
@@ -208,7 +213,12 @@ impl<'a> Locator<'a> {
         }
         let root = self.root.as_ref()?;
         let mut best = Vec::new();
-        walk(&DeValue::Table(root.get_ref().clone()), offset, &mut Vec::new(), &mut best);
+        walk(
+            &DeValue::Table(root.get_ref().clone()),
+            offset,
+            &mut Vec::new(),
+            &mut best,
+        );
         Some(best)
     }
 }
@@ -240,11 +250,7 @@ mod tests {
 
     #[test]
     fn paths_render_like_toml() {
-        let p = [
-            Seg::from("routes"),
-            Seg::from(2),
-            Seg::from("upstream"),
-        ];
+        let p = [Seg::from("routes"), Seg::from(2), Seg::from("upstream")];
         assert_eq!(render_path(&p), "routes[2].upstream");
         assert_eq!(
             render_path(&[Seg::from("regions"), Seg::from("a b")]),

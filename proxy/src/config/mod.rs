@@ -182,7 +182,11 @@ pub fn load(path: &Path, region_override: Option<&str>) -> Result<Config, Config
 }
 
 /// Validate config text; `file` names it in errors.
-pub fn parse(file: &str, text: &str, region_override: Option<&str>) -> Result<Config, ConfigErrors> {
+pub fn parse(
+    file: &str,
+    text: &str,
+    region_override: Option<&str>,
+) -> Result<Config, ConfigErrors> {
     let loc = Locator::new(file, text);
     let root = match DeTable::parse(text) {
         Ok(root) => root,
@@ -221,7 +225,11 @@ const SECTIONS: &str = "server, admin, regions, upstreams, routes";
 
 /// Deserialize each section (and each region, upstream and route) on its own,
 /// so that one mistake does not hide the next.
-fn read_sections(loc: &Locator<'_>, root: Spanned<DeTable<'_>>, errors: &mut Vec<ConfigError>) -> Sections {
+fn read_sections(
+    loc: &Locator<'_>,
+    root: Spanned<DeTable<'_>>,
+    errors: &mut Vec<ConfigError>,
+) -> Sections {
     let mut s = Sections::default();
     let mut saw_server = false;
     for (key, value) in root.into_inner() {
@@ -232,7 +240,8 @@ fn read_sections(loc: &Locator<'_>, root: Spanned<DeTable<'_>>, errors: &mut Vec
                 saw_server = true;
                 // If [server] has a mistake, its region alone still lets the
                 // other sections be checked, so one run reports everything.
-                s.server_region = typed::<ServerRegion>(loc, &path, value.clone(), &mut Vec::new()).map(|r| r.region);
+                s.server_region = typed::<ServerRegion>(loc, &path, value.clone(), &mut Vec::new())
+                    .map(|r| r.region);
                 s.server = typed(loc, &path, value, errors);
             }
             "admin" => {
@@ -259,7 +268,11 @@ fn read_sections(loc: &Locator<'_>, root: Spanned<DeTable<'_>>, errors: &mut Vec
         }
     }
     if !saw_server {
-        errors.push(loc.at_offset(0, &[Seg::from("server")], "missing [server] section (it needs at least `region`)"));
+        errors.push(loc.at_offset(
+            0,
+            &[Seg::from("server")],
+            "missing [server] section (it needs at least `region`)",
+        ));
     }
     s
 }
@@ -313,7 +326,8 @@ fn validate(
             // Errors were already recorded; keep checking with defaults and the region.
             let region = s.server_region?;
             let placeholder = format!("region = {region:?}");
-            RawServer::deserialize(ValueDeserializer::parse(&format!("{{ {placeholder} }}")).ok()?).ok()?
+            RawServer::deserialize(ValueDeserializer::parse(&format!("{{ {placeholder} }}")).ok()?)
+                .ok()?
         }
     };
     let server = validate_server(loc, raw_server, region_override, errors);
@@ -340,7 +354,11 @@ fn validate(
         }
     }
     if routes.is_empty() && errors.is_empty() {
-        errors.push(loc.at_offset(0, &[Seg::from("routes")], "no [[routes]]: the proxy would answer 404 to everything"));
+        errors.push(loc.at_offset(
+            0,
+            &[Seg::from("routes")],
+            "no [[routes]]: the proxy would answer 404 to everything",
+        ));
     }
     Some(Config {
         server,
@@ -385,7 +403,11 @@ fn validate_server(
         match parsed {
             Ok(n) => trusted.push(n),
             Err(_) => errors.push(loc.at_path(
-                &[Seg::from("server"), Seg::from("trusted_proxies"), Seg::from(i)],
+                &[
+                    Seg::from("server"),
+                    Seg::from("trusted_proxies"),
+                    Seg::from(i),
+                ],
                 format!("`{t}` is not a CIDR network or IP address"),
             )),
         }
@@ -501,7 +523,10 @@ fn resolve(authority: &str) -> Result<SocketAddr, String> {
     if let Ok(a) = authority.parse::<SocketAddr>() {
         return Ok(a);
     }
-    if !authority.rsplit_once(':').is_some_and(|(_, p)| p.parse::<u16>().is_ok()) {
+    if authority
+        .rsplit_once(':')
+        .is_none_or(|(_, p)| p.parse::<u16>().is_err())
+    {
         return Err(format!("`{authority}` needs a port (host:port)"));
     }
     authority
@@ -542,7 +567,10 @@ fn validate_upstream(
     for (region, addrs) in &raw.backends {
         let rp = at(&["backends".into(), Seg::Key(region.clone())]);
         if !regions.contains(region.as_str()) {
-            errors.push(loc.at_path(&rp, format!("unknown region `{region}` (known: {})", known())));
+            errors.push(loc.at_path(
+                &rp,
+                format!("unknown region `{region}` (known: {})", known()),
+            ));
             continue;
         }
         let mut resolved = Vec::new();
@@ -559,7 +587,10 @@ fn validate_upstream(
         backends.insert(region.clone(), resolved);
     }
     if raw.backends.values().all(|v| v.is_empty()) {
-        errors.push(loc.at_path(&base, "upstream has no backends (add `backends.REGION = [\"host:port\"]`)"));
+        errors.push(loc.at_path(
+            &base,
+            "upstream has no backends (add `backends.REGION = [\"host:port\"]`)",
+        ));
     }
     let h = &raw.health;
     for (key, ok, msg) in [
@@ -575,13 +606,22 @@ fn validate_upstream(
     }
     let o = &raw.outlier;
     if o.max_ejection_percent > 100 {
-        errors.push(loc.at_path(&at(&["outlier".into(), "max_ejection_percent".into()]), "must be 0..=100"));
+        errors.push(loc.at_path(
+            &at(&["outlier".into(), "max_ejection_percent".into()]),
+            "must be 0..=100",
+        ));
     }
     if o.consecutive_failures == 0 {
-        errors.push(loc.at_path(&at(&["outlier".into(), "consecutive_failures".into()]), "must be at least 1"));
+        errors.push(loc.at_path(
+            &at(&["outlier".into(), "consecutive_failures".into()]),
+            "must be at least 1",
+        ));
     }
     if raw.panic_threshold > 100 {
-        errors.push(loc.at_path(&at(&["panic_threshold".into()]), "must be 0..=100 (percent)"));
+        errors.push(loc.at_path(
+            &at(&["panic_threshold".into()]),
+            "must be 0..=100 (percent)",
+        ));
     }
     // An upstream with mistakes is still returned so routes naming it do not
     // report a second, misleading "unknown upstream".
@@ -635,7 +675,11 @@ fn validate_route(
         names.sort_unstable();
         errors.push(loc.at_path(
             &at("upstream"),
-            format!("unknown upstream `{}` (defined: {})", raw.upstream, names.join(", ")),
+            format!(
+                "unknown upstream `{}` (defined: {})",
+                raw.upstream,
+                names.join(", ")
+            ),
         ));
     }
     let policy = match raw.policy.parse::<Policy>() {
@@ -666,9 +710,8 @@ fn parse_host(h: &str) -> Result<HostMatch, String> {
     }
     let valid = |s: &str| {
         !s.is_empty()
-            && s.split('.').all(|l| {
-                !l.is_empty() && l.chars().all(|c| c.is_ascii_alphanumeric() || c == '-')
-            })
+            && s.split('.')
+                .all(|l| !l.is_empty() && l.chars().all(|c| c.is_ascii_alphanumeric() || c == '-'))
     };
     if let Some(suffix) = h.strip_prefix("*.") {
         if valid(suffix) {

@@ -34,7 +34,9 @@ upstream = "api"
 "#;
 
 fn errors(text: &str) -> Vec<ConfigError> {
-    parse("t.toml", text, None).expect_err("config should be rejected").0
+    parse("t.toml", text, None)
+        .expect_err("config should be rejected")
+        .0
 }
 
 #[test]
@@ -60,7 +62,10 @@ fn three_region_config_validates_with_defaults() {
 fn edge_region_overrides_server_region() {
     let c = parse("t.toml", THREE, Some("eu-west-1")).unwrap();
     assert_eq!(c.server.region, "eu-west-1");
-    assert!(c.regions.iter().any(|r| r.name == "eu-west-1" && r.peer.is_some()));
+    assert!(c
+        .regions
+        .iter()
+        .any(|r| r.name == "eu-west-1" && r.peer.is_some()));
 }
 
 #[test]
@@ -73,7 +78,10 @@ fn override_to_an_unknown_region_is_an_error() {
 
 #[test]
 fn unknown_key_is_reported_with_its_line_and_path() {
-    let text = THREE.replace("listen = [\"127.0.0.1:8080\"]", "listen = [\"127.0.0.1:8080\"]\nthreds = 2");
+    let text = THREE.replace(
+        "listen = [\"127.0.0.1:8080\"]",
+        "listen = [\"127.0.0.1:8080\"]\nthreds = 2",
+    );
     let e = errors(&text);
     assert_eq!(e.len(), 1, "{e:?}");
     assert_eq!(e[0].line, 5);
@@ -92,14 +100,27 @@ fn bad_duration_names_the_key() {
 #[test]
 fn three_mistakes_are_all_reported_in_line_order() {
     let text = THREE
-        .replace("[regions.eu-west-1]\npeer = \"http://127.0.0.1:8081\"\n", "[regions.eu-west-1]\n")
-        .replace("primary_region = \"us-east-1\"", "primary_region = \"us-east-2\"")
-        .replace("upstream = \"api\"\npolicy = \"local\"", "upstream = \"apii\"\npolicy = \"local\"");
+        .replace(
+            "[regions.eu-west-1]\npeer = \"http://127.0.0.1:8081\"\n",
+            "[regions.eu-west-1]\n",
+        )
+        .replace(
+            "primary_region = \"us-east-1\"",
+            "primary_region = \"us-east-2\"",
+        )
+        .replace(
+            "upstream = \"api\"\npolicy = \"local\"",
+            "upstream = \"apii\"\npolicy = \"local\"",
+        );
     let e = errors(&text);
     let paths: Vec<&str> = e.iter().map(|e| e.key_path.as_str()).collect();
     assert_eq!(
         paths,
-        ["regions.eu-west-1", "upstreams.api.primary_region", "routes[0].upstream"],
+        [
+            "regions.eu-west-1",
+            "upstreams.api.primary_region",
+            "routes[0].upstream"
+        ],
         "{e:#?}"
     );
     assert!(e.iter().all(|e| e.line > 0 && e.column > 0));
@@ -138,7 +159,8 @@ fn single_region_needs_no_regions_table() {
 
 #[test]
 fn bad_hosts_and_unknown_sections_are_rejected() {
-    let text = format!("{THREE}\n[cache]\nmax_bytes = 1\n").replace("host = \"*.example.com\"", "host = \"a.*.com\"");
+    let text = format!("{THREE}\n[cache]\nmax_bytes = 1\n")
+        .replace("host = \"*.example.com\"", "host = \"a.*.com\"");
     let e = errors(&text);
     let paths: Vec<&str> = e.iter().map(|e| e.key_path.as_str()).collect();
     assert_eq!(paths, ["routes[0].host", "cache"], "{e:#?}");
@@ -147,5 +169,8 @@ fn bad_hosts_and_unknown_sections_are_rejected() {
 #[test]
 fn errors_display_as_file_line_col_path() {
     let e = &errors("[server]\nregion = \"x\"\nbogus = 1\n")[0];
-    assert_eq!(e.to_string(), format!("t.toml:3:1: server.bogus: {}", e.message));
+    assert_eq!(
+        e.to_string(),
+        format!("t.toml:3:1: server.bogus: {}", e.message)
+    );
 }

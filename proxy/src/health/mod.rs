@@ -137,7 +137,11 @@ impl Topology {
                 }
             })
             .collect();
-        let route_policies = config.routes.iter().map(|r| (r.upstream, r.policy)).collect();
+        let route_policies = config
+            .routes
+            .iter()
+            .map(|r| (r.upstream, r.policy))
+            .collect();
         Topology {
             local,
             regions,
@@ -243,7 +247,13 @@ impl HealthState {
                                 .iter()
                                 .filter(|b| topo.regions[b.region].name == r.name)
                                 .count() as u32;
-                            (u.name.clone(), UpstreamCount { healthy: total, total })
+                            (
+                                u.name.clone(),
+                                UpstreamCount {
+                                    healthy: total,
+                                    total,
+                                },
+                            )
                         })
                         .collect(),
                 })
@@ -273,7 +283,13 @@ impl HealthState {
 
     /// Pick a local backend of `upstream` round-robin, skipping `tried`;
     /// `any_health` (panic mode) ignores health.
-    pub fn pick_local(&self, snap: &Snapshot, upstream: usize, tried: &[usize], any_health: bool) -> Option<usize> {
+    pub fn pick_local(
+        &self,
+        snap: &Snapshot,
+        upstream: usize,
+        tried: &[usize],
+        any_health: bool,
+    ) -> Option<usize> {
         let u = &self.topo.upstreams[upstream];
         let pool: &[usize] = if any_health {
             &u.by_region[self.topo.local]
@@ -292,10 +308,11 @@ impl HealthState {
     /// An active probe result for a local backend.
     pub fn observe_probe(&self, upstream: usize, backend: usize, ok: bool) {
         let u = &self.topo.upstreams[upstream];
-        let flipped = self.backends[upstream][backend]
-            .lock()
-            .active
-            .observe(ok, u.health.healthy, u.health.unhealthy);
+        let flipped = self.backends[upstream][backend].lock().active.observe(
+            ok,
+            u.health.healthy,
+            u.health.unhealthy,
+        );
         if let Some(healthy) = flipped {
             let b = &u.backends[backend];
             if healthy {
@@ -313,16 +330,25 @@ impl HealthState {
         let u = &self.topo.upstreams[upstream];
         if success {
             // Hot path: one uncontended lock, no scan of the region.
-            self.backends[upstream][backend].lock().outlier.record(true, now, &u.outlier, false);
+            self.backends[upstream][backend]
+                .lock()
+                .outlier
+                .record(true, now, &u.outlier, false);
             return;
         }
         let region = u.backends[backend].region;
         let may = {
             let ejected = u.by_region[region]
                 .iter()
-                .filter(|&&b| b != backend && self.backends[upstream][b].lock().outlier.is_ejected(now))
+                .filter(|&&b| {
+                    b != backend && self.backends[upstream][b].lock().outlier.is_ejected(now)
+                })
                 .count();
-            outlier::may_eject(ejected, u.by_region[region].len(), u.outlier.max_ejection_percent)
+            outlier::may_eject(
+                ejected,
+                u.by_region[region].len(),
+                u.outlier.max_ejection_percent,
+            )
         };
         let ejected = self.backends[upstream][backend]
             .lock()
@@ -341,11 +367,19 @@ impl HealthState {
     }
 
     /// A peer probe: `Some((rtt, report))` when its health path answered 200.
-    pub fn observe_peer(&self, region: usize, result: Option<(Duration, RegionReport)>, healthy_after: u32, unhealthy_after: u32) {
+    pub fn observe_peer(
+        &self,
+        region: usize,
+        result: Option<(Duration, RegionReport)>,
+        healthy_after: u32,
+        unhealthy_after: u32,
+    ) {
         let name = &self.topo.regions[region].name;
         let flipped = {
             let mut p = self.peers[region].lock();
-            let flipped = p.active.observe(result.is_some(), healthy_after, unhealthy_after);
+            let flipped = p
+                .active
+                .observe(result.is_some(), healthy_after, unhealthy_after);
             if let Some((rtt, report)) = result {
                 // EWMA keeps one slow probe from moving traffic.
                 p.rtt = Some(match p.rtt {
@@ -401,9 +435,19 @@ impl HealthState {
                 let h = self.backends[ui][bi].lock();
                 let ejected = h.outlier.is_ejected(now);
                 let ok = h.active.is_healthy() && !ejected;
-                let labels = [u.name.as_str(), topo.local_name(), u.backends[bi].label.as_str()];
-                self.metrics.backend_healthy.with_label_values(&labels).set(i64::from(ok));
-                self.metrics.backend_ejected.with_label_values(&labels).set(i64::from(ejected));
+                let labels = [
+                    u.name.as_str(),
+                    topo.local_name(),
+                    u.backends[bi].label.as_str(),
+                ];
+                self.metrics
+                    .backend_healthy
+                    .with_label_values(&labels)
+                    .set(i64::from(ok));
+                self.metrics
+                    .backend_ejected
+                    .with_label_values(&labels)
+                    .set(i64::from(ejected));
                 if ok {
                     eligible.push(bi);
                 }
@@ -425,7 +469,10 @@ impl HealthState {
                         }
                     } else {
                         let p = self.peers[ri].lock();
-                        let count = p.reported.get(&u.name).copied().unwrap_or(UpstreamCount { healthy: 0, total: 0 });
+                        let count = p.reported.get(&u.name).copied().unwrap_or(UpstreamCount {
+                            healthy: 0,
+                            total: 0,
+                        });
                         let reachable = r.peer.is_some() && p.active.is_healthy();
                         RegionView {
                             name: r.name.clone(),
@@ -449,7 +496,10 @@ impl HealthState {
         for (ri, r) in topo.regions.iter().enumerate() {
             if ri != topo.local {
                 let up = self.peers[ri].lock().active.is_healthy() && r.peer.is_some();
-                self.metrics.peer_healthy.with_label_values(&[r.name.as_str()]).set(i64::from(up));
+                self.metrics
+                    .peer_healthy
+                    .with_label_values(&[r.name.as_str()])
+                    .set(i64::from(up));
             }
         }
         let serviceable = topo.route_policies.iter().any(|&(ui, policy)| {
@@ -520,10 +570,12 @@ impl HealthState {
                 let regions: Vec<serde_json::Value> = snap.views[ui]
                     .regions
                     .iter()
-                    .map(|r| serde_json::json!({
-                        "region": r.name, "local": r.local, "healthy": r.healthy,
-                        "total": r.total, "reachable": r.reachable,
-                    }))
+                    .map(|r| {
+                        serde_json::json!({
+                            "region": r.name, "local": r.local, "healthy": r.healthy,
+                            "total": r.total, "reachable": r.reachable,
+                        })
+                    })
                     .collect();
                 serde_json::json!({
                     "name": u.name, "primary_region": u.primary_region,

@@ -115,20 +115,30 @@ mod tests {
         let mut s = OutlierState::default();
         assert_eq!(s.record(false, t0, &cfg(), true), None);
         assert_eq!(s.record(false, t0, &cfg(), true), None);
-        assert_eq!(s.record(false, t0, &cfg(), true), Some(Duration::from_secs(10)));
+        assert_eq!(
+            s.record(false, t0, &cfg(), true),
+            Some(Duration::from_secs(10))
+        );
         assert!(s.is_ejected(t0 + Duration::from_secs(9)));
         assert!(s.readmit_if_due(t0 + Duration::from_secs(10)));
         let t1 = t0 + Duration::from_secs(11);
         for _ in 0..2 {
             s.record(false, t1, &cfg(), true);
         }
-        assert_eq!(s.record(false, t1, &cfg(), true), Some(Duration::from_secs(20)));
+        assert_eq!(
+            s.record(false, t1, &cfg(), true),
+            Some(Duration::from_secs(20))
+        );
         s.readmit_if_due(t1 + Duration::from_secs(20));
         let t2 = t1 + Duration::from_secs(21);
         for _ in 0..2 {
             s.record(false, t2, &cfg(), true);
         }
-        assert_eq!(s.record(false, t2, &cfg(), true), Some(Duration::from_secs(25)), "capped");
+        assert_eq!(
+            s.record(false, t2, &cfg(), true),
+            Some(Duration::from_secs(25)),
+            "capped"
+        );
     }
 
     #[test]
@@ -168,6 +178,9 @@ mod tests {
         for _ in 0..2 {
             s.record(false, later, &cfg(), true);
         }
-        assert_eq!(s.record(false, later, &cfg(), true), Some(Duration::from_secs(10)));
+        assert_eq!(
+            s.record(false, later, &cfg(), true),
+            Some(Duration::from_secs(10))
+        );
     }
 }

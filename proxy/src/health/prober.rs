@@ -68,7 +68,11 @@ async fn get(
         let resp = client.request(req).await.ok()?;
         let status = resp.status().as_u16();
         let body = if want_body {
-            Limited::new(resp.into_body(), MAX_REPORT_BYTES).collect().await.ok()?.to_bytes()
+            Limited::new(resp.into_body(), MAX_REPORT_BYTES)
+                .collect()
+                .await
+                .ok()?
+                .to_bytes()
         } else {
             // Drain so the connection can be reused.
             let _ = resp.into_body().collect().await;
@@ -93,7 +97,8 @@ impl BackgroundService for Prober {
         let mut tasks = tokio::task::JoinSet::new();
         for (ui, u) in topo.upstreams.iter().enumerate() {
             for &bi in &u.by_region[topo.local] {
-                let (state, client, cfg) = (self.state.clone(), self.client.clone(), u.health.clone());
+                let (state, client, cfg) =
+                    (self.state.clone(), self.client.clone(), u.health.clone());
                 let addr = u.backends[bi].addr;
                 tasks.spawn(async move {
                     loop {
@@ -107,21 +112,41 @@ impl BackgroundService for Prober {
             }
         }
         // Peers are probed as often as the most eager upstream, with its thresholds.
-        let fastest = topo.upstreams.iter().map(|u| &u.health).min_by_key(|h| h.interval);
+        let fastest = topo
+            .upstreams
+            .iter()
+            .map(|u| &u.health)
+            .min_by_key(|h| h.interval);
         let (interval, jitter, timeout, healthy, unhealthy) = fastest
             .map(|h| (h.interval, h.jitter, h.timeout, h.healthy, h.unhealthy))
-            .unwrap_or((Duration::from_secs(2), Duration::from_millis(200), Duration::from_secs(1), 2, 3));
+            .unwrap_or((
+                Duration::from_secs(2),
+                Duration::from_millis(200),
+                Duration::from_secs(1),
+                2,
+                3,
+            ));
         for (ri, r) in topo.regions.iter().enumerate() {
-            let Some(peer) = r.peer.clone().filter(|_| ri != topo.local) else { continue };
-            let (state, client, path) = (self.state.clone(), self.client.clone(), self.health_path.clone());
+            let Some(peer) = r.peer.clone().filter(|_| ri != topo.local) else {
+                continue;
+            };
+            let (state, client, path) = (
+                self.state.clone(),
+                self.client.clone(),
+                self.health_path.clone(),
+            );
             tasks.spawn(async move {
                 loop {
                     let started = Instant::now();
-                    let result = get(&client, peer.addr, &path, timeout, true).await.and_then(|(status, body)| {
-                        let rtt = started.elapsed();
-                        (status == 200).then_some(())?;
-                        serde_json::from_slice::<RegionReport>(&body).ok().map(|r| (rtt, r))
-                    });
+                    let result = get(&client, peer.addr, &path, timeout, true)
+                        .await
+                        .and_then(|(status, body)| {
+                            let rtt = started.elapsed();
+                            (status == 200).then_some(())?;
+                            serde_json::from_slice::<RegionReport>(&body)
+                                .ok()
+                                .map(|r| (rtt, r))
+                        });
                     state.observe_peer(ri, result, healthy, unhealthy);
                     tokio::time::sleep(jittered(interval, jitter)).await;
                 }

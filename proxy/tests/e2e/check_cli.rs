@@ -29,15 +29,30 @@ upstream = "ap"
 "#,
     )
     .unwrap();
-    let out = Command::new(edge_binary()).args(["check", "-c"]).arg(&path).output().unwrap();
+    let out = Command::new(edge_binary())
+        .args(["check", "-c"])
+        .arg(&path)
+        .output()
+        .unwrap();
     assert_eq!(out.status.code(), Some(2));
     let stderr = String::from_utf8_lossy(&out.stderr);
     let lines: Vec<&str> = stderr.lines().collect();
     assert_eq!(lines.len(), 3, "{stderr}");
     let file = path.display().to_string();
-    assert!(lines[0].starts_with(&format!("{file}:4:")) && lines[0].contains("server.drain_period"), "{stderr}");
-    assert!(lines[1].starts_with(&format!("{file}:8:")) && lines[1].contains("regions.eu-west-1") && lines[1].contains("no peer"), "{stderr}");
-    assert!(lines[2].starts_with(&format!("{file}:16:")) && lines[2].contains("routes[0].upstream"), "{stderr}");
+    assert!(
+        lines[0].starts_with(&format!("{file}:4:")) && lines[0].contains("server.drain_period"),
+        "{stderr}"
+    );
+    assert!(
+        lines[1].starts_with(&format!("{file}:8:"))
+            && lines[1].contains("regions.eu-west-1")
+            && lines[1].contains("no peer"),
+        "{stderr}"
+    );
+    assert!(
+        lines[2].starts_with(&format!("{file}:16:")) && lines[2].contains("routes[0].upstream"),
+        "{stderr}"
+    );
 }
 
 #[test]
@@ -47,8 +62,19 @@ fn shipped_examples_check_ok() {
     for entry in std::fs::read_dir(examples).unwrap() {
         let path = entry.unwrap().path();
         if path.extension().is_some_and(|e| e == "toml") {
-            let out = Command::new(edge_binary()).args(["check", "-c"]).arg(&path).env_remove("EDGE_REGION").output().unwrap();
-            assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "ok", "{}: {}", path.display(), String::from_utf8_lossy(&out.stderr));
+            let out = Command::new(edge_binary())
+                .args(["check", "-c"])
+                .arg(&path)
+                .env_remove("EDGE_REGION")
+                .output()
+                .unwrap();
+            assert_eq!(
+                String::from_utf8_lossy(&out.stdout).trim(),
+                "ok",
+                "{}: {}",
+                path.display(),
+                String::from_utf8_lossy(&out.stderr)
+            );
             assert!(out.status.success());
             n += 1;
         }
@@ -58,7 +84,10 @@ fn shipped_examples_check_ok() {
 
 #[test]
 fn unreadable_config_is_exit_2() {
-    let out = Command::new(edge_binary()).args(["check", "-c", "/nonexistent/edge.toml"]).output().unwrap();
+    let out = Command::new(edge_binary())
+        .args(["check", "-c", "/nonexistent/edge.toml"])
+        .output()
+        .unwrap();
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("cannot read"));
 }

@@ -12,9 +12,21 @@ async fn sigterm_drains_then_exits() {
         drain: "2s",
         ..Tweaks::default()
     };
-    let mut edge = Edge::start(&config_for(&regions, 0, &t), regions[0].port, regions[0].admin).await;
+    let mut edge = Edge::start(
+        &config_for(&regions, 0, &t),
+        regions[0].port,
+        regions[0].admin,
+    )
+    .await;
     let http = client();
-    assert_eq!(http.get(edge.url("/.edge/health")).send().await.unwrap().status(), 200);
+    assert_eq!(
+        http.get(edge.url("/.edge/health"))
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        200
+    );
 
     edge.signal("TERM");
     let sent = Instant::now();
@@ -26,15 +38,29 @@ async fn sigterm_drains_then_exits() {
     println!("drain: health path 503 after {unhealthy:?}");
     assert!(unhealthy.is_some(), "health path did not turn 503");
     for _ in 0..5 {
-        assert_eq!(get(&http, &edge.url("/x"), &[]).await.status, 200, "traffic is still served while draining");
+        assert_eq!(
+            get(&http, &edge.url("/x"), &[]).await.status,
+            200,
+            "traffic is still served while draining"
+        );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     let exited = edge.wait_exit(Duration::from_secs(10)).await;
     let total = sent.elapsed();
     println!("drain: process exited {total:?} after SIGTERM (drain_period 2 s)");
-    assert!(exited.is_some(), "process did not exit; log:\n{}", edge.log_text());
-    assert!(total >= Duration::from_secs(2), "exited before the drain period: {total:?}");
-    assert!(total <= Duration::from_secs(2 + 2), "exited later than drain period + 2 s: {total:?}");
+    assert!(
+        exited.is_some(),
+        "process did not exit; log:\n{}",
+        edge.log_text()
+    );
+    assert!(
+        total >= Duration::from_secs(2),
+        "exited before the drain period: {total:?}"
+    );
+    assert!(
+        total <= Duration::from_secs(2 + 2),
+        "exited later than drain period + 2 s: {total:?}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -45,10 +71,18 @@ async fn second_sigterm_exits_at_once() {
         drain: "60s",
         ..Tweaks::default()
     };
-    let mut edge = Edge::start(&config_for(&regions, 0, &t), regions[0].port, regions[0].admin).await;
+    let mut edge = Edge::start(
+        &config_for(&regions, 0, &t),
+        regions[0].port,
+        regions[0].admin,
+    )
+    .await;
     edge.signal("TERM");
     tokio::time::sleep(Duration::from_millis(300)).await;
     edge.signal("TERM");
     let exited = edge.wait_exit(Duration::from_secs(20)).await;
-    assert!(exited.is_some(), "a second SIGTERM must not wait for the 60 s drain");
+    assert!(
+        exited.is_some(),
+        "a second SIGTERM must not wait for the 60 s drain"
+    );
 }

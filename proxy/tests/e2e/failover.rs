@@ -8,9 +8,18 @@ use crate::support::*;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn local_then_failover_without_errors_then_failback() {
-    let a = [origin("us-east-1", "a1").await, origin("us-east-1", "a2").await];
-    let b = [origin("eu-west-1", "b1").await, origin("eu-west-1", "b2").await];
-    let c = [origin("ap-southeast-1", "c1").await, origin("ap-southeast-1", "c2").await];
+    let a = [
+        origin("us-east-1", "a1").await,
+        origin("us-east-1", "a2").await,
+    ];
+    let b = [
+        origin("eu-west-1", "b1").await,
+        origin("eu-west-1", "b2").await,
+    ];
+    let c = [
+        origin("ap-southeast-1", "c1").await,
+        origin("ap-southeast-1", "c2").await,
+    ];
     let a_addrs: Vec<_> = a.iter().map(|o| o.addr()).collect();
     let regions = vec![
         RegionSpec::new("us-east-1", a_addrs.clone()),
@@ -20,7 +29,14 @@ async fn local_then_failover_without_errors_then_failback() {
     let t = Tweaks::default();
     let mut edges = Vec::new();
     for i in 0..3 {
-        edges.push(Edge::start(&config_for(&regions, i, &t), regions[i].port, regions[i].admin).await);
+        edges.push(
+            Edge::start(
+                &config_for(&regions, i, &t),
+                regions[i].port,
+                regions[i].admin,
+            )
+            .await,
+        );
     }
     let edge_a = &edges[0];
     let http = client();
@@ -30,7 +46,11 @@ async fn local_then_failover_without_errors_then_failback() {
     assert_eq!(seen.status, 200);
     assert_eq!(seen.upstream_region, "us-east-1");
     assert_eq!(seen.decision, "local");
-    assert!(seen.body.contains("\"region\":\"us-east-1\""), "{}", seen.body);
+    assert!(
+        seen.body.contains("\"region\":\"us-east-1\""),
+        "{}",
+        seen.body
+    );
 
     // 2. Stop every A backend while GETs flow: none may fail.
     let stop = Arc::new(AtomicBool::new(false));
@@ -56,21 +76,37 @@ async fn local_then_failover_without_errors_then_failback() {
         all.extend(w.await.expect("worker"));
     }
     let failed: Vec<_> = all.iter().filter(|s| s.status != 200).collect();
-    let failover = all.iter().filter(|s| s.decision.starts_with("failover:")).count();
+    let failover = all
+        .iter()
+        .filter(|s| s.decision.starts_with("failover:"))
+        .count();
     println!(
         "failover: {} GETs while A's backends went down, {} failed, {} served by failover",
         all.len(),
         failed.len(),
         failover
     );
-    assert!(failed.is_empty(), "failed responses during failover: {failed:?}");
+    assert!(
+        failed.is_empty(),
+        "failed responses during failover: {failed:?}"
+    );
     let last = all.last().expect("some requests");
-    assert_eq!(last.upstream_region, "eu-west-1", "nearest healthy region serves");
+    assert_eq!(
+        last.upstream_region, "eu-west-1",
+        "nearest healthy region serves"
+    );
     assert_eq!(last.decision, "failover:no-healthy-local");
     assert!(last.body.contains("\"region\":\"eu-west-1\""));
 
     // Metrics name the failovers and retries.
-    let metrics = http.get(edge_a.admin_url("/metrics")).send().await.unwrap().text().await.unwrap();
+    let metrics = http
+        .get(edge_a.admin_url("/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
     let count = |needle: &str| -> f64 {
         metrics
             .lines()
@@ -79,7 +115,10 @@ async fn local_then_failover_without_errors_then_failback() {
             .sum()
     };
     assert!(count("edge_failovers_total{") > 0.0, "{metrics}");
-    assert!(count("edge_retries_total{") > 0.0, "retries on connection failures: {metrics}");
+    assert!(
+        count("edge_retries_total{") > 0.0,
+        "retries on connection failures: {metrics}"
+    );
 
     // 3. Bring A's backends back on the same addresses: traffic returns within
     // healthy threshold × interval (2 × 200 ms) plus probe phase.
@@ -93,11 +132,15 @@ async fn local_then_failover_without_errors_then_failback() {
         async move { get(&http, &url, &[]).await.upstream_region == "us-east-1" }
     })
     .await;
-    let took = back.unwrap_or_else(|| panic!("traffic never returned to A; log:\n{}", edge_a.log_text()));
+    let took =
+        back.unwrap_or_else(|| panic!("traffic never returned to A; log:\n{}", edge_a.log_text()));
     println!("failback: traffic back in us-east-1 after {took:?} (healthy 2 × interval 200 ms = 400 ms; +1 interval of probe phase)");
     // Bound from configuration, not performance: threshold × interval, one
     // more interval for the probe's phase, and a generous scheduling margin.
-    assert!(started.elapsed() < Duration::from_millis(400 + 200) + Duration::from_secs(2), "took {took:?}");
+    assert!(
+        started.elapsed() < Duration::from_millis(400 + 200) + Duration::from_secs(2),
+        "took {took:?}"
+    );
     let seen = get(&http, &edge_a.url("/x"), &[]).await;
     assert_eq!((seen.status, seen.decision.as_str()), (200, "local"));
     drop(restarted);

@@ -7,13 +7,19 @@ use edge_router::hop::{HopSigner, SignedRequest};
 use crate::support::*;
 
 fn now_ms() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_millis() as u64
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as u64
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn forged_hops_are_stripped_and_valid_hops_stay_local() {
     let a = [origin("us-east-1", "a1").await];
-    let b = [origin("eu-west-1", "b1").await, origin("eu-west-1", "b2").await];
+    let b = [
+        origin("eu-west-1", "b1").await,
+        origin("eu-west-1", "b2").await,
+    ];
     let c = [origin("ap-southeast-1", "c1").await];
     let regions = vec![
         RegionSpec::new("us-east-1", a.iter().map(|o| o.addr()).collect()),
@@ -23,7 +29,14 @@ async fn forged_hops_are_stripped_and_valid_hops_stay_local() {
     let t = Tweaks::default();
     let mut edges = Vec::new();
     for i in 0..3 {
-        edges.push(Edge::start(&config_for(&regions, i, &t), regions[i].port, regions[i].admin).await);
+        edges.push(
+            Edge::start(
+                &config_for(&regions, i, &t),
+                regions[i].port,
+                regions[i].admin,
+            )
+            .await,
+        );
     }
     let http = client();
     let path = "/echo?echo=1";
@@ -34,18 +47,30 @@ async fn forged_hops_are_stripped_and_valid_hops_stay_local() {
     let seen = get(
         &http,
         &edges[0].url(path),
-        &[("x-edge-hop", forged.as_str()), ("x-forwarded-for", "6.6.6.6"), ("x-edge-region", "spoof")],
+        &[
+            ("x-edge-hop", forged.as_str()),
+            ("x-forwarded-for", "6.6.6.6"),
+            ("x-edge-region", "spoof"),
+        ],
     )
     .await;
     assert_eq!(seen.status, 200);
     assert_eq!(seen.decision, "local", "routed normally");
     let body: serde_json::Value = serde_json::from_str(&seen.body).unwrap();
     let headers = &body["headers"];
-    assert!(headers.get("x-edge-hop").is_none(), "forged hop reached the backend: {headers}");
-    assert!(headers.get("x-edge-region").is_none(), "x-edge-* from clients are stripped: {headers}");
+    assert!(
+        headers.get("x-edge-hop").is_none(),
+        "forged hop reached the backend: {headers}"
+    );
+    assert!(
+        headers.get("x-edge-region").is_none(),
+        "x-edge-* from clients are stripped: {headers}"
+    );
     assert_eq!(headers["x-forwarded-for"], "127.0.0.1");
     assert_eq!(headers["x-forwarded-proto"], "http");
-    assert!(headers["x-request-id"].as_str().is_some_and(|id| !id.is_empty()));
+    assert!(headers["x-request-id"]
+        .as_str()
+        .is_some_and(|id| !id.is_empty()));
 
     // A valid hop to B, signed as us-east-1 would: served by B's own backends.
     let signer = HopSigner::new(HOP_SECRET.as_bytes(), Duration::from_secs(60));
@@ -61,11 +86,29 @@ async fn forged_hops_are_stripped_and_valid_hops_stay_local() {
             },
         )
     };
-    let seen = get(&http, &edges[1].url(path), &[("x-edge-hop", sign().as_str()), ("x-forwarded-for", "6.6.6.6")]).await;
-    assert_eq!((seen.status, seen.decision.as_str(), seen.upstream_region.as_str()), (200, "hop:local", "eu-west-1"));
+    let seen = get(
+        &http,
+        &edges[1].url(path),
+        &[
+            ("x-edge-hop", sign().as_str()),
+            ("x-forwarded-for", "6.6.6.6"),
+        ],
+    )
+    .await;
+    assert_eq!(
+        (
+            seen.status,
+            seen.decision.as_str(),
+            seen.upstream_region.as_str()
+        ),
+        (200, "hop:local", "eu-west-1")
+    );
     let body: serde_json::Value = serde_json::from_str(&seen.body).unwrap();
     assert!(body["headers"].get("x-edge-hop").is_none());
-    assert_eq!(body["headers"]["x-forwarded-for"], "6.6.6.6, 127.0.0.1", "a peer's forwarding headers are kept");
+    assert_eq!(
+        body["headers"]["x-forwarded-for"], "6.6.6.6, 127.0.0.1",
+        "a peer's forwarding headers are kept"
+    );
 
     // B's backends go down: without a hop B fails over (to us-east-1, first in order) ...
     let [b1, b2] = b;
@@ -75,13 +118,20 @@ async fn forged_hops_are_stripped_and_valid_hops_stay_local() {
         let (http, url) = (http.clone(), edges[1].url(path));
         async move {
             let seen = get(&http, &url, &[]).await;
-            seen.status == 200 && seen.decision == "failover:no-healthy-local" && seen.upstream_region == "us-east-1"
+            seen.status == 200
+                && seen.decision == "failover:no-healthy-local"
+                && seen.upstream_region == "us-east-1"
         }
     })
     .await;
     assert!(failed_over.is_some(), "B should fail over without a hop");
     // ... but a request that already hopped is never forwarded again.
-    let seen = get(&http, &edges[1].url(path), &[("x-edge-hop", sign().as_str())]).await;
+    let seen = get(
+        &http,
+        &edges[1].url(path),
+        &[("x-edge-hop", sign().as_str())],
+    )
+    .await;
     assert_eq!(seen.status, 503, "{seen:?}");
     assert_eq!(seen.decision, "unavailable:no-healthy-local");
     assert!(seen.body.contains("no healthy upstream"));

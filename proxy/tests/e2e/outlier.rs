@@ -15,10 +15,22 @@ async fn a_backend_returning_5xx_is_ejected_then_readmitted() {
         outlier: r#"{ consecutive_failures = 3, base_ejection = "1s", max_ejection_percent = 50 }"#,
         ..Tweaks::default()
     };
-    let edge = Edge::start(&config_for(&regions, 0, &t), regions[0].port, regions[0].admin).await;
+    let edge = Edge::start(
+        &config_for(&regions, 0, &t),
+        regions[0].port,
+        regions[0].admin,
+    )
+    .await;
     let http = client();
     let status = || async {
-        let s: serde_json::Value = http.get(edge.admin_url("/status")).send().await.unwrap().json().await.unwrap();
+        let s: serde_json::Value = http
+            .get(edge.admin_url("/status"))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
         s["upstreams"][0]["backends"]
             .as_array()
             .unwrap()
@@ -35,24 +47,43 @@ async fn a_backend_returning_5xx_is_ejected_then_readmitted() {
             five_xx += 1;
         }
     }
-    assert_eq!(five_xx, 3, "exactly consecutive_failures 5xx reach clients before ejection");
+    assert_eq!(
+        five_xx, 3,
+        "exactly consecutive_failures 5xx reach clients before ejection"
+    );
     let b = status().await;
     assert_eq!(b["ejected"], true, "{b}");
     assert_eq!(b["times_ejected"], 1);
-    let metrics = http.get(edge.admin_url("/metrics")).send().await.unwrap().text().await.unwrap();
+    let metrics = http
+        .get(edge.admin_url("/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
     let line = metrics
         .lines()
-        .find(|l| l.starts_with("edge_backend_ejections_total") && l.contains(&bad.addr().to_string()))
+        .find(|l| {
+            l.starts_with("edge_backend_ejections_total") && l.contains(&bad.addr().to_string())
+        })
         .expect("ejections metric");
     assert!(line.ends_with(" 1"), "{line}");
     for _ in 0..6 {
         let seen = get(&http, &edge.url("/x"), &[]).await;
-        assert_eq!((seen.status, seen.origin.as_str()), (200, "good"), "ejected backend gets no traffic");
+        assert_eq!(
+            (seen.status, seen.origin.as_str()),
+            (200, "good"),
+            "ejected backend gets no traffic"
+        );
     }
 
     // Healthy again: after the ejection time it is re-admitted and serves.
     bad.set_failing(false);
-    let readmitted = eventually(Duration::from_secs(10), || async { status().await["ejected"] == false }).await;
+    let readmitted = eventually(Duration::from_secs(10), || async {
+        status().await["ejected"] == false
+    })
+    .await;
     assert!(readmitted.is_some(), "backend never re-admitted");
     let served = eventually(Duration::from_secs(5), || {
         let (http, url) = (http.clone(), edge.url("/x"));

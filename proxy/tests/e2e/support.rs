@@ -84,15 +84,27 @@ pub fn config_for(regions: &[RegionSpec], me: usize, t: &Tweaks) -> String {
     );
     if regions.len() > 1 {
         for (j, other) in regions.iter().enumerate() {
-            let _ = writeln!(s, "[regions.{}]\npeer = \"http://127.0.0.1:{}\"\norder = {j}\n", other.name, other.port);
+            let _ = writeln!(
+                s,
+                "[regions.{}]\npeer = \"http://127.0.0.1:{}\"\norder = {j}\n",
+                other.name, other.port
+            );
         }
     }
-    let _ = writeln!(s, "[upstreams.api]\nhealth = {}\noutlier = {}", t.health, t.outlier);
+    let _ = writeln!(
+        s,
+        "[upstreams.api]\nhealth = {}\noutlier = {}",
+        t.health, t.outlier
+    );
     for other in regions {
         let list: Vec<String> = other.backends.iter().map(|a| format!("\"{a}\"")).collect();
         let _ = writeln!(s, "backends.{} = [{}]", other.name, list.join(", "));
     }
-    let _ = writeln!(s, "\n[[routes]]\nname = \"api\"\nhost = \"{}\"\nupstream = \"api\"\npolicy = \"local-first\"", t.host);
+    let _ = writeln!(
+        s,
+        "\n[[routes]]\nname = \"api\"\nhost = \"{}\"\nupstream = \"api\"\npolicy = \"local-first\"",
+        t.host
+    );
     s
 }
 
@@ -216,7 +228,10 @@ pub async fn get(c: &reqwest::Client, url: &str, headers: &[(&str, &str)]) -> Se
     for (k, v) in headers {
         req = req.header(*k, *v);
     }
-    let resp = req.send().await.unwrap_or_else(|e| panic!("GET {url}: {e}"));
+    let resp = req
+        .send()
+        .await
+        .unwrap_or_else(|e| panic!("GET {url}: {e}"));
     let h = |name: &str| {
         resp.headers()
             .get(name)
@@ -224,7 +239,11 @@ pub async fn get(c: &reqwest::Client, url: &str, headers: &[(&str, &str)]) -> Se
             .unwrap_or("")
             .to_string()
     };
-    let (upstream_region, decision, origin) = (h("x-edge-upstream-region"), h("x-edge-decision"), h("x-origin-name"));
+    let (upstream_region, decision, origin) = (
+        h("x-edge-upstream-region"),
+        h("x-edge-decision"),
+        h("x-origin-name"),
+    );
     let status = resp.status().as_u16();
     let body = resp.text().await.unwrap_or_default();
     Seen {
