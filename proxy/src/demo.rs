@@ -87,7 +87,7 @@ fn region_config(regions: &[DemoRegion], me: usize) -> String {
     let mut t = String::new();
     let _ = writeln!(
         t,
-        "[server]\nregion = \"{}\"\nlisten = [\"127.0.0.1:{}\"]\nthreads = 1\ndebug_headers = true\ndrain_period = \"1s\"\n",
+        "[server]\nregion = \"{}\"\nlisten = [\"127.0.0.1:{}\"]\nthreads = 1\ndebug_headers = true\nrtt_tolerance = \"50ms\"\ndrain_period = \"1s\"\n",
         r.name, r.proxy
     );
     let _ = writeln!(t, "[admin]\nlisten = \"127.0.0.1:{}\"\n", r.admin);

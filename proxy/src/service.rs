@@ -620,6 +620,11 @@ impl ProxyHttp for EdgeProxy {
             }
         }
         let req = session.req_header();
+        if ctx.local_reply == Some("health") {
+            // Peers and the accelerator poll this every few seconds: keep it out of the info log.
+            tracing::debug!(target: "edge_router::access", status, request_id = %ctx.request_id, "health probe");
+            return;
+        }
         tracing::info!(
             target: "edge_router::access",
             method = %req.method,

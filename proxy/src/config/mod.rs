@@ -56,6 +56,8 @@ pub struct ServerConfig {
     pub hop_secret_env: String,
     /// Networks whose forwarding headers are trusted.
     pub trusted_proxies: Vec<IpNet>,
+    /// Peer RTTs closer than this are ties.
+    pub rtt_tolerance: Duration,
 }
 
 /// `[admin]`, validated.
@@ -425,6 +427,7 @@ fn validate_server(
         debug_headers: raw.debug_headers,
         hop_secret_env: raw.hop_secret_env,
         trusted_proxies: trusted,
+        rtt_tolerance: raw.rtt_tolerance,
     }
 }
 

@@ -33,6 +33,13 @@ pub struct RawServer {
     /// Networks whose `x-forwarded-*` headers are kept (CIDR or address).
     #[serde(default)]
     pub trusted_proxies: Vec<String>,
+    /// Peer RTTs closer than this are ties, decided by `order`.
+    #[serde(default = "default_rtt_tolerance", with = "humantime_serde")]
+    pub rtt_tolerance: Duration,
+}
+
+fn default_rtt_tolerance() -> Duration {
+    Duration::from_millis(5)
 }
 
 fn default_listen() -> Vec<String> {

@@ -26,9 +26,6 @@ use crate::metrics::Metrics;
 use hysteresis::Hysteresis;
 use outlier::OutlierState;
 
-/// RTTs closer than this are ties; loopback and jitter must not flap the choice.
-const RTT_TOLERANCE: Duration = Duration::from_millis(5);
-
 /// One backend of an upstream.
 #[derive(Debug, Clone)]
 pub struct Backend {
@@ -88,6 +85,8 @@ pub struct Topology {
     pub upstreams: Vec<UpstreamTopology>,
     /// Each route's upstream and policy, to judge whether the region can serve.
     pub route_policies: Vec<(usize, Policy)>,
+    /// RTTs closer than this are ties, so jitter does not flap the choice.
+    pub rtt_tolerance: Duration,
 }
 
 impl Topology {
@@ -147,6 +146,7 @@ impl Topology {
             regions,
             upstreams,
             route_policies,
+            rtt_tolerance: config.server.rtt_tolerance,
         }
     }
 
@@ -489,7 +489,7 @@ impl HealthState {
             views.push(UpstreamView {
                 regions,
                 panic_threshold_percent: u.panic_threshold,
-                rtt_tolerance: RTT_TOLERANCE,
+                rtt_tolerance: topo.rtt_tolerance,
             });
             eligible_local.push(eligible);
         }

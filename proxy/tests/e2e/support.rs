@@ -79,7 +79,7 @@ pub fn config_for(regions: &[RegionSpec], me: usize, t: &Tweaks) -> String {
     let mut s = String::new();
     let _ = writeln!(
         s,
-        "[server]\nregion = \"{}\"\nlisten = [\"127.0.0.1:{}\"]\nthreads = 1\ndebug_headers = true\ndrain_period = \"{}\"\n\n[admin]\nlisten = \"127.0.0.1:{}\"\n",
+        "[server]\nregion = \"{}\"\nlisten = [\"127.0.0.1:{}\"]\nthreads = 1\ndebug_headers = true\n# Loopback RTTs are noise: let `order` decide the nearest region.\nrtt_tolerance = \"1s\"\ndrain_period = \"{}\"\n\n[admin]\nlisten = \"127.0.0.1:{}\"\n",
         r.name, r.port, t.drain, r.admin
     );
     if regions.len() > 1 {
