@@ -10,12 +10,7 @@ async fn unknown_host_metrics_status_and_drain_auth() {
         host: "api.test",
         ..Tweaks::default()
     };
-    let edge = Edge::start(
-        &config_for(&regions, 0, &t),
-        regions[0].port,
-        regions[0].admin,
-    )
-    .await;
+    let edge = start_region(&regions, 0, &t).await;
     let http = client();
 
     let seen = get(&http, &edge.url("/"), &[("host", "evil.test")]).await;
@@ -38,14 +33,7 @@ async fn unknown_host_metrics_status_and_drain_auth() {
     );
     assert_eq!(resp.headers()["x-edge-region"], "solo");
 
-    let metrics = http
-        .get(edge.admin_url("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = metrics(&http, &edge).await;
     for name in [
         "edge_requests_total{",
         "edge_request_duration_seconds_bucket{",
@@ -63,63 +51,29 @@ async fn unknown_host_metrics_status_and_drain_auth() {
     assert!(metrics.contains("status_class=\"4xx\"") && metrics.contains("decision=\"no-route\""));
     assert!(metrics.contains("decision=\"local\"") && metrics.contains("status_class=\"2xx\""));
 
-    let status: serde_json::Value = http
-        .get(edge.admin_url("/status"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .expect("valid JSON");
+    let status = status_json(&http, &edge).await;
     assert_eq!(status["region"], "solo");
     assert_eq!(status["upstreams"][0]["backends"][0]["eligible"], true);
 
-    let code = |r: reqwest::Response| r.status().as_u16();
+    let code = |req: reqwest::RequestBuilder| async move {
+        req.send().await.expect("request").status().as_u16()
+    };
+    let health = || http.get(edge.url("/.edge/health"));
+    let drain = |m: reqwest::Method| http.request(m, edge.admin_url("/drain"));
+    assert_eq!(code(drain(reqwest::Method::POST)).await, 401, "no token");
     assert_eq!(
-        code(http.post(edge.admin_url("/drain")).send().await.unwrap()),
+        code(drain(reqwest::Method::POST).bearer_auth("wrong")).await,
         401
     );
+    assert_eq!(code(health()).await, 200, "not draining yet");
     assert_eq!(
-        code(
-            http.post(edge.admin_url("/drain"))
-                .bearer_auth("wrong")
-                .send()
-                .await
-                .unwrap()
-        ),
-        401
-    );
-    assert_eq!(
-        code(http.get(edge.url("/.edge/health")).send().await.unwrap()),
-        200,
-        "not draining yet"
-    );
-    assert_eq!(
-        code(
-            http.post(edge.admin_url("/drain"))
-                .bearer_auth(ADMIN_TOKEN)
-                .send()
-                .await
-                .unwrap()
-        ),
+        code(drain(reqwest::Method::POST).bearer_auth(ADMIN_TOKEN)).await,
         200
     );
+    assert_eq!(code(health()).await, 503, "draining");
     assert_eq!(
-        code(http.get(edge.url("/.edge/health")).send().await.unwrap()),
-        503
-    );
-    assert_eq!(
-        code(
-            http.delete(edge.admin_url("/drain"))
-                .bearer_auth(ADMIN_TOKEN)
-                .send()
-                .await
-                .unwrap()
-        ),
+        code(drain(reqwest::Method::DELETE).bearer_auth(ADMIN_TOKEN)).await,
         200
     );
-    assert_eq!(
-        code(http.get(edge.url("/.edge/health")).send().await.unwrap()),
-        200
-    );
+    assert_eq!(code(health()).await, 200, "drain cancelled");
 }

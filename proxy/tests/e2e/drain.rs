@@ -12,12 +12,7 @@ async fn sigterm_drains_then_exits() {
         drain: "2s",
         ..Tweaks::default()
     };
-    let mut edge = Edge::start(
-        &config_for(&regions, 0, &t),
-        regions[0].port,
-        regions[0].admin,
-    )
-    .await;
+    let mut edge = start_region(&regions, 0, &t).await;
     let http = client();
     assert_eq!(
         http.get(edge.url("/.edge/health"))
@@ -71,12 +66,7 @@ async fn second_sigterm_exits_at_once() {
         drain: "60s",
         ..Tweaks::default()
     };
-    let mut edge = Edge::start(
-        &config_for(&regions, 0, &t),
-        regions[0].port,
-        regions[0].admin,
-    )
-    .await;
+    let mut edge = start_region(&regions, 0, &t).await;
     edge.signal("TERM");
     tokio::time::sleep(Duration::from_millis(300)).await;
     edge.signal("TERM");

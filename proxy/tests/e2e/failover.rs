@@ -27,17 +27,7 @@ async fn local_then_failover_without_errors_then_failback() {
         RegionSpec::new("ap-southeast-1", c.iter().map(|o| o.addr()).collect()),
     ];
     let t = Tweaks::default();
-    let mut edges = Vec::new();
-    for i in 0..3 {
-        edges.push(
-            Edge::start(
-                &config_for(&regions, i, &t),
-                regions[i].port,
-                regions[i].admin,
-            )
-            .await,
-        );
-    }
+    let edges = start_all(&regions, &t).await;
     let edge_a = &edges[0];
     let http = client();
 
@@ -99,14 +89,7 @@ async fn local_then_failover_without_errors_then_failback() {
     assert!(last.body.contains("\"region\":\"eu-west-1\""));
 
     // Metrics name the failovers and retries.
-    let metrics = http
-        .get(edge_a.admin_url("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = metrics(&http, edge_a).await;
     let count = |needle: &str| -> f64 {
         metrics
             .lines()

@@ -27,17 +27,7 @@ async fn forged_hops_are_stripped_and_valid_hops_stay_local() {
         RegionSpec::new("ap-southeast-1", c.iter().map(|o| o.addr()).collect()),
     ];
     let t = Tweaks::default();
-    let mut edges = Vec::new();
-    for i in 0..3 {
-        edges.push(
-            Edge::start(
-                &config_for(&regions, i, &t),
-                regions[i].port,
-                regions[i].admin,
-            )
-            .await,
-        );
-    }
+    let edges = start_all(&regions, &t).await;
     let http = client();
     let path = "/echo?echo=1";
 

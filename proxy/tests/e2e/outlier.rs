@@ -15,22 +15,10 @@ async fn a_backend_returning_5xx_is_ejected_then_readmitted() {
         outlier: r#"{ consecutive_failures = 3, base_ejection = "1s", max_ejection_percent = 50 }"#,
         ..Tweaks::default()
     };
-    let edge = Edge::start(
-        &config_for(&regions, 0, &t),
-        regions[0].port,
-        regions[0].admin,
-    )
-    .await;
+    let edge = start_region(&regions, 0, &t).await;
     let http = client();
     let status = || async {
-        let s: serde_json::Value = http
-            .get(edge.admin_url("/status"))
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
+        let s = status_json(&http, &edge).await;
         s["upstreams"][0]["backends"]
             .as_array()
             .unwrap()
@@ -54,14 +42,7 @@ async fn a_backend_returning_5xx_is_ejected_then_readmitted() {
     let b = status().await;
     assert_eq!(b["ejected"], true, "{b}");
     assert_eq!(b["times_ejected"], 1);
-    let metrics = http
-        .get(edge.admin_url("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = metrics(&http, &edge).await;
     let line = metrics
         .lines()
         .find(|l| {

@@ -205,6 +205,41 @@ impl Drop for Edge {
     }
 }
 
+/// Start region `me` of `regions` with its generated config.
+pub async fn start_region(regions: &[RegionSpec], me: usize, t: &Tweaks) -> Edge {
+    let r = &regions[me];
+    Edge::start(&config_for(regions, me, t), r.port, r.admin).await
+}
+
+/// Start every region, in order.
+pub async fn start_all(regions: &[RegionSpec], t: &Tweaks) -> Vec<Edge> {
+    let mut edges = Vec::new();
+    for i in 0..regions.len() {
+        edges.push(start_region(regions, i, t).await);
+    }
+    edges
+}
+
+/// The admin listener's Prometheus text.
+pub async fn metrics(http: &reqwest::Client, edge: &Edge) -> String {
+    let resp = http
+        .get(edge.admin_url("/metrics"))
+        .send()
+        .await
+        .expect("GET /metrics");
+    resp.text().await.expect("metrics body")
+}
+
+/// The admin listener's `/status` document (must be valid JSON).
+pub async fn status_json(http: &reqwest::Client, edge: &Edge) -> serde_json::Value {
+    let resp = http
+        .get(edge.admin_url("/status"))
+        .send()
+        .await
+        .expect("GET /status");
+    resp.json().await.expect("/status is valid JSON")
+}
+
 pub fn client() -> reqwest::Client {
     reqwest::Client::builder()
         .no_proxy()
