@@ -96,6 +96,15 @@ fn classify(e: &hyper::Error) -> ErrorKind {
 }
 
 impl Conn {
+    /// Wait until the connection can take a request; false when the server
+    /// closed it (e.g. after its keep-alive limit): reconnect, it is no error.
+    pub async fn ready(&mut self) -> bool {
+        match self {
+            Conn::H1(s) => s.ready().await.is_ok(),
+            Conn::H2(s) => s.ready().await.is_ok(),
+        }
+    }
+
     /// Send one request and read the whole response; returns status and body bytes.
     pub async fn send(&mut self, req: Request<Full<Bytes>>) -> Result<(u16, u64), ErrorKind> {
         let resp = match self {

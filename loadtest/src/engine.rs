@@ -253,7 +253,11 @@ async fn send_one(
     conn: &mut Option<Conn>,
 ) -> Result<(u16, u64), ErrorKind> {
     let fut = async {
-        if conn.is_none() {
+        let reusable = match conn.as_mut() {
+            Some(c) => c.ready().await,
+            None => false,
+        };
+        if !reusable {
             *conn = Some(connect(target, &spec.connect).await?);
         }
         let c = conn.as_mut().ok_or(ErrorKind::Connect)?;

@@ -17,29 +17,41 @@ pub const HOP_BY_HOP: [&str; 6] = [
     "upgrade",
 ];
 
-/// The headers to drop from a message: the fixed hop-by-hop set plus any named
-/// in its `Connection` header. A WebSocket-style upgrade keeps `upgrade` and
-/// `connection` so that Pingora can pass it through.
-pub fn hop_by_hop_to_remove(connection: Option<&str>, has_upgrade: bool) -> Vec<String> {
-    let tokens: Vec<String> = connection
-        .unwrap_or("")
-        .split(',')
-        .map(|t| t.trim().to_ascii_lowercase())
-        .filter(|t| !t.is_empty())
-        .collect();
-    let upgrading = has_upgrade && tokens.iter().any(|t| t == "upgrade");
-    let mut out: Vec<String> = HOP_BY_HOP
-        .iter()
-        .filter(|h| !(upgrading && (**h == "upgrade" || **h == "connection")))
-        .map(|h| h.to_string())
-        .collect();
-    for t in tokens {
-        let framing = t == "transfer-encoding" || t == "content-length" || t == "host";
-        let keep = upgrading && t == "upgrade";
-        if !framing && !keep && !out.contains(&t) {
-            out.push(t);
+/// Call `remove` with each header to drop from a message: the fixed
+/// hop-by-hop set plus any named in its `Connection` header. A WebSocket-style
+/// upgrade keeps `upgrade` and `connection` so that Pingora can pass it
+/// through. Allocates only for names listed in `Connection` (rare).
+pub fn for_each_hop_by_hop(
+    connection: Option<&str>,
+    has_upgrade: bool,
+    mut remove: impl FnMut(&str),
+) {
+    let tokens = || {
+        connection
+            .unwrap_or("")
+            .split(',')
+            .map(str::trim)
+            .filter(|t| !t.is_empty())
+    };
+    let upgrading = has_upgrade && tokens().any(|t| t.eq_ignore_ascii_case("upgrade"));
+    for h in HOP_BY_HOP {
+        if !(upgrading && (h == "upgrade" || h == "connection")) {
+            remove(h);
         }
     }
+    for t in tokens() {
+        let t = t.to_ascii_lowercase();
+        let framing = matches!(t.as_str(), "transfer-encoding" | "content-length" | "host");
+        if !framing && !HOP_BY_HOP.contains(&t.as_str()) {
+            remove(&t);
+        }
+    }
+}
+
+/// The same as a list (for tests).
+pub fn hop_by_hop_to_remove(connection: Option<&str>, has_upgrade: bool) -> Vec<String> {
+    let mut out = Vec::new();
+    for_each_hop_by_hop(connection, has_upgrade, |h| out.push(h.to_string()));
     out
 }
 
@@ -70,16 +82,25 @@ pub fn acceptable_request_id(id: &str) -> bool {
 
 /// A fresh request id: 128 random bits as a UUID-shaped hex string.
 pub fn new_request_id() -> String {
+    const HEX: &[u8; 16] = b"0123456789abcdef";
     let v: u128 = rand::random();
-    let h = format!("{v:032x}");
-    format!(
-        "{}-{}-{}-{}-{}",
-        &h[..8],
-        &h[8..12],
-        &h[12..16],
-        &h[16..20],
-        &h[20..]
-    )
+    let mut out = String::with_capacity(36);
+    for i in 0..32 {
+        if matches!(i, 8 | 12 | 16 | 20) {
+            out.push('-');
+        }
+        out.push(HEX[((v >> (124 - 4 * i)) & 0xf) as usize] as char);
+    }
+    out
+}
+
+/// Append `name;dur=MS` with three decimals, from microseconds, without float formatting.
+pub fn push_timing(out: &mut String, name: &str, micros: u128) {
+    use std::fmt::Write as _;
+    if !out.is_empty() {
+        out.push_str(", ");
+    }
+    let _ = write!(out, "{name};dur={}.{:03}", micros / 1000, micros % 1000);
 }
 
 #[cfg(test)]
@@ -117,6 +138,14 @@ mod tests {
     }
 
     #[test]
+    fn server_timing_is_milliseconds_with_three_decimals() {
+        let mut s = String::new();
+        push_timing(&mut s, "edge", 1_234);
+        push_timing(&mut s, "upstream", 56);
+        assert_eq!(s, "edge;dur=1.234, upstream;dur=0.056");
+    }
+
+    #[test]
     fn trust_is_by_network() {
         let nets = vec!["10.0.0.0/8".parse().unwrap()];
         assert!(is_trusted(Some("10.1.2.3".parse().unwrap()), &nets));
@@ -132,5 +161,7 @@ mod tests {
         let (a, b) = (new_request_id(), new_request_id());
         assert_ne!(a, b);
         assert_eq!(a.len(), 36);
+        assert_eq!(a.matches('-').count(), 4);
+        assert!(a.chars().all(|c| c == '-' || c.is_ascii_hexdigit()));
     }
 }

@@ -83,7 +83,7 @@ fn main() -> ExitCode {
                 Ok(c) => c,
                 Err(code) => return code,
             };
-            telemetry::init(cli.log_format);
+            let _log = telemetry::init(cli.log_format);
             match run(config) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
@@ -93,7 +93,7 @@ fn main() -> ExitCode {
             }
         }
         Command::Demo(args) => {
-            telemetry::init(cli.log_format);
+            let _log = telemetry::init(cli.log_format);
             match demo::run(args) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {

@@ -222,6 +222,10 @@ fn peer_for(addr: std::net::SocketAddr, connect: Duration, read: Duration) -> Bo
 impl ProxyHttp for EdgeProxy {
     type CTX = RequestCtx;
 
+    /// No downstream modules: Pingora's default adds a (disabled) response
+    /// compression module whose per-request cost we do not want to pay.
+    fn init_downstream_modules(&self, _modules: &mut pingora::modules::http::HttpModules) {}
+
     fn new_ctx(&self) -> RequestCtx {
         RequestCtx {
             start: Instant::now(),
@@ -379,9 +383,9 @@ impl ProxyHttp for EdgeProxy {
             .and_then(|v| v.to_str().ok())
             .map(str::to_string);
         let has_upgrade = upstream_request.headers.contains_key(http::header::UPGRADE);
-        for name in forwarding::hop_by_hop_to_remove(connection.as_deref(), has_upgrade) {
-            upstream_request.remove_header(name.as_str());
-        }
+        forwarding::for_each_hop_by_hop(connection.as_deref(), has_upgrade, |name| {
+            upstream_request.remove_header(name);
+        });
         let ip = client_ip(session);
         let trusted = ctx.hop_from.is_some() || forwarding::is_trusted(ip, &self.trusted_proxies);
         let existing = |name: &str| {
@@ -453,9 +457,9 @@ impl ProxyHttp for EdgeProxy {
             .get(http::header::CONNECTION)
             .and_then(|v| v.to_str().ok())
             .map(str::to_string);
-        for name in forwarding::hop_by_hop_to_remove(connection.as_deref(), status == 101) {
-            upstream_response.remove_header(name.as_str());
-        }
+        forwarding::for_each_hop_by_hop(connection.as_deref(), status == 101, |name| {
+            upstream_response.remove_header(name);
+        });
         Ok(())
     }
 
@@ -476,18 +480,21 @@ impl ProxyHttp for EdgeProxy {
             }
         }
         resp.insert_header("x-request-id", ctx.request_id.as_str())?;
-        let mut timing = format!("edge;dur={:.3}", ctx.start.elapsed().as_secs_f64() * 1000.0);
+        let mut timing = String::with_capacity(48);
+        forwarding::push_timing(&mut timing, "edge", ctx.start.elapsed().as_micros());
         if let Some(up) = ctx.upstream_time {
-            timing.push_str(&format!(", upstream;dur={:.3}", up.as_secs_f64() * 1000.0));
+            forwarding::push_timing(&mut timing, "upstream", up.as_micros());
         }
-        let timing = match resp
+        if let Some(prev) = resp
             .headers
             .get("server-timing")
             .and_then(|v| v.to_str().ok())
         {
-            Some(prev) if !prev.is_empty() => format!("{timing}, {prev}"),
-            _ => timing,
-        };
+            if !prev.is_empty() {
+                timing.push_str(", ");
+                timing.push_str(prev);
+            }
+        }
         resp.insert_header("server-timing", timing)?;
         Ok(())
     }
@@ -631,8 +638,8 @@ impl ProxyHttp for EdgeProxy {
             host = request_host(req).unwrap_or("-"),
             path = path_and_query(req),
             status,
-            duration_ms = elapsed.as_secs_f64() * 1000.0,
-            upstream_ms = ctx.upstream_time.map(|d| d.as_secs_f64() * 1000.0),
+            duration_us = elapsed.as_micros() as u64,
+            upstream_us = ctx.upstream_time.map(|d| d.as_micros() as u64),
             route,
             region = upstream_region,
             decision,

@@ -1,0 +1,148 @@
+#!/usr/bin/env bash
+# Benchmark edge-router against nginx on loopback, side by side, in
+# interleaved rounds. See docs/benchmarks.md for what is measured and why.
+#
+#   bench/run.sh            full run (3 rounds, 10 s phases)
+#   bench/run.sh --quick    1 round, 3 s phases (CI smoke; no thresholds)
+#   options: --rounds N --rate R --duration D --connections C --size BYTES
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+QUICK=0 ROUNDS=3 RATE=8000 DURATION=10s WARMUP=2s CONNS=32 SIZE=1024
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --quick) QUICK=1; ROUNDS=1; DURATION=3s; WARMUP=1s ;;
+    --rounds) ROUNDS=$2; shift ;;
+    --rate) RATE=$2; shift ;;
+    --duration) DURATION=$2; shift ;;
+    --connections) CONNS=$2; shift ;;
+    --size) SIZE=$2; shift ;;
+    -h|--help) sed -n '2,9p' "$0"; exit 0 ;;
+    *) echo "unknown option $1" >&2; exit 2 ;;
+  esac
+  shift
+done
+
+scripts/ensure-build-deps
+if ! command -v nginx >/dev/null 2>&1 && [ ! -x /usr/sbin/nginx ]; then
+  echo "bench: installing nginx" >&2
+  SUDO=""; [ "$(id -u)" = "0" ] || SUDO=sudo
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends nginx >/dev/null
+fi
+NGINX=$(command -v nginx || echo /usr/sbin/nginx)
+command -v python3 >/dev/null || { echo "bench: python3 is needed to summarise results" >&2; exit 1; }
+
+echo "bench: building release binaries" >&2
+cargo build --release -q -p edge-router -p edge-loadtest
+BIN=$PWD/target/release
+
+# Two cores: the proxies on core 0; the load generator and the origin on the last core.
+NCPU=$(nproc)
+PROXY_CORE=0
+LOAD_CORE=$(( NCPU > 1 ? NCPU - 1 : 0 ))
+TCK=$(getconf CLK_TCK)
+
+WORK=$(mktemp -d)
+PIDS=()
+cleanup() {
+  for p in "${PIDS[@]:-}"; do kill "$p" 2>/dev/null || true; done
+  [ -f "$WORK/nginx.pid" ] && kill "$(cat "$WORK/nginx.pid" 2>/dev/null)" 2>/dev/null || true
+  wait 2>/dev/null || true
+  rm -rf "$WORK"
+}
+trap cleanup EXIT
+
+free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+O_PORT=$(free_port); N_PORT=$(free_port); E_PORT=$(free_port); A_PORT=$(free_port)
+
+wait_http() { for _ in $(seq 1 100); do curl -fsS -o /dev/null "$1" 2>/dev/null && return 0; sleep 0.1; done; echo "bench: $1 did not come up" >&2; exit 1; }
+
+taskset -c "$LOAD_CORE" "$BIN/edge-loadtest" origin --listen "127.0.0.1:$O_PORT" --threads 1 >/dev/null 2>&1 &
+PIDS+=($!)
+wait_http "http://127.0.0.1:$O_PORT/health"
+
+cat > "$WORK/nginx.conf" <<NGINX
+worker_processes 1;
+daemon off;
+pid $WORK/nginx.pid;
+error_log $WORK/nginx-error.log warn;
+events { worker_connections 4096; }
+http {
+  access_log $WORK/nginx-access.log;
+  # Like edge-router (Pingora), keep client connections open for the whole run.
+  keepalive_requests 1000000;
+  client_body_temp_path $WORK/body;
+  proxy_temp_path $WORK/proxy;
+  upstream origin { server 127.0.0.1:$O_PORT; keepalive 64; keepalive_requests 1000000; }
+  server {
+    listen 127.0.0.1:$N_PORT;
+    location / {
+      proxy_pass http://origin;
+      proxy_http_version 1.1;
+      proxy_set_header Connection "";
+      proxy_set_header X-Forwarded-For \$remote_addr;
+      proxy_buffering on;
+    }
+  }
+}
+NGINX
+taskset -c "$PROXY_CORE" "$NGINX" -c "$WORK/nginx.conf" -p "$WORK" &
+PIDS+=($!)
+NGINX_MASTER=$!
+
+cat > "$WORK/edge.toml" <<EDGE
+[server]
+region = "bench"
+listen = ["127.0.0.1:$E_PORT"]
+threads = 1
+[admin]
+listen = "127.0.0.1:$A_PORT"
+[upstreams.origin]
+health = { path = "/health", interval = "2s" }
+backends.bench = ["127.0.0.1:$O_PORT"]
+[[routes]]
+host = "*"
+upstream = "origin"
+policy = "local-first"
+EDGE
+# The access log is on (info), as nginx's is: both write a line per request to a file.
+EDGE_LOG=info taskset -c "$PROXY_CORE" "$BIN/edge-router" run -c "$WORK/edge.toml" 2>"$WORK/edge.log" &
+PIDS+=($!)
+EDGE_PID=$!
+
+PATHQ="/bench?size=$SIZE"
+wait_http "http://127.0.0.1:$N_PORT$PATHQ"
+wait_http "http://127.0.0.1:$E_PORT$PATHQ"
+NGINX_WORKER=$(pgrep -P "$NGINX_MASTER" | head -1)
+
+declare -A URL=( [direct]="http://127.0.0.1:$O_PORT$PATHQ" [nginx]="http://127.0.0.1:$N_PORT$PATHQ" [edge-router]="http://127.0.0.1:$E_PORT$PATHQ" )
+declare -A PIDS_OF=( [direct]="" [nginx]="$NGINX_MASTER $NGINX_WORKER" [edge-router]="$EDGE_PID" )
+TARGETS=(direct nginx edge-router)
+
+cpu_ticks() { local t=0; for p in $1; do t=$(( t + $(awk '{print $14 + $15}' "/proc/$p/stat") )); done; echo "$t"; }
+rss_kib() { local t=0; for p in $1; do t=$(( t + $(awk '/VmRSS/ {print $2}' "/proc/$p/status") )); done; echo "$t"; }
+load() { taskset -c "$LOAD_CORE" "$BIN/edge-loadtest" run "$@" >/dev/null; }
+
+echo "bench: warm-up" >&2
+for t in "${TARGETS[@]}"; do load "${URL[$t]}" -c "$CONNS" -d 1s --warmup 0s --json "$WORK/warm.json"; done
+
+for r in $(seq 1 "$ROUNDS"); do
+  for t in "${TARGETS[@]}"; do
+    echo "bench: round $r/$ROUNDS $t" >&2
+    pids=${PIDS_OF[$t]}
+    before=0; [ -n "$pids" ] && before=$(cpu_ticks "$pids")
+    load "${URL[$t]}" -c "$CONNS" -d "$DURATION" --warmup 0s --json "$WORK/closed-$t-$r.json"
+    after=0; [ -n "$pids" ] && after=$(cpu_ticks "$pids")
+    echo "$(( after - before ))" > "$WORK/cpu-$t-$r.ticks"
+    load "${URL[$t]}" --rate "$RATE" -c 64 -d "$DURATION" --warmup "$WARMUP" --json "$WORK/rate-$t-$r.json"
+    rss=0; [ -n "$pids" ] && rss=$(rss_kib "$pids")
+    echo "$rss" > "$WORK/rss-$t-$r.kib"
+  done
+done
+
+STAMP=$(date -u +%Y%m%dT%H%M%SZ)
+KIND=$([ "$QUICK" = 1 ] && echo quick || echo full)
+OUT=bench/results/$STAMP-$KIND
+python3 bench/summarise.py "$WORK" "$ROUNDS" "$TCK" "$RATE" "$SIZE" "$CONNS" "$DURATION" "$KIND" "$OUT" \
+  "$(nginx -v 2>&1 | head -1)" "$(uname -r)" "$NCPU"
