@@ -19,6 +19,10 @@ pub struct Target {
     pub server_name: String,
     /// Path and query sent on the request line.
     pub path_and_query: String,
+    /// The URI an HTTP/1.1 request carries (origin form), parsed once.
+    pub origin_form: http::Uri,
+    /// The URI an HTTP/2 request carries (absolute form), parsed once.
+    pub absolute_form: http::Uri,
 }
 
 impl Target {
@@ -47,17 +51,22 @@ impl Target {
             .with_context(|| format!("resolving `{host}`"))?
             .next()
             .ok_or_else(|| anyhow!("`{host}` resolves to no address"))?;
+        let path_and_query = uri
+            .path_and_query()
+            .map(|p| p.as_str())
+            .unwrap_or("/")
+            .to_string();
         Ok(Target {
+            origin_form: path_and_query
+                .parse()
+                .with_context(|| format!("`{url}`: bad path"))?,
+            absolute_form: uri.clone(),
             url: url.to_string(),
             addr,
             tls,
             authority: authority.as_str().to_string(),
             server_name: host,
-            path_and_query: uri
-                .path_and_query()
-                .map(|p| p.as_str())
-                .unwrap_or("/")
-                .to_string(),
+            path_and_query,
         })
     }
 }
