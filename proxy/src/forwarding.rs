@@ -17,42 +17,34 @@ pub const HOP_BY_HOP: [&str; 6] = [
     "upgrade",
 ];
 
-/// Call `remove` with each header to drop from a message: the fixed
-/// hop-by-hop set plus any named in its `Connection` header. A WebSocket-style
-/// upgrade keeps `upgrade` and `connection` so that Pingora can pass it
-/// through. Allocates only for names listed in `Connection` (rare).
-pub fn for_each_hop_by_hop(
-    connection: Option<&str>,
-    has_upgrade: bool,
-    mut remove: impl FnMut(&str),
-) {
-    let tokens = || {
-        connection
-            .unwrap_or("")
-            .split(',')
-            .map(str::trim)
-            .filter(|t| !t.is_empty())
+/// The hop-by-hop headers present in a message: the fixed set plus any named
+/// in its `Connection` header (never the framing headers, which Pingora
+/// owns). A WebSocket-style upgrade (`upgrade_allowed` and `Connection:
+/// upgrade` with an `Upgrade` header) keeps `upgrade` and `connection`.
+/// One pass over the names present, no hashing per candidate: usually there
+/// is nothing to remove and nothing is allocated.
+pub fn hop_by_hop_present(
+    headers: &http::HeaderMap,
+    upgrade_allowed: bool,
+) -> Vec<http::HeaderName> {
+    let connection = headers
+        .get(http::header::CONNECTION)
+        .and_then(|v| v.to_str().ok());
+    let listed = |name: &str| {
+        connection.is_some_and(|c| c.split(',').any(|t| t.trim().eq_ignore_ascii_case(name)))
     };
-    let upgrading = has_upgrade && tokens().any(|t| t.eq_ignore_ascii_case("upgrade"));
-    for h in HOP_BY_HOP {
-        if !(upgrading && (h == "upgrade" || h == "connection")) {
-            remove(h);
-        }
-    }
-    for t in tokens() {
-        let t = t.to_ascii_lowercase();
-        let framing = matches!(t.as_str(), "transfer-encoding" | "content-length" | "host");
-        if !framing && !HOP_BY_HOP.contains(&t.as_str()) {
-            remove(&t);
-        }
-    }
-}
-
-/// The same as a list (for tests).
-pub fn hop_by_hop_to_remove(connection: Option<&str>, has_upgrade: bool) -> Vec<String> {
-    let mut out = Vec::new();
-    for_each_hop_by_hop(connection, has_upgrade, |h| out.push(h.to_string()));
-    out
+    let upgrading =
+        upgrade_allowed && listed("upgrade") && headers.contains_key(http::header::UPGRADE);
+    headers
+        .keys()
+        .filter(|k| {
+            let n = k.as_str();
+            let framing = matches!(n, "transfer-encoding" | "content-length" | "host");
+            let hop = HOP_BY_HOP.contains(&n) || (!framing && listed(n));
+            hop && !(upgrading && (n == "upgrade" || n == "connection"))
+        })
+        .cloned()
+        .collect()
 }
 
 /// Whether forwarding headers from this client are believed.
@@ -107,21 +99,54 @@ pub fn push_timing(out: &mut String, name: &str, micros: u128) {
 mod tests {
     use super::*;
 
+    fn headers(pairs: &[(&'static str, &'static str)]) -> http::HeaderMap {
+        pairs
+            .iter()
+            .map(|(k, v)| {
+                (
+                    http::HeaderName::from_static(k),
+                    http::HeaderValue::from_static(v),
+                )
+            })
+            .collect()
+    }
+
+    fn names(h: &http::HeaderMap, upgrade_allowed: bool) -> Vec<String> {
+        let mut v: Vec<String> = hop_by_hop_present(h, upgrade_allowed)
+            .iter()
+            .map(|n| n.to_string())
+            .collect();
+        v.sort();
+        v
+    }
+
     #[test]
     fn connection_named_headers_are_removed_but_not_framing() {
-        let r = hop_by_hop_to_remove(Some("close, X-Secret, Content-Length"), false);
-        assert!(r.contains(&"x-secret".to_string()));
-        assert!(r.contains(&"keep-alive".to_string()));
-        assert!(!r.contains(&"content-length".to_string()));
+        let h = headers(&[
+            ("connection", "close, X-Secret, Content-Length"),
+            ("x-secret", "1"),
+            ("keep-alive", "timeout=5"),
+            ("content-length", "3"),
+            ("accept", "*/*"),
+        ]);
+        assert_eq!(names(&h, true), ["connection", "keep-alive", "x-secret"]);
+    }
+
+    #[test]
+    fn nothing_to_remove_is_the_common_case() {
+        let h = headers(&[("host", "a"), ("accept", "*/*"), ("user-agent", "t")]);
+        assert!(names(&h, true).is_empty());
     }
 
     #[test]
     fn websocket_upgrade_keeps_upgrade_and_connection() {
-        let r = hop_by_hop_to_remove(Some("Upgrade"), true);
-        assert!(!r.contains(&"upgrade".to_string()));
-        assert!(!r.contains(&"connection".to_string()));
-        let r = hop_by_hop_to_remove(None, true);
-        assert!(r.contains(&"upgrade".to_string()));
+        let h = headers(&[("connection", "Upgrade"), ("upgrade", "websocket")]);
+        assert!(names(&h, true).is_empty());
+        // Not allowed (e.g. a non-101 response): both go.
+        assert_eq!(names(&h, false), ["connection", "upgrade"]);
+        // Upgrade without Connection: upgrade is not an upgrade.
+        let h = headers(&[("upgrade", "websocket")]);
+        assert_eq!(names(&h, true), ["upgrade"]);
     }
 
     #[test]

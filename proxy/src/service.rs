@@ -377,15 +377,9 @@ impl ProxyHttp for EdgeProxy {
         upstream_request: &mut RequestHeader,
         ctx: &mut RequestCtx,
     ) -> Result<()> {
-        let connection = upstream_request
-            .headers
-            .get(http::header::CONNECTION)
-            .and_then(|v| v.to_str().ok())
-            .map(str::to_string);
-        let has_upgrade = upstream_request.headers.contains_key(http::header::UPGRADE);
-        forwarding::for_each_hop_by_hop(connection.as_deref(), has_upgrade, |name| {
-            upstream_request.remove_header(name);
-        });
+        for name in forwarding::hop_by_hop_present(&upstream_request.headers, true) {
+            upstream_request.remove_header(&name);
+        }
         let ip = client_ip(session);
         let trusted = ctx.hop_from.is_some() || forwarding::is_trusted(ip, &self.trusted_proxies);
         let existing = |name: &str| {
@@ -452,14 +446,9 @@ impl ProxyHttp for EdgeProxy {
                     .inc();
             }
         }
-        let connection = upstream_response
-            .headers
-            .get(http::header::CONNECTION)
-            .and_then(|v| v.to_str().ok())
-            .map(str::to_string);
-        forwarding::for_each_hop_by_hop(connection.as_deref(), status == 101, |name| {
-            upstream_response.remove_header(name);
-        });
+        for name in forwarding::hop_by_hop_present(&upstream_response.headers, status == 101) {
+            upstream_response.remove_header(&name);
+        }
         Ok(())
     }
 
