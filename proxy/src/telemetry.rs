@@ -19,7 +19,7 @@ pub struct LogGuard {
 }
 
 /// Lines queued for the writer thread before the proxy waits for it.
-const LOG_QUEUE_LINES: usize = 256 * 1024;
+const LOG_QUEUE_LINES: usize = 16 * 1024;
 
 /// Install the global subscriber; keep the guard until the process ends.
 ///
