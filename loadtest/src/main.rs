@@ -94,7 +94,7 @@ enum Command {
 
 #[derive(Args, Clone)]
 struct LoadArgs {
-    /// Concurrent connections (HTTP/2: concurrent streams over one connection each).
+    /// Concurrent connections, one request in flight on each (HTTP/2 too).
     #[arg(short, long, default_value_t = 16)]
     connections: usize,
     /// Measured time.

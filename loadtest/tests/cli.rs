@@ -264,3 +264,16 @@ async fn compare_alternates_and_plots() {
     assert!(std::fs::read_to_string(&svg).unwrap().contains("<svg"));
     assert!(a.served() > 0 && b.served() > 0);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http2_cleartext_prior_knowledge_works() {
+    let o = origin().await;
+    let url = format!("http://{}/x", o.addr());
+    let r = run_json(args(&[
+        "run", &url, "--http2", "--rate", "100", "-d", "500ms", "--warmup", "0s", "-c", "2",
+    ]))
+    .await;
+    assert_eq!(r["http2"], true);
+    assert!(r["status"]["200"].as_u64().unwrap() > 0, "{r}");
+    assert_eq!(r["errors"]["connect"].as_u64().unwrap(), 0, "{r}");
+}
