@@ -72,7 +72,7 @@ fn prime_metrics(metrics: &Metrics, config: &Config, topo: &Topology) {
     for u in &topo.upstreams {
         for &b in &u.by_region[topo.local] {
             metrics.ejections.with_label_values(&[
-                u.name.as_str(),
+                u.config.name.as_str(),
                 local,
                 u.backends[b].label.as_str(),
             ]);

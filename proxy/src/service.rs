@@ -165,7 +165,11 @@ impl EdgeProxy {
         let region = ctx.target_region.unwrap_or(self.local());
         self.metrics
             .upstream_errors
-            .with_label_values(&[upstream.name.as_str(), self.region_name(region), kind])
+            .with_label_values(&[
+                upstream.config.name.as_str(),
+                self.region_name(region),
+                kind,
+            ])
             .inc();
         match ctx.backend {
             Some(b) => {
@@ -349,8 +353,8 @@ impl ProxyHttp for EdgeProxy {
                 })?;
                 return Ok(peer_for(
                     peer.addr,
-                    upstream.connect_timeout,
-                    upstream.read_timeout,
+                    upstream.config.connect_timeout,
+                    upstream.config.read_timeout,
                 ));
             }
             match self
@@ -362,8 +366,8 @@ impl ProxyHttp for EdgeProxy {
                     let addr = upstream.backends[b].addr;
                     return Ok(peer_for(
                         addr,
-                        upstream.connect_timeout,
-                        upstream.read_timeout,
+                        upstream.config.connect_timeout,
+                        upstream.config.read_timeout,
                     ));
                 }
                 None => ctx.failed_regions.push(index),
@@ -435,7 +439,7 @@ impl ProxyHttp for EdgeProxy {
             let upstream = self.routes.routes()[route].upstream;
             self.health.observe_response(upstream, b, status < 500);
             if status >= 500 {
-                let name = &self.health.topo.upstreams[upstream].name;
+                let name = &self.health.topo.upstreams[upstream].config.name;
                 self.metrics
                     .upstream_errors
                     .with_label_values(&[

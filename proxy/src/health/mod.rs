@@ -21,7 +21,7 @@ use edge_policies::{decide, Policy, RegionView, RequestFacts, Target, UpstreamVi
 use parking_lot::Mutex;
 use serde::{Deserialize, Serialize};
 
-use crate::config::{Config, HealthConfig, OutlierConfig, PeerAddr};
+use crate::config::{Config, RegionConfig, UpstreamConfig};
 use crate::metrics::Metrics;
 use hysteresis::Hysteresis;
 use outlier::OutlierState;
@@ -37,41 +37,17 @@ pub struct Backend {
     pub label: String,
 }
 
-/// One upstream, as the proxy uses it.
+/// One upstream, as the proxy uses it: its validated config plus the
+/// backends laid out by region.
 #[derive(Debug)]
 pub struct UpstreamTopology {
-    /// Name.
-    pub name: String,
-    /// Region owning writes, if configured (shown in /status; used by later policies).
-    pub primary_region: Option<String>,
+    /// The validated `[upstreams.NAME]` (name, health, outlier, timeouts, …).
+    pub config: UpstreamConfig,
     /// Every backend, all regions.
     pub backends: Vec<Backend>,
     /// Backend indexes per region index.
     pub by_region: Vec<Vec<usize>>,
-    /// Active check settings.
-    pub health: HealthConfig,
-    /// Outlier settings.
-    pub outlier: OutlierConfig,
-    /// Panic threshold, percent.
-    pub panic_threshold: u8,
-    /// Connect timeout.
-    pub connect_timeout: Duration,
-    /// Read timeout.
-    pub read_timeout: Duration,
     rr: AtomicUsize,
-}
-
-/// One region, as the proxy uses it.
-#[derive(Debug, Clone)]
-pub struct RegionTopology {
-    /// Name.
-    pub name: String,
-    /// Its edge-router (None for the local region).
-    pub peer: Option<PeerAddr>,
-    /// Preference order.
-    pub order: u32,
-    /// RTT assumed until measured.
-    pub rtt_hint: Option<Duration>,
 }
 
 /// The static shape of the deployment, from config.
@@ -79,8 +55,8 @@ pub struct RegionTopology {
 pub struct Topology {
     /// Index of the local region.
     pub local: usize,
-    /// Every region.
-    pub regions: Vec<RegionTopology>,
+    /// Every region, in preference order.
+    pub regions: Vec<RegionConfig>,
     /// Every upstream.
     pub upstreams: Vec<UpstreamTopology>,
     /// Each route's upstream and policy, to judge whether the region can serve.
@@ -92,16 +68,7 @@ pub struct Topology {
 impl Topology {
     /// Build from a validated config.
     pub fn from_config(config: &Config) -> Topology {
-        let regions: Vec<RegionTopology> = config
-            .regions
-            .iter()
-            .map(|r| RegionTopology {
-                name: r.name.clone(),
-                peer: r.peer.clone(),
-                order: r.order,
-                rtt_hint: r.rtt_hint,
-            })
-            .collect();
+        let regions = config.regions.clone();
         let local = regions
             .iter()
             .position(|r| r.name == config.server.region)
@@ -109,11 +76,11 @@ impl Topology {
         let upstreams = config
             .upstreams
             .iter()
-            .map(|u| {
+            .map(|cfg| {
                 let mut backends = Vec::new();
                 let mut by_region = vec![Vec::new(); regions.len()];
                 for (ri, region) in regions.iter().enumerate() {
-                    for addr in u.backends.get(&region.name).into_iter().flatten() {
+                    for addr in cfg.backends.get(&region.name).into_iter().flatten() {
                         by_region[ri].push(backends.len());
                         backends.push(Backend {
                             addr: *addr,
@@ -123,15 +90,9 @@ impl Topology {
                     }
                 }
                 UpstreamTopology {
-                    name: u.name.clone(),
-                    primary_region: u.primary_region.clone(),
+                    config: cfg.clone(),
                     backends,
                     by_region,
-                    health: u.health.clone(),
-                    outlier: u.outlier.clone(),
-                    panic_threshold: u.panic_threshold,
-                    connect_timeout: u.connect_timeout,
-                    read_timeout: u.read_timeout,
                     rr: AtomicUsize::new(0),
                 }
             })
@@ -248,7 +209,7 @@ impl HealthState {
                                 .filter(|b| topo.regions[b.region].name == r.name)
                                 .count() as u32;
                             (
-                                u.name.clone(),
+                                u.config.name.clone(),
                                 UpstreamCount {
                                     healthy: total,
                                     total,
@@ -310,15 +271,15 @@ impl HealthState {
         let u = &self.topo.upstreams[upstream];
         let flipped = self.backends[upstream][backend].lock().active.observe(
             ok,
-            u.health.healthy,
-            u.health.unhealthy,
+            u.config.health.healthy,
+            u.config.health.unhealthy,
         );
         if let Some(healthy) = flipped {
             let b = &u.backends[backend];
             if healthy {
-                tracing::info!(upstream = %u.name, backend = %b.label, "backend passes active checks again");
+                tracing::info!(upstream = %u.config.name, backend = %b.label, "backend passes active checks again");
             } else {
-                tracing::warn!(upstream = %u.name, backend = %b.label, "backend failed active checks: marked unhealthy");
+                tracing::warn!(upstream = %u.config.name, backend = %b.label, "backend failed active checks: marked unhealthy");
             }
             self.rebuild(Instant::now());
         }
@@ -330,10 +291,12 @@ impl HealthState {
         let u = &self.topo.upstreams[upstream];
         if success {
             // Hot path: one uncontended lock, no scan of the region.
-            self.backends[upstream][backend]
-                .lock()
-                .outlier
-                .record(true, now, &u.outlier, false);
+            self.backends[upstream][backend].lock().outlier.record(
+                true,
+                now,
+                &u.config.outlier,
+                false,
+            );
             return;
         }
         let region = u.backends[backend].region;
@@ -347,20 +310,26 @@ impl HealthState {
             outlier::may_eject(
                 ejected,
                 u.by_region[region].len(),
-                u.outlier.max_ejection_percent,
+                u.config.outlier.max_ejection_percent,
             )
         };
-        let ejected = self.backends[upstream][backend]
-            .lock()
-            .outlier
-            .record(success, now, &u.outlier, may);
+        let ejected = self.backends[upstream][backend].lock().outlier.record(
+            success,
+            now,
+            &u.config.outlier,
+            may,
+        );
         if let Some(time) = ejected {
             let b = &u.backends[backend];
             let region_name = &self.topo.regions[region].name;
-            tracing::warn!(upstream = %u.name, backend = %b.label, ejection = ?time, "backend ejected after consecutive failures");
+            tracing::warn!(upstream = %u.config.name, backend = %b.label, ejection = ?time, "backend ejected after consecutive failures");
             self.metrics
                 .ejections
-                .with_label_values(&[u.name.as_str(), region_name.as_str(), b.label.as_str()])
+                .with_label_values(&[
+                    u.config.name.as_str(),
+                    region_name.as_str(),
+                    b.label.as_str(),
+                ])
                 .inc();
             self.rebuild(now);
         }
@@ -414,7 +383,7 @@ impl HealthState {
         for (ui, u) in self.topo.upstreams.iter().enumerate() {
             for (bi, b) in u.backends.iter().enumerate() {
                 if self.backends[ui][bi].lock().outlier.readmit_if_due(now) {
-                    tracing::info!(upstream = %u.name, backend = %b.label, "ejection over: backend re-admitted");
+                    tracing::info!(upstream = %u.config.name, backend = %b.label, "ejection over: backend re-admitted");
                     any = true;
                 }
             }
@@ -436,7 +405,7 @@ impl HealthState {
                 let ejected = h.outlier.is_ejected(now);
                 let ok = h.active.is_healthy() && !ejected;
                 let labels = [
-                    u.name.as_str(),
+                    u.config.name.as_str(),
                     topo.local_name(),
                     u.backends[bi].label.as_str(),
                 ];
@@ -469,10 +438,14 @@ impl HealthState {
                         }
                     } else {
                         let p = self.peers[ri].lock();
-                        let count = p.reported.get(&u.name).copied().unwrap_or(UpstreamCount {
-                            healthy: 0,
-                            total: 0,
-                        });
+                        let count =
+                            p.reported
+                                .get(&u.config.name)
+                                .copied()
+                                .unwrap_or(UpstreamCount {
+                                    healthy: 0,
+                                    total: 0,
+                                });
                         let reachable = r.peer.is_some() && p.active.is_healthy();
                         RegionView {
                             name: r.name.clone(),
@@ -488,7 +461,7 @@ impl HealthState {
                 .collect();
             views.push(UpstreamView {
                 regions,
-                panic_threshold_percent: u.panic_threshold,
+                panic_threshold_percent: u.config.panic_threshold,
                 rtt_tolerance: topo.rtt_tolerance,
             });
             eligible_local.push(eligible);
@@ -530,7 +503,7 @@ impl HealthState {
                 .enumerate()
                 .map(|(ui, u)| {
                     (
-                        u.name.clone(),
+                        u.config.name.clone(),
                         UpstreamCount {
                             healthy: snap.eligible_local[ui].len() as u32,
                             total: u.by_region[self.topo.local].len() as u32,
@@ -578,7 +551,7 @@ impl HealthState {
                     })
                     .collect();
                 serde_json::json!({
-                    "name": u.name, "primary_region": u.primary_region,
+                    "name": u.config.name, "primary_region": u.config.primary_region,
                     "backends": backends, "regions": regions,
                 })
             })

@@ -97,8 +97,11 @@ impl BackgroundService for Prober {
         let mut tasks = tokio::task::JoinSet::new();
         for (ui, u) in topo.upstreams.iter().enumerate() {
             for &bi in &u.by_region[topo.local] {
-                let (state, client, cfg) =
-                    (self.state.clone(), self.client.clone(), u.health.clone());
+                let (state, client, cfg) = (
+                    self.state.clone(),
+                    self.client.clone(),
+                    u.config.health.clone(),
+                );
                 let addr = u.backends[bi].addr;
                 tasks.spawn(async move {
                     loop {
@@ -115,7 +118,7 @@ impl BackgroundService for Prober {
         let fastest = topo
             .upstreams
             .iter()
-            .map(|u| &u.health)
+            .map(|u| &u.config.health)
             .min_by_key(|h| h.interval);
         let (interval, jitter, timeout, healthy, unhealthy) = fastest
             .map(|h| (h.interval, h.jitter, h.timeout, h.healthy, h.unhealthy))
