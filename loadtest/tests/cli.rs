@@ -42,6 +42,16 @@ async fn run_json(args: Vec<String>) -> Value {
     .unwrap()
 }
 
+/// Sum of a JSON object of counts (`status`, `errors`).
+fn sum_counts(counts: &Value) -> u64 {
+    counts
+        .as_object()
+        .expect("an object of counts")
+        .values()
+        .map(|v| v.as_u64().expect("a count"))
+        .sum()
+}
+
 fn args(list: &[&str]) -> Vec<String> {
     list.iter().map(|s| s.to_string()).collect()
 }
@@ -54,18 +64,8 @@ async fn open_loop_counts_add_up() {
         "run", &url, "--rate", "200", "-d", "1s", "--warmup", "0s",
     ]))
     .await;
-    let status_sum: u64 = r["status"]
-        .as_object()
-        .unwrap()
-        .values()
-        .map(|v| v.as_u64().unwrap())
-        .sum();
-    let errors: u64 = r["errors"]
-        .as_object()
-        .unwrap()
-        .values()
-        .map(|v| v.as_u64().unwrap())
-        .sum();
+    let status_sum = sum_counts(&r["status"]);
+    let errors = sum_counts(&r["errors"]);
     assert_eq!(r["responses"].as_u64().unwrap(), status_sum);
     assert_eq!(r["requests"].as_u64().unwrap(), status_sum + errors);
     assert_eq!(
