@@ -124,7 +124,7 @@ pub enum Reason {
     Local,
     /// A valid hop from a peer: served locally, never forwarded again.
     Hop,
-    /// Too few healthy backends anywhere: health ignored.
+    /// No region serves normally and this one has too few healthy backends: health ignored there.
     Panic,
     /// No healthy local backend: the nearest healthy region serves.
     FailoverNoHealthyLocal,
@@ -182,6 +182,13 @@ impl Decision {
         }
     }
 
+    fn panic(index: usize) -> Self {
+        Decision {
+            target: Target::Region { index, panic: true },
+            reason: Reason::Panic,
+        }
+    }
+
     fn unavailable(reason: Reason) -> Self {
         Decision {
             target: Target::Unavailable,
@@ -205,47 +212,22 @@ pub fn decide(view: &UpstreamView, req: &RequestFacts<'_>) -> Decision {
 fn decide_local_only(view: &UpstreamView, local: usize, hop: bool) -> Decision {
     let region = &view.regions[local];
     let ok_reason = if hop { Reason::Hop } else { Reason::Local };
-    if region.healthy > 0 && !in_panic(view, std::iter::once(region)) {
+    if serves(view, region) {
         return Decision::region(local, ok_reason);
     }
-    if region.total > 0 && in_panic(view, std::iter::once(region)) {
-        return Decision {
-            target: Target::Region {
-                index: local,
-                panic: true,
-            },
-            reason: Reason::Panic,
-        };
+    if region.total > 0 && in_panic(view, region) {
+        return Decision::panic(local);
     }
     Decision::unavailable(Reason::UnavailableNoHealthyLocal)
 }
 
+/// Panic is judged per region (Envoy judges it per priority level): a
+/// region whose healthy share is under the threshold is passed over while
+/// another region serves normally, and only when none does is health
+/// ignored, locally first.
 fn decide_local_first(view: &UpstreamView, local: usize, exclude: &[usize]) -> Decision {
     let usable = |i: usize, r: &RegionView| !exclude.contains(&i) && (r.local || r.reachable);
-    let considered = view
-        .regions
-        .iter()
-        .enumerate()
-        .filter(|(i, r)| usable(*i, r))
-        .map(|(_, r)| r);
-    if in_panic(view, considered) {
-        // Envoy's rule: with too few healthy hosts anywhere, health checks are
-        // probably wrong, so spread load over everything rather than overload the rest.
-        let local_r = &view.regions[local];
-        let index = if !exclude.contains(&local) && local_r.total > 0 {
-            Some(local)
-        } else {
-            nearest(view, |i, r| usable(i, r) && !r.local && r.total > 0)
-        };
-        return match index {
-            Some(index) => Decision {
-                target: Target::Region { index, panic: true },
-                reason: Reason::Panic,
-            },
-            None => Decision::unavailable(Reason::UnavailableNoHealthyRegion),
-        };
-    }
-    if !exclude.contains(&local) && view.regions[local].healthy > 0 {
+    if !exclude.contains(&local) && serves(view, &view.regions[local]) {
         return Decision::region(local, Reason::Local);
     }
     let reason = if exclude.is_empty() {
@@ -253,21 +235,34 @@ fn decide_local_first(view: &UpstreamView, local: usize, exclude: &[usize]) -> D
     } else {
         Reason::FailoverRetry
     };
-    match nearest(view, |i, r| usable(i, r) && !r.local && r.healthy > 0) {
-        Some(index) => Decision::region(index, reason),
+    if let Some(index) = nearest(view, |i, r| usable(i, r) && !r.local && serves(view, r)) {
+        return Decision::region(index, reason);
+    }
+    // No region serves normally. If too few backends are healthy, health
+    // checks are probably wrong: spread load over everything rather than
+    // overload the few that pass (Envoy's panic mode).
+    let local_r = &view.regions[local];
+    if !exclude.contains(&local) && local_r.total > 0 && in_panic(view, local_r) {
+        return Decision::panic(local);
+    }
+    match nearest(view, |i, r| {
+        usable(i, r) && !r.local && r.total > 0 && in_panic(view, r)
+    }) {
+        Some(index) => Decision::panic(index),
         None => Decision::unavailable(Reason::UnavailableNoHealthyRegion),
     }
 }
 
-/// True when the healthy share of the considered regions is below the panic threshold.
-fn in_panic<'a>(view: &UpstreamView, regions: impl Iterator<Item = &'a RegionView>) -> bool {
-    if view.panic_threshold_percent == 0 {
-        return false;
-    }
-    let (healthy, total) = regions.fold((0u64, 0u64), |(h, t), r| {
-        (h + u64::from(r.healthy), t + u64::from(r.total))
-    });
-    total > 0 && healthy * 100 < u64::from(view.panic_threshold_percent) * total
+/// A region serves normally: some backend is healthy and it is not in panic.
+fn serves(view: &UpstreamView, r: &RegionView) -> bool {
+    r.healthy > 0 && !in_panic(view, r)
+}
+
+/// True when the region's healthy share is below the panic threshold.
+fn in_panic(view: &UpstreamView, r: &RegionView) -> bool {
+    view.panic_threshold_percent > 0
+        && r.total > 0
+        && u64::from(r.healthy) * 100 < u64::from(view.panic_threshold_percent) * u64::from(r.total)
 }
 
 /// The nearest region among those `eligible` accepts: lowest RTT, where RTTs

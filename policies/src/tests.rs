@@ -70,8 +70,14 @@ fn decision_table() {
     rtt_tie.regions[2].rtt = Some(Duration::from_millis(1));
     let mut unreachable_b = three(0, 2, 2);
     unreachable_b.regions[1].reachable = false;
-    let mut panic_view = three(0, 0, 1);
+    let mut panic_view = three(0, 0, 0);
     panic_view.panic_threshold_percent = 50;
+    let mut healthy_region_before_panic = three(0, 0, 1);
+    healthy_region_before_panic.panic_threshold_percent = 50;
+    // Local 1 of 4 healthy (25 % < 50 %): the region is in panic; a peer serves normally.
+    let mut local_in_panic_peer_healthy = three(1, 2, 2);
+    local_in_panic_peer_healthy.regions[0].total = 4;
+    local_in_panic_peer_healthy.panic_threshold_percent = 50;
     let mut panic_off_when_healthy = three(1, 2, 2);
     panic_off_when_healthy.panic_threshold_percent = 50;
     let mut local_panic = three(0, 2, 2);
@@ -209,6 +215,18 @@ fn decision_table() {
             },
         },
         Row {
+            name: "a_region_serving_normally_is_chosen_before_any_panic",
+            view: healthy_region_before_panic,
+            req: facts(Policy::LocalFirst),
+            want: to(2, Reason::FailoverNoHealthyLocal),
+        },
+        Row {
+            name: "panic_is_per_region_so_local_first_fails_over_first",
+            view: local_in_panic_peer_healthy,
+            req: facts(Policy::LocalFirst),
+            want: to(1, Reason::FailoverNoHealthyLocal),
+        },
+        Row {
             name: "panic_not_entered_above_threshold",
             view: panic_off_when_healthy,
             req: facts(Policy::LocalFirst),
@@ -309,6 +327,21 @@ proptest! {
             }
             Target::Region { panic: true, .. } => prop_assert_eq!(d.reason, Reason::Panic),
             Target::Unavailable => prop_assert!(!any_healthy, "{d:?} although a healthy region exists"),
+        }
+    }
+
+    /// Health is ignored only when no usable region serves normally.
+    #[test]
+    fn panic_only_when_no_region_serves_normally(view in arb_view()) {
+        let d = decide(&view, &facts(Policy::LocalFirst));
+        if d.reason == Reason::Panic {
+            let p = u64::from(view.panic_threshold_percent);
+            let serving = view.regions.iter().any(|r| {
+                (r.local || r.reachable)
+                    && r.healthy > 0
+                    && u64::from(r.healthy) * 100 >= p * u64::from(r.total)
+            });
+            prop_assert!(!serving, "{d:?} panicked although a region serves normally");
         }
     }
 

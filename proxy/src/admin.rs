@@ -111,6 +111,12 @@ impl ServeHttp for AdminApp {
                     );
                 }
                 let drain = m == Method::POST;
+                if !drain && self.lifecycle.is_terminating() {
+                    return text(
+                        StatusCode::CONFLICT,
+                        "the process is shutting down (SIGTERM): its drain cannot be cancelled",
+                    );
+                }
                 self.lifecycle.set_draining(drain);
                 tracing::info!(
                     draining = drain,

@@ -2,6 +2,7 @@
 //! service, the admin service and the health prober, added to a Pingora
 //! server. `run` uses it once; `demo` once per simulated region.
 
+use std::sync::atomic::AtomicU64;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -19,6 +20,7 @@ use crate::health::{HealthState, Topology};
 use crate::hop::HopSigner;
 use crate::lifecycle::Lifecycle;
 use crate::metrics::Metrics;
+use crate::retry::RetryBudget;
 use crate::routing::RouteTable;
 use crate::service::EdgeProxy;
 
@@ -33,18 +35,21 @@ pub struct Secrets {
     pub admin_token: Option<String>,
 }
 
-/// The Pingora server settings we rely on: stop promptly once our own drain is over.
-pub fn server_conf() -> ServerConf {
+/// The Pingora server settings we rely on. After our own drain, Pingora
+/// closes the listeners and waits its grace period for requests in flight:
+/// that is `shutdown_timeout` (the lifecycle's watcher exits earlier once
+/// none is left).
+pub fn server_conf(shutdown_timeout: Duration) -> ServerConf {
     ServerConf {
-        grace_period_seconds: Some(0),
+        grace_period_seconds: Some(shutdown_timeout.as_secs_f64().ceil() as u64),
         graceful_shutdown_timeout_seconds: Some(1),
         ..ServerConf::default()
     }
 }
 
 /// A Pingora server with our settings.
-pub fn new_server() -> anyhow::Result<Server> {
-    let mut server = Server::new_with_opt_and_conf(None, server_conf());
+pub fn new_server(shutdown_timeout: Duration) -> anyhow::Result<Server> {
+    let mut server = Server::new_with_opt_and_conf(None, server_conf(shutdown_timeout));
     server.bootstrap();
     Ok(server)
 }
@@ -59,6 +64,9 @@ fn prime_metrics(metrics: &Metrics, config: &Config, topo: &Topology) {
                 .retries
                 .with_label_values(&[route.name.as_str(), kind]);
         }
+        metrics
+            .retries_refused
+            .with_label_values(&[route.name.as_str(), "budget"]);
         for region in topo.regions.iter().filter(|r| r.name != local) {
             for reason in [Reason::FailoverNoHealthyLocal, Reason::FailoverRetry] {
                 metrics.failovers.with_label_values(&[
@@ -103,6 +111,15 @@ pub fn add_region(
         health_path: config.server.health_path.clone(),
         debug_headers: config.server.debug_headers,
         trusted_proxies: config.server.trusted_proxies.clone(),
+        path_rules: config.server.path_rules,
+        keepalive_secs: config.server.keepalive_timeout.as_secs().max(1),
+        retry_budgets: config
+            .upstreams
+            .iter()
+            .map(|_| RetryBudget::default())
+            .collect(),
+        via_name: crate::forwarding::via_pseudonym(&region),
+        hop_warned_ms: AtomicU64::new(0),
     };
     let mut traffic = pingora::proxy::http_proxy_service_with_name(
         &server.configuration,

@@ -102,7 +102,7 @@ fn region_config(regions: &[DemoRegion], me: usize) -> String {
     }
     let _ = writeln!(
         t,
-        "[upstreams.demo]\nhealth = {{ path = \"/health\", interval = \"1s\", timeout = \"500ms\", healthy = 2, unhealthy = 2 }}\noutlier = {{ consecutive_failures = 3, base_ejection = \"5s\" }}"
+        "[upstreams.demo]\nhealth = {{ path = \"/health\", interval = \"1s\", timeout = \"500ms\", healthy = 2, unhealthy = 2 }}\noutlier = {{ consecutive_gateway_failures = 3, base_ejection = \"5s\" }}"
     );
     for other in regions {
         let _ = writeln!(
@@ -259,7 +259,7 @@ pub fn run(args: DemoArgs) -> anyhow::Result<()> {
     start_origins(&regions)?;
     let hop_key = rand::random::<[u8; 32]>().to_vec();
     let token = crate::forwarding::new_request_id();
-    let mut server = app::new_server()?;
+    let mut server = app::new_server(Duration::from_secs(5))?;
     let mut lifecycles = Vec::new();
     for i in 0..regions.len() {
         let text = region_config(&regions, i);
@@ -273,7 +273,11 @@ pub fn run(args: DemoArgs) -> anyhow::Result<()> {
     }
     print_table(&regions, &token);
     server.run(RunArgs {
-        shutdown_signal: Box::new(DrainThenStop::new(lifecycles, Duration::from_secs(1))),
+        shutdown_signal: Box::new(DrainThenStop::new(
+            lifecycles,
+            Duration::from_secs(1),
+            Duration::from_secs(5),
+        )),
     });
     Ok(())
 }

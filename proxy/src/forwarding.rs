@@ -47,9 +47,68 @@ pub fn hop_by_hop_present(
         .collect()
 }
 
-/// Whether forwarding headers from this client are believed.
+/// Whether forwarding headers from this client are believed. `client` is
+/// canonical: an IPv4 client on a `[::]` listener is compared as IPv4.
 pub fn is_trusted(client: Option<IpAddr>, trusted: &[IpNet]) -> bool {
     client.is_some_and(|ip| trusted.iter().any(|n| n.contains(&ip)))
+}
+
+/// A peer address as the rules see it: `::ffff:a.b.c.d` is `a.b.c.d`.
+pub fn canonical_ip(ip: IpAddr) -> IpAddr {
+    ip.to_canonical()
+}
+
+/// Every line of a header folded into one comma-separated value, as RFC
+/// 9110 5.3 says a list header means (a trusted proxy may add a line).
+pub fn joined(headers: &http::HeaderMap, name: &str) -> Option<String> {
+    let mut out: Option<String> = None;
+    for v in headers.get_all(name) {
+        let Ok(v) = v.to_str() else { continue };
+        let v = v.trim();
+        if v.is_empty() {
+            continue;
+        }
+        match out.as_mut() {
+            Some(o) => {
+                o.push_str(", ");
+                o.push_str(v);
+            }
+            None => out = Some(v.to_string()),
+        }
+    }
+    out
+}
+
+/// This hop's RFC 7239 `Forwarded` element.
+pub fn forwarded_element(client: Option<IpAddr>, host: &str, proto: &str) -> String {
+    let node = match client {
+        Some(IpAddr::V4(ip)) => ip.to_string(),
+        Some(IpAddr::V6(ip)) => format!("\"[{ip}]\""),
+        None => "unknown".to_string(),
+    };
+    format!("for={node};host=\"{host}\";proto={proto}")
+}
+
+/// This proxy's `Via` pseudonym (RFC 9110 7.6.3): one per region, so a
+/// request that comes back to a region it already passed is recognised.
+pub fn via_pseudonym(region: &str) -> String {
+    format!("edge-router.{region}")
+}
+
+/// Whether any `Via` entry was received by `pseudonym`.
+pub fn via_contains(headers: &http::HeaderMap, pseudonym: &str) -> bool {
+    headers
+        .get_all(http::header::VIA)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|entry| {
+            // `protocol received-by [comment]`
+            entry
+                .split_ascii_whitespace()
+                .nth(1)
+                .is_some_and(|by| by.eq_ignore_ascii_case(pseudonym))
+        })
 }
 
 /// The `x-forwarded-for` value to send upstream.
@@ -168,6 +227,52 @@ mod tests {
         push_timing(&mut s, "edge", 1_234);
         push_timing(&mut s, "upstream", 56);
         assert_eq!(s, "edge;dur=1.234, upstream;dur=0.056");
+    }
+
+    #[test]
+    fn every_forwarded_for_line_is_read() {
+        let mut h = http::HeaderMap::new();
+        h.append("x-forwarded-for", "6.6.6.6".parse().unwrap());
+        h.append("x-forwarded-for", "10.0.0.1, 10.0.0.2".parse().unwrap());
+        assert_eq!(
+            joined(&h, "x-forwarded-for").as_deref(),
+            Some("6.6.6.6, 10.0.0.1, 10.0.0.2")
+        );
+        assert_eq!(joined(&h, "forwarded"), None);
+    }
+
+    #[test]
+    fn mapped_ipv4_is_ipv4() {
+        let nets = vec!["10.0.0.0/8".parse().unwrap()];
+        let mapped: IpAddr = "::ffff:10.1.2.3".parse().unwrap();
+        assert!(!is_trusted(Some(mapped), &nets));
+        assert!(is_trusted(Some(canonical_ip(mapped)), &nets));
+    }
+
+    #[test]
+    fn forwarded_elements_quote_v6_and_host() {
+        assert_eq!(
+            forwarded_element(Some("192.0.2.1".parse().unwrap()), "a.test:8080", "http"),
+            "for=192.0.2.1;host=\"a.test:8080\";proto=http"
+        );
+        assert_eq!(
+            forwarded_element(Some("2001:db8::1".parse().unwrap()), "a", "https"),
+            "for=\"[2001:db8::1]\";host=\"a\";proto=https"
+        );
+    }
+
+    #[test]
+    fn via_loops_are_found_in_any_line_or_entry() {
+        let me = via_pseudonym("us-east-1");
+        let mut h = http::HeaderMap::new();
+        h.append("via", "1.1 cdn.example (x)".parse().unwrap());
+        assert!(!via_contains(&h, &me));
+        h.append(
+            "via",
+            "1.0 fred, 1.1 EDGE-ROUTER.us-east-1".parse().unwrap(),
+        );
+        assert!(via_contains(&h, &me));
+        assert!(!via_contains(&h, &via_pseudonym("us-east")));
     }
 
     #[test]

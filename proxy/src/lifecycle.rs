@@ -1,12 +1,15 @@
 //! Draining and shutdown. SIGTERM turns the health path to 503 at once (so
-//! Global Accelerator moves new flows away), keeps serving for
-//! `drain_period`, then asks Pingora for a graceful stop; a second SIGTERM or
-//! a SIGINT stops at once. `POST /drain` on the admin listener drains without
-//! exiting (take a region out of rotation), `DELETE /drain` undoes it.
+//! Global Accelerator moves new flows away) and answers with `Connection:
+//! close`, so clients reconnect elsewhere; it keeps serving for
+//! `drain_period`, then stops accepting and gives requests still in flight
+//! up to `shutdown_timeout` to finish, exiting as soon as none is left. A
+//! second SIGTERM or a SIGINT stops at once. `POST /drain` on the admin
+//! listener drains without exiting (take a region out of rotation); `DELETE
+//! /drain` undoes that, but never a drain that SIGTERM started.
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use pingora::server::{ShutdownSignal, ShutdownSignalWatch};
@@ -14,10 +17,23 @@ use tokio::signal::unix::{signal, SignalKind};
 
 use crate::metrics::Metrics;
 
-/// Whether one proxy is draining.
+/// Whether one proxy is draining, and how many requests it is serving.
 pub struct Lifecycle {
     draining: AtomicBool,
+    terminating: AtomicBool,
+    in_flight: AtomicUsize,
     metrics: Arc<Metrics>,
+}
+
+/// Counts one request in flight until dropped (with the request's context,
+/// whichever way the request ends).
+pub struct InFlight(Arc<Lifecycle>);
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.in_flight.fetch_sub(1, Ordering::Release);
+        self.0.metrics.in_flight.dec();
+    }
 }
 
 impl Lifecycle {
@@ -25,6 +41,8 @@ impl Lifecycle {
     pub fn new(metrics: Arc<Metrics>) -> Lifecycle {
         Lifecycle {
             draining: AtomicBool::new(false),
+            terminating: AtomicBool::new(false),
+            in_flight: AtomicUsize::new(0),
             metrics,
         }
     }
@@ -34,10 +52,32 @@ impl Lifecycle {
         self.draining.load(Ordering::Relaxed)
     }
 
+    /// True once SIGTERM started the drain that ends the process.
+    pub fn is_terminating(&self) -> bool {
+        self.terminating.load(Ordering::Relaxed)
+    }
+
     /// Start (true) or stop (false) draining.
     pub fn set_draining(&self, draining: bool) {
         self.draining.store(draining, Ordering::Relaxed);
         self.metrics.draining.set(i64::from(draining));
+    }
+
+    fn terminate(&self) {
+        self.terminating.store(true, Ordering::Relaxed);
+        self.set_draining(true);
+    }
+
+    /// Count a request in flight for as long as the guard lives.
+    pub fn enter(self: &Arc<Self>) -> InFlight {
+        self.in_flight.fetch_add(1, Ordering::Acquire);
+        self.metrics.in_flight.inc();
+        InFlight(self.clone())
+    }
+
+    /// Requests in flight now.
+    pub fn in_flight(&self) -> usize {
+        self.in_flight.load(Ordering::Acquire)
     }
 }
 
@@ -45,14 +85,21 @@ impl Lifecycle {
 pub struct DrainThenStop {
     lifecycles: Vec<Arc<Lifecycle>>,
     drain_period: Duration,
+    shutdown_timeout: Duration,
 }
 
 impl DrainThenStop {
-    /// Drains every proxy of this process for `drain_period` on SIGTERM.
-    pub fn new(lifecycles: Vec<Arc<Lifecycle>>, drain_period: Duration) -> Self {
+    /// Drains every proxy of this process for `drain_period` on SIGTERM, then
+    /// waits up to `shutdown_timeout` for requests in flight.
+    pub fn new(
+        lifecycles: Vec<Arc<Lifecycle>>,
+        drain_period: Duration,
+        shutdown_timeout: Duration,
+    ) -> Self {
         DrainThenStop {
             lifecycles,
             drain_period,
+            shutdown_timeout,
         }
     }
 }
@@ -78,22 +125,82 @@ impl ShutdownSignalWatch for DrainThenStop {
             }
         }
         for l in &self.lifecycles {
-            l.set_draining(true);
+            l.terminate();
         }
-        tracing::info!(drain_period = ?self.drain_period, "SIGTERM: health path now answers 503; serving until the drain period ends (send SIGTERM or SIGINT again to stop now)");
+        tracing::info!(drain_period = ?self.drain_period, "SIGTERM: health path now answers 503 and responses carry Connection: close; serving until the drain period ends (send SIGTERM or SIGINT again to stop now)");
         tokio::select! {
-            _ = tokio::time::sleep(self.drain_period) => {
-                tracing::info!("drain period over: stopping gracefully");
-                ShutdownSignal::GracefulTerminate
-            }
+            _ = tokio::time::sleep(self.drain_period) => {}
             _ = term.recv() => {
                 tracing::info!("second SIGTERM: stopping now");
-                ShutdownSignal::FastShutdown
+                return ShutdownSignal::FastShutdown;
             }
             _ = int.recv() => {
                 tracing::info!("SIGINT while draining: stopping now");
-                ShutdownSignal::FastShutdown
+                return ShutdownSignal::FastShutdown;
             }
         }
+        let in_flight: usize = self.lifecycles.iter().map(|l| l.in_flight()).sum();
+        tracing::info!(
+            in_flight,
+            shutdown_timeout = ?self.shutdown_timeout,
+            "drain period over: listeners close; waiting for requests in flight"
+        );
+        spawn_exit_when_idle(self.lifecycles.clone(), self.shutdown_timeout);
+        ShutdownSignal::GracefulTerminate
+    }
+}
+
+/// Pingora waits its whole grace period (set to `shutdown_timeout`) after a
+/// graceful stop; this thread ends the process as soon as no request is in
+/// flight, or at once on another SIGTERM or SIGINT, since Pingora no longer
+/// listens for signals then.
+fn spawn_exit_when_idle(lifecycles: Vec<Arc<Lifecycle>>, limit: Duration) {
+    let spawned = std::thread::Builder::new()
+        .name("edge-shutdown".to_string())
+        .spawn(move || {
+            let rt = match tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            {
+                Ok(rt) => rt,
+                Err(e) => {
+                    tracing::warn!(error = %e, "no runtime for the shutdown watcher; Pingora's grace period applies");
+                    return;
+                }
+            };
+            let code = rt.block_on(async move {
+                let (Ok(mut term), Ok(mut int)) = (
+                    signal(SignalKind::terminate()),
+                    signal(SignalKind::interrupt()),
+                ) else {
+                    return None;
+                };
+                let start = Instant::now();
+                // Let Pingora close the listeners and wake idle keep-alive connections first.
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                loop {
+                    let left: usize = lifecycles.iter().map(|l| l.in_flight()).sum();
+                    if left == 0 {
+                        tracing::info!(waited = ?start.elapsed(), "no request in flight: exiting");
+                        return Some(0);
+                    }
+                    if start.elapsed() >= limit {
+                        tracing::warn!(in_flight = left, "shutdown_timeout reached: exiting with requests in flight");
+                        return Some(0);
+                    }
+                    tokio::select! {
+                        _ = tokio::time::sleep(Duration::from_millis(20)) => {}
+                        _ = term.recv() => { tracing::info!("signal during shutdown: exiting now"); return Some(1); }
+                        _ = int.recv() => { tracing::info!("signal during shutdown: exiting now"); return Some(1); }
+                    }
+                }
+            });
+            if let Some(code) = code {
+                crate::telemetry::flush();
+                std::process::exit(code);
+            }
+        });
+    if let Err(e) = spawned {
+        tracing::warn!(error = %e, "cannot start the shutdown watcher; Pingora's grace period applies");
     }
 }

@@ -83,7 +83,7 @@ fn main() -> ExitCode {
                 Ok(c) => c,
                 Err(code) => return code,
             };
-            let _log = telemetry::init(cli.log_format);
+            let _log = telemetry::init(cli.log_format, config.log);
             match run(config) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
@@ -93,7 +93,7 @@ fn main() -> ExitCode {
             }
         }
         Command::Demo(args) => {
-            let _log = telemetry::init(cli.log_format);
+            let _log = telemetry::init(cli.log_format, config::LogConfig::default());
             match demo::run(args) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
@@ -121,7 +121,7 @@ fn run(config: config::Config) -> anyhow::Result<()> {
     if admin_token.is_none() {
         tracing::warn!(env = %config.admin.token_env, "no admin token set: admin mutations (POST /drain) are refused");
     }
-    let mut server = app::new_server()?;
+    let mut server = app::new_server(config.server.shutdown_timeout)?;
     let lifecycle = app::add_region(
         &mut server,
         &config,
@@ -140,6 +140,7 @@ fn run(config: config::Config) -> anyhow::Result<()> {
         shutdown_signal: Box::new(DrainThenStop::new(
             vec![lifecycle],
             config.server.drain_period,
+            config.server.shutdown_timeout,
         )),
     });
     Ok(())

@@ -2,8 +2,8 @@
 //! runs several regions in one process). Names are prefixed `edge_`.
 
 use prometheus::{
-    Encoder, GaugeVec, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, IntGaugeVec, Opts,
-    Registry, TextEncoder,
+    Encoder, GaugeVec, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
+    IntGaugeVec, Opts, Registry, TextEncoder,
 };
 
 /// Every metric the proxy exports.
@@ -33,6 +33,18 @@ pub struct Metrics {
     pub peer_rtt: GaugeVec,
     /// 1 while draining.
     pub draining: IntGauge,
+    /// Responses cut off because the upstream failed after the response started.
+    pub upstream_aborted: IntCounterVec,
+    /// Retries the retry budget refused.
+    pub retries_refused: IntCounterVec,
+    /// `x-edge-hop` headers that failed verification.
+    pub hop_invalid: IntCounter,
+    /// Requests refused because `Via` shows they already passed this region.
+    pub loops: IntCounter,
+    /// Access-log lines dropped because the log queue was full (process-wide).
+    pub log_dropped: IntCounter,
+    /// Requests in flight on the traffic listener.
+    pub in_flight: IntGauge,
 }
 
 impl Metrics {
@@ -48,6 +60,11 @@ impl Metrics {
          -> Result<IntCounterVec, prometheus::Error> {
             let c =
                 IntCounterVec::new(Opts::new(name, help).const_label("region", region), labels)?;
+            registry.register(Box::new(c.clone()))?;
+            Ok(c)
+        };
+        let plain = |name: &str, help: &str| -> Result<IntCounter, prometheus::Error> {
+            let c = IntCounter::with_opts(Opts::new(name, help).const_label("region", region))?;
             registry.register(Box::new(c.clone()))?;
             Ok(c)
         };
@@ -134,6 +151,36 @@ impl Metrics {
                 "1 while the peer region's edge-router answers its health path.",
                 &["peer_region"],
             )?,
+            upstream_aborted: counter(
+                "edge_upstream_aborted_total",
+                "Responses aborted downstream because the upstream failed after the response started.",
+                &["route", "upstream_region"],
+            )?,
+            retries_refused: counter(
+                "edge_retries_refused_total",
+                "Retries not made, by reason (budget).",
+                &["route", "reason"],
+            )?,
+            hop_invalid: plain(
+                "edge_hop_invalid_total",
+                "x-edge-hop headers that failed verification (wrong key, expired, altered).",
+            )?,
+            loops: plain(
+                "edge_loops_total",
+                "Requests refused with 508 because Via shows they already passed this region.",
+            )?,
+            log_dropped: plain(
+                "edge_log_dropped_total",
+                "Log lines dropped because the log queue was full (log.on_full = \"drop\").",
+            )?,
+            in_flight: {
+                let g = IntGauge::with_opts(
+                    Opts::new("edge_requests_in_flight", "Requests being served now.")
+                        .const_label("region", region),
+                )?;
+                registry.register(Box::new(g.clone()))?;
+                g
+            },
             peer_rtt,
             draining,
             registry,
@@ -142,6 +189,12 @@ impl Metrics {
 
     /// The Prometheus text exposition.
     pub fn render(&self) -> Vec<u8> {
+        // The log writer keeps the count; catch the counter up with it.
+        let dropped = crate::telemetry::dropped_lines();
+        let seen = self.log_dropped.get();
+        if dropped > seen {
+            self.log_dropped.inc_by(dropped - seen);
+        }
         let mut out = Vec::new();
         // Encoding into a Vec cannot fail for well-formed metric families.
         let _ = TextEncoder::new().encode(&self.registry.gather(), &mut out);

@@ -1,8 +1,11 @@
 //! Route matching: which route serves a Host and path, nginx-style: the most
 //! specific host match wins first (exact, then the longest `*.suffix`, then
-//! `*`), then the longest path prefix among that host's routes.
+//! `*`), then the longest path prefix among that host's routes. Hosts and
+//! paths arrive validated and normalised ([`crate::host`], [`crate::path`]);
+//! prefixes match whole segments.
 
 use crate::config::{HostMatch, RouteConfig};
+use crate::path::prefix_matches;
 
 /// Routes ready for matching.
 #[derive(Debug, Clone)]
@@ -21,9 +24,9 @@ impl RouteTable {
         &self.routes
     }
 
-    /// The index of the route for `host` (with or without port) and `path`.
+    /// The index of the route for a validated host name (lower case, no
+    /// port, no trailing dot) and a normalised path.
     pub fn find(&self, host: &str, path: &str) -> Option<usize> {
-        let host = normalize_host(host);
         // Rank of a host match: exact beats any suffix; longer suffix beats shorter; `*` last.
         let rank = |m: &HostMatch| -> Option<usize> {
             match m {
@@ -38,23 +41,12 @@ impl RouteTable {
         self.routes
             .iter()
             .enumerate()
-            .filter(|(_, r)| rank(&r.host) == Some(best_host) && path.starts_with(&r.path_prefix))
-            .max_by_key(|(_, r)| r.path_prefix.len())
+            .filter(|(_, r)| {
+                rank(&r.host) == Some(best_host) && prefix_matches(&r.path_prefix, path)
+            })
+            .max_by_key(|(_, r)| r.path_prefix.trim_end_matches('/').len())
             .map(|(i, _)| i)
     }
-}
-
-/// The host without port or trailing dot.
-pub fn normalize_host(host: &str) -> &str {
-    let host = if host.starts_with('[') {
-        // [v6]:port
-        host.split_once(']')
-            .map(|(h, _)| &host[..h.len() + 1])
-            .unwrap_or(host)
-    } else {
-        host.rsplit_once(':').map(|(h, _)| h).unwrap_or(host)
-    };
-    host.trim_end_matches('.')
 }
 
 #[cfg(test)]
@@ -110,7 +102,7 @@ mod tests {
     fn longest_suffix_wins_and_port_and_case_are_ignored() {
         let t = table();
         assert_eq!(
-            name(&t, "x.eu.example.com:8443", "/").as_deref(),
+            name(&t, "x.eu.example.com", "/").as_deref(),
             Some("deep-wild")
         );
         assert_eq!(name(&t, "WWW.Example.com", "/").as_deref(), Some("wild"));
@@ -136,8 +128,13 @@ mod tests {
     }
 
     #[test]
-    fn ipv6_hosts_keep_their_brackets() {
-        assert_eq!(normalize_host("[::1]:8080"), "[::1]");
-        assert_eq!(normalize_host("a.test."), "a.test");
+    fn prefixes_match_whole_segments() {
+        let t = RouteTable::new(vec![
+            route("root", HostMatch::Any, "/"),
+            route("admin", HostMatch::Any, "/admin/"),
+        ]);
+        assert_eq!(name(&t, "a", "/admin").as_deref(), Some("admin"));
+        assert_eq!(name(&t, "a", "/admin/x").as_deref(), Some("admin"));
+        assert_eq!(name(&t, "a", "/adminx").as_deref(), Some("root"));
     }
 }

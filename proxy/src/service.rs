@@ -1,9 +1,13 @@
-//! The Pingora `ProxyHttp` implementation, kept thin: `request_filter` fills
-//! the context (route, hop, request id), `upstream_peer` asks
-//! `edge_policies::decide` and maps the answer to a peer, the other hooks
-//! apply header rules, record outcomes and write one access-log event.
+//! The Pingora `ProxyHttp` implementation, kept thin: `request_filter`
+//! validates the Host, normalises the path, refuses loops and fills the
+//! context (route, hop, request id); `upstream_peer` asks
+//! `edge_policies::decide` and maps the answer to a peer; the other hooks
+//! apply header rules, record outcomes and write one access-log event. Once
+//! a response has started, a failure aborts it instead of writing into it.
 
+use std::borrow::Cow;
 use std::net::IpAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -18,16 +22,22 @@ use pingora::proxy::FailToProxy;
 use pingora::{Error, ErrorSource, ErrorType};
 
 use crate::forwarding::{self, acceptable_request_id, new_request_id};
+use crate::health::outlier::Outcome;
 use crate::health::HealthState;
 use crate::hop::{HopSigner, SignedRequest, HOP_HEADER};
-use crate::lifecycle::Lifecycle;
+use crate::host::validate_host;
+use crate::lifecycle::{InFlight, Lifecycle};
 use crate::metrics::{status_class, Metrics};
+use crate::path::{normalize_path, PathRules};
+use crate::retry::{Failure, RetryBudget, Retryable};
 use crate::routing::RouteTable;
 
 /// Attempts per request: the first, another backend, then the next region.
 const MAX_ATTEMPTS: u32 = 3;
 /// Idle upstream connections are kept this long for reuse.
 const UPSTREAM_IDLE: Duration = Duration::from_secs(60);
+/// At most one warning per this interval for hops that fail verification.
+const HOP_WARN_INTERVAL_MS: u64 = 10_000;
 
 /// Everything one region's proxy needs to handle a request.
 pub struct EdgeProxy {
@@ -47,6 +57,16 @@ pub struct EdgeProxy {
     pub debug_headers: bool,
     /// Networks whose forwarding headers are kept.
     pub trusted_proxies: Vec<IpNet>,
+    /// Path normalisation rules.
+    pub path_rules: PathRules,
+    /// Client keep-alive, whole seconds.
+    pub keepalive_secs: u64,
+    /// Per upstream: requests and retries in flight.
+    pub retry_budgets: Vec<RetryBudget>,
+    /// This region's `Via` pseudonym.
+    pub via_name: String,
+    /// When an invalid hop was last warned about (unix ms), for the rate limit.
+    pub hop_warned_ms: AtomicU64,
 }
 
 /// Per-request state.
@@ -64,8 +84,19 @@ pub struct RequestCtx {
     upstream_start: Option<Instant>,
     upstream_time: Option<Duration>,
     got_response: bool,
-    /// Set when the proxy answered itself: `health`, `no-route`, `bad-request`.
+    /// Set when the proxy answered itself: `health`, `no-route`, `bad-request`, `loop`.
     local_reply: Option<&'static str>,
+    /// What this request allows by way of retries.
+    retryable: Retryable,
+    /// Retry slots taken from the upstream's budget (0 or 1; returned when the request ends).
+    retries_held: u32,
+    /// The upstream whose budget counts this request.
+    budget_upstream: Option<usize>,
+    /// The upstream failed after the response started; the client connection was aborted.
+    aborted: bool,
+    /// The last attempt failed in a way that may not leave the region.
+    same_region_only: bool,
+    _in_flight: Option<InFlight>,
 }
 
 fn unix_ms() -> u64 {
@@ -87,18 +118,28 @@ fn path_and_query(req: &RequestHeader) -> &str {
     req.uri.path_and_query().map(|p| p.as_str()).unwrap_or("/")
 }
 
-/// Idempotent requests may be retried: the safe methods, and any request
-/// whose client says so with an `Idempotency-Key`.
-fn retryable(req: &RequestHeader) -> bool {
-    matches!(req.method, Method::GET | Method::HEAD | Method::OPTIONS)
-        || req.headers.contains_key("idempotency-key")
-}
-
 fn client_ip(session: &Session) -> Option<IpAddr> {
     session
         .client_addr()
         .and_then(|a| a.as_inet())
-        .map(|a| a.ip())
+        .map(|a| forwarding::canonical_ip(a.ip()))
+}
+
+/// The host a request names: the URI's authority (absolute-form, HTTP/2
+/// `:authority`) or the Host header. Both present and different is refused,
+/// so the proxy and the backend cannot read two hosts from one request.
+fn named_host(req: &RequestHeader) -> Result<Option<&str>, &'static str> {
+    let header = match req.headers.get(http::header::HOST) {
+        Some(h) => Some(h.to_str().map_err(|_| "Host is not ASCII")?),
+        None => None,
+    };
+    match (req.uri.authority().map(|a| a.as_str()), header) {
+        (Some(a), Some(h)) if !a.eq_ignore_ascii_case(h) => {
+            Err("Host header and request target name different hosts")
+        }
+        (Some(a), _) => Ok(Some(a)),
+        (None, h) => Ok(h.filter(|h| !h.is_empty())),
+    }
 }
 
 impl EdgeProxy {
@@ -130,6 +171,9 @@ impl EdgeProxy {
                 resp.insert_header("x-edge-decision", d.reason.as_str())?;
             }
         }
+        if self.lifecycle.is_draining() {
+            session.set_keepalive(None);
+        }
         let head_only = session.req_header().method == Method::HEAD;
         session
             .write_response_header(Box::new(resp), head_only)
@@ -138,6 +182,45 @@ impl EdgeProxy {
             session.write_response_body(Some(body), true).await?;
         }
         Ok(())
+    }
+
+    async fn refuse(
+        &self,
+        session: &mut Session,
+        ctx: &mut RequestCtx,
+        status: u16,
+        kind: &'static str,
+        msg: &str,
+    ) -> Result<bool> {
+        ctx.local_reply = Some(kind);
+        // A refused request's body is not read: the connection cannot be reused.
+        session.set_keepalive(None);
+        self.reply(
+            session,
+            ctx,
+            status,
+            "text/plain",
+            Bytes::from(format!("{msg}\n")),
+        )
+        .await?;
+        Ok(true)
+    }
+
+    /// A hop that fails verification: a peer with another key (a rotation
+    /// half done), a stale clock, or a forgery. Counted always, warned about
+    /// at most once per interval.
+    fn invalid_hop(&self, ctx: &RequestCtx) {
+        self.metrics.hop_invalid.inc();
+        let now = unix_ms();
+        let last = self.hop_warned_ms.load(Ordering::Relaxed);
+        if now.saturating_sub(last) >= HOP_WARN_INTERVAL_MS
+            && self
+                .hop_warned_ms
+                .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
+                .is_ok()
+        {
+            tracing::warn!(request_id = %ctx.request_id, "x-edge-hop failed verification (peer with another EDGE_HOP_SECRET, clock skew, or forged); served as a client request (edge_hop_invalid_total counts every one)");
+        }
     }
 
     async fn serve_health(&self, session: &mut Session, ctx: &mut RequestCtx) -> Result<bool> {
@@ -173,7 +256,8 @@ impl EdgeProxy {
             .inc();
         match ctx.backend {
             Some(b) => {
-                self.health.observe_response(route.upstream, b, false);
+                self.health
+                    .observe_outcome(route.upstream, b, Outcome::GatewayFailure);
                 ctx.tried_backends.push(b);
                 // "Once on another backend, then the next region."
                 if ctx.tried_backends.len() >= 2 && !ctx.failed_regions.contains(&region) {
@@ -188,14 +272,37 @@ impl EdgeProxy {
         }
     }
 
-    /// Mark the error retryable when the request allows another attempt.
-    fn maybe_retry(&self, session: &Session, ctx: &mut RequestCtx, e: &mut Error) {
-        let allowed = retryable(session.req_header())
+    /// Mark the error retryable when the request, the failure and the retry
+    /// budget all allow another attempt.
+    fn maybe_retry(&self, session: &Session, ctx: &mut RequestCtx, e: &mut Error, f: Failure) {
+        let route = ctx.route.map(|r| &self.routes.routes()[r]);
+        let allowed = ctx.retryable.allows(f)
             && !session.as_ref().retry_buffer_truncated()
             && ctx.attempts + 1 < MAX_ATTEMPTS;
-        e.set_retry(allowed);
-        if allowed {
+        let route_name = route.map(|r| r.name.as_str()).unwrap_or("-");
+        // Like Envoy's active retries, a request in its retry phase holds one
+        // slot of the budget, however many attempts that phase takes.
+        let granted = allowed
+            && match (route, ctx.budget_upstream) {
+                _ if ctx.retries_held > 0 => true,
+                (Some(r), Some(u)) => {
+                    let cfg = &self.health.topo.upstreams[r.upstream].config.retry_budget;
+                    let ok = self.retry_budgets[u].try_retry(cfg);
+                    if !ok {
+                        self.metrics
+                            .retries_refused
+                            .with_label_values(&[route_name, "budget"])
+                            .inc();
+                    }
+                    ok
+                }
+                _ => false,
+            };
+        e.set_retry(granted);
+        if granted {
+            ctx.retries_held = 1;
             ctx.attempts += 1;
+            ctx.same_region_only = !ctx.retryable.may_leave_region();
             let kind = if ctx
                 .failed_regions
                 .contains(&ctx.target_region.unwrap_or(self.local()))
@@ -204,11 +311,10 @@ impl EdgeProxy {
             } else {
                 "backend"
             };
-            let route = ctx
-                .route
-                .map(|r| self.routes.routes()[r].name.as_str())
-                .unwrap_or("-");
-            self.metrics.retries.with_label_values(&[route, kind]).inc();
+            self.metrics
+                .retries
+                .with_label_values(&[route_name, kind])
+                .inc();
         }
     }
 }
@@ -246,10 +352,22 @@ impl ProxyHttp for EdgeProxy {
             upstream_time: None,
             got_response: false,
             local_reply: None,
+            retryable: Retryable::Never,
+            retries_held: 0,
+            budget_upstream: None,
+            aborted: false,
+            same_region_only: false,
+            _in_flight: Some(self.lifecycle.enter()),
         }
     }
 
     async fn request_filter(&self, session: &mut Session, ctx: &mut RequestCtx) -> Result<bool> {
+        if self.lifecycle.is_draining() {
+            // Clients reconnect, and the accelerator sends them to another region.
+            session.set_keepalive(None);
+        } else if self.keepalive_secs != 60 {
+            session.set_keepalive(Some(self.keepalive_secs));
+        }
         let req = session.req_header();
         ctx.request_id = req
             .headers
@@ -261,18 +379,46 @@ impl ProxyHttp for EdgeProxy {
         if req.uri.path() == self.health_path {
             return self.serve_health(session, ctx).await;
         }
-        let Some(host) = request_host(req) else {
-            ctx.local_reply = Some("bad-request");
-            self.reply(
-                session,
-                ctx,
-                400,
-                "text/plain",
-                Bytes::from_static(b"missing Host header\n"),
-            )
-            .await?;
-            return Ok(true);
+        let host = match named_host(req) {
+            Ok(Some(h)) => h,
+            Ok(None) => {
+                return self
+                    .refuse(session, ctx, 400, "bad-request", "missing Host header")
+                    .await
+            }
+            Err(msg) => return self.refuse(session, ctx, 400, "bad-request", msg).await,
         };
+        let host_name = match validate_host(host) {
+            Ok(h) => h.name,
+            Err(e) => {
+                return self
+                    .refuse(session, ctx, 400, "bad-request", &e.to_string())
+                    .await
+            }
+        };
+        let path = match normalize_path(req.uri.path(), self.path_rules) {
+            Ok(p) => p,
+            Err(e) => {
+                return self
+                    .refuse(session, ctx, 400, "bad-request", &e.to_string())
+                    .await
+            }
+        };
+        // Whatever a hop's signature says, a request that already passed this
+        // region is not forwarded again: hop keys can disagree mid-rotation.
+        if forwarding::via_contains(&req.headers, &self.via_name) {
+            self.metrics.loops.inc();
+            tracing::warn!(request_id = %ctx.request_id, "request already passed this region (Via): refused with 508");
+            return self
+                .refuse(
+                    session,
+                    ctx,
+                    508,
+                    "loop",
+                    "loop detected: this request already passed this region",
+                )
+                .await;
+        }
         if let Some(hop) = req.headers.get(HOP_HEADER).and_then(|v| v.to_str().ok()) {
             let signed = SignedRequest {
                 method: req.method.as_str(),
@@ -281,12 +427,26 @@ impl ProxyHttp for EdgeProxy {
             };
             match self.hop.verify(hop, unix_ms(), signed) {
                 Some(src) => ctx.hop_from = Some(src.to_string()),
-                None => {
-                    tracing::debug!(request_id = %ctx.request_id, "invalid x-edge-hop from client stripped")
-                }
+                None => self.invalid_hop(ctx),
             }
         }
-        ctx.route = self.routes.find(host, req.uri.path());
+        ctx.route = self.routes.find(&host_name, &path);
+        ctx.retryable = Retryable::of(&req.method, req.headers.contains_key("idempotency-key"));
+        // The path forwarded is the path matched (origin-form), so the proxy
+        // and the backend agree on the route a request took.
+        let new_uri = match (&path, req.uri.authority()) {
+            (Cow::Borrowed(_), None) => None,
+            _ => {
+                let mut pq = String::with_capacity(path.len() + 32);
+                pq.push_str(&path);
+                if let Some(q) = req.uri.query() {
+                    pq.push('?');
+                    pq.push_str(q);
+                }
+                Some(pq)
+            }
+        };
+        let owned_host = req.uri.authority().is_some().then(|| host.to_string());
         // Our namespace: nothing a client sends under x-edge-* is believed or forwarded.
         let spoofable: Vec<String> = req
             .headers
@@ -294,7 +454,21 @@ impl ProxyHttp for EdgeProxy {
             .filter(|k| k.as_str().starts_with("x-edge-"))
             .map(|k| k.as_str().to_string())
             .collect();
+        if let Some(pq) = new_uri {
+            match http::Uri::builder().path_and_query(pq).build() {
+                Ok(uri) => session.req_header_mut().set_uri(uri),
+                Err(_) => {
+                    return self
+                        .refuse(session, ctx, 400, "bad-request", "path cannot be forwarded")
+                        .await
+                }
+            }
+        }
         let req = session.req_header_mut();
+        if let Some(h) = owned_host {
+            // Absolute-form: the authority becomes the Host the backend sees.
+            req.insert_header(http::header::HOST, h)?;
+        }
         for name in &spoofable {
             req.remove_header(name.as_str());
         }
@@ -324,6 +498,11 @@ impl ProxyHttp for EdgeProxy {
         let route = &self.routes.routes()[route_index];
         let topo = &self.health.topo;
         let upstream = &topo.upstreams[route.upstream];
+        if ctx.budget_upstream.is_none() {
+            self.retry_budgets[route.upstream].start_request();
+            ctx.budget_upstream = Some(route.upstream);
+        }
+        let first_region = ctx.target_region;
         let snap = self.health.snapshot();
         loop {
             let facts = RequestFacts {
@@ -345,6 +524,13 @@ impl ProxyHttp for EdgeProxy {
                     ));
                 }
             };
+            if ctx.same_region_only && first_region.is_some_and(|r| r != index) {
+                // An unsafe request is never retried in another region.
+                return Err(Error::explain(
+                    ErrorType::HTTPStatus(502),
+                    "retry would leave the region",
+                ));
+            }
             ctx.target_region = Some(index);
             if index != topo.local {
                 ctx.backend = None;
@@ -393,14 +579,38 @@ impl ProxyHttp for EdgeProxy {
                 .and_then(|v| v.to_str().ok())
                 .map(str::to_string)
         };
-        let (prior_for, has_proto, has_host) = (
-            existing("x-forwarded-for"),
+        let (prior_for, prior_forwarded, prior_via, has_proto, has_host) = (
+            forwarding::joined(&upstream_request.headers, "x-forwarded-for"),
+            forwarding::joined(&upstream_request.headers, "forwarded"),
+            forwarding::joined(&upstream_request.headers, "via"),
             existing("x-forwarded-proto").is_some(),
             existing("x-forwarded-host").is_some(),
         );
         if let Some(xff) = forwarding::forwarded_for(prior_for.as_deref(), ip, trusted) {
             upstream_request.insert_header("x-forwarded-for", xff)?;
         }
+        // RFC 7239 `Forwarded` is believed exactly when `X-Forwarded-*` is.
+        match (trusted, prior_forwarded) {
+            (true, Some(prev)) => {
+                let host = request_host(session.req_header()).unwrap_or_default();
+                let mine = forwarding::forwarded_element(ip, host, "http");
+                upstream_request.insert_header("forwarded", format!("{prev}, {mine}"))?;
+            }
+            (false, Some(_)) => {
+                upstream_request.remove_header("forwarded");
+            }
+            (_, None) => {}
+        }
+        let version = if session.req_header().version == http::Version::HTTP_2 {
+            "2"
+        } else {
+            "1.1"
+        };
+        let via = match prior_via {
+            Some(prev) => format!("{prev}, {version} {}", self.via_name),
+            None => format!("{version} {}", self.via_name),
+        };
+        upstream_request.insert_header(http::header::VIA, via)?;
         if !(trusted && has_proto) {
             upstream_request.insert_header("x-forwarded-proto", "http")?;
         }
@@ -437,7 +647,8 @@ impl ProxyHttp for EdgeProxy {
         let status = upstream_response.status.as_u16();
         if let (Some(route), Some(b)) = (ctx.route, ctx.backend) {
             let upstream = self.routes.routes()[route].upstream;
-            self.health.observe_response(upstream, b, status < 500);
+            self.health
+                .observe_outcome(upstream, b, Outcome::from_status(status));
             if status >= 500 {
                 let name = &self.health.topo.upstreams[upstream].config.name;
                 self.metrics
@@ -504,7 +715,7 @@ impl ProxyHttp for EdgeProxy {
             _ => "connect",
         };
         self.record_failed_attempt(ctx, kind);
-        self.maybe_retry(session, ctx, &mut e);
+        self.maybe_retry(session, ctx, &mut e, Failure::Connect);
         e
     }
 
@@ -522,12 +733,12 @@ impl ProxyHttp for EdgeProxy {
             return e;
         }
         // The upstream failed before answering (reset, closed keep-alive, read timeout).
-        let kind = match e.etype() {
-            ErrorType::ReadTimedout | ErrorType::WriteTimedout => "timeout",
-            _ => "reset",
+        let (kind, failure) = match e.etype() {
+            ErrorType::ReadTimedout | ErrorType::WriteTimedout => ("timeout", Failure::Timeout),
+            _ => ("reset", Failure::Reset),
         };
         self.record_failed_attempt(ctx, kind);
-        self.maybe_retry(session, ctx, &mut e);
+        self.maybe_retry(session, ctx, &mut e, failure);
         e
     }
 
@@ -537,6 +748,30 @@ impl ProxyHttp for EdgeProxy {
         e: &Error,
         ctx: &mut RequestCtx,
     ) -> FailToProxy {
+        if let Some(started) = session.response_written().map(|r| r.status.as_u16()) {
+            // The response (or an upgraded stream) has begun: writing our own
+            // error now would splice it into the body and let the client take
+            // a truncated response for a complete one. Abort instead: HTTP/1
+            // closes without the terminating chunk, HTTP/2 resets the stream.
+            ctx.aborted = true;
+            let route = ctx
+                .route
+                .map(|r| self.routes.routes()[r].name.as_str())
+                .unwrap_or("-");
+            let region = ctx
+                .target_region
+                .map(|r| self.region_name(r))
+                .unwrap_or("none");
+            self.metrics
+                .upstream_aborted
+                .with_label_values(&[route, region])
+                .inc();
+            session.downstream_session.shutdown().await;
+            return FailToProxy {
+                error_code: started,
+                can_reuse_downstream: false,
+            };
+        }
         let code = match e.etype() {
             ErrorType::HTTPStatus(code) => *code,
             ErrorType::ConnectTimedout | ErrorType::ReadTimedout | ErrorType::WriteTimedout => 504,
@@ -554,6 +789,7 @@ impl ProxyHttp for EdgeProxy {
             let msg = match code {
                 503 => format!("no healthy upstream ({reason})\n"),
                 502 => format!("upstream failed before answering ({reason})\n"),
+                508 => "loop detected\n".to_string(),
                 504 => "upstream timed out\n".to_string(),
                 _ => format!(
                     "{}\n",
@@ -562,6 +798,9 @@ impl ProxyHttp for EdgeProxy {
                         .unwrap_or_default()
                 ),
             };
+            // The connection is not reused after an error (its request body
+            // may be unread): say so, or the client reuses a closing socket.
+            session.set_keepalive(None);
             if let Err(err) = self
                 .reply(session, ctx, code, "text/plain", Bytes::from(msg))
                 .await
@@ -576,6 +815,9 @@ impl ProxyHttp for EdgeProxy {
     }
 
     async fn logging(&self, session: &mut Session, e: Option<&Error>, ctx: &mut RequestCtx) {
+        if let Some(u) = ctx.budget_upstream.take() {
+            self.retry_budgets[u].end_request(ctx.retries_held);
+        }
         let status = session
             .response_written()
             .map(|r| r.status.as_u16())
@@ -638,6 +880,7 @@ impl ProxyHttp for EdgeProxy {
             decision,
             attempts = ctx.attempts + 1,
             hop_from = ctx.hop_from.as_deref(),
+            outcome = if ctx.aborted { "upstream_aborted" } else if e.is_some() { "error" } else { "ok" },
             request_id = %ctx.request_id,
             error = e.map(|e| e.to_string()),
             "request"

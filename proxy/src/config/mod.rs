@@ -18,9 +18,10 @@ use serde::Deserialize;
 use toml::de::{DeTable, DeValue, ValueDeserializer};
 use toml::Spanned;
 
+use crate::path::{normalize_path, EscapedSlashes, PathRules};
 pub use diag::{ConfigError, ConfigErrors};
 use diag::{Locator, Seg};
-use raw::{RawAdmin, RawRegion, RawRoute, RawServer, RawUpstream};
+use raw::{RawAdmin, RawLog, RawRegion, RawRoute, RawServer, RawUpstream};
 
 /// A validated configuration for one proxy.
 #[derive(Debug, Clone)]
@@ -35,6 +36,26 @@ pub struct Config {
     pub upstreams: Vec<UpstreamConfig>,
     /// `[[routes]]`, in file order.
     pub routes: Vec<RouteConfig>,
+    /// `[log]`
+    pub log: LogConfig,
+}
+
+/// `[log]`, validated.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LogConfig {
+    /// Block requests when the log queue is full, instead of dropping lines.
+    pub block_when_full: bool,
+    /// Lines queued for the writer thread.
+    pub queue_lines: usize,
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        LogConfig {
+            block_when_full: false,
+            queue_lines: 16 * 1024,
+        }
+    }
 }
 
 /// `[server]`, validated.
@@ -58,6 +79,12 @@ pub struct ServerConfig {
     pub trusted_proxies: Vec<IpNet>,
     /// Peer RTTs closer than this are ties.
     pub rtt_tolerance: Duration,
+    /// How request paths are normalised before matching.
+    pub path_rules: PathRules,
+    /// After `drain_period`, the longest in-flight requests may still run.
+    pub shutdown_timeout: Duration,
+    /// Idle client keep-alive connections are closed after this.
+    pub keepalive_timeout: Duration,
 }
 
 /// `[admin]`, validated.
@@ -111,14 +138,25 @@ pub struct HealthConfig {
 /// Passive outlier ejection settings.
 #[derive(Debug, Clone)]
 pub struct OutlierConfig {
-    /// Consecutive failures that eject.
-    pub consecutive_failures: u32,
+    /// Consecutive gateway failures (connect, reset, timeout, 502/503/504) that eject.
+    pub consecutive_gateway_failures: u32,
+    /// Consecutive 5xx of any kind that eject; 0 is off.
+    pub consecutive_5xx: u32,
     /// Base ejection time.
     pub base_ejection: Duration,
     /// Longest ejection.
     pub max_ejection: Duration,
     /// Most of a region's backends ejected at once, percent.
     pub max_ejection_percent: u8,
+}
+
+/// Envoy's retry budget for one upstream.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RetryBudgetConfig {
+    /// Retries in flight ≤ this percent of requests in flight.
+    pub budget_percent: u8,
+    /// ... but this many are always allowed.
+    pub min_retry_concurrency: u32,
 }
 
 /// One upstream service.
@@ -138,6 +176,8 @@ pub struct UpstreamConfig {
     pub connect_timeout: Duration,
     /// Read timeout.
     pub read_timeout: Duration,
+    /// Retry budget.
+    pub retry_budget: RetryBudgetConfig,
     /// Backends per region name.
     pub backends: BTreeMap<String, Vec<SocketAddr>>,
 }
@@ -221,9 +261,10 @@ struct Sections {
     regions: Vec<(String, RawRegion)>,
     upstreams: Vec<(String, RawUpstream)>,
     routes: Vec<Option<RawRoute>>,
+    log: RawLog,
 }
 
-const SECTIONS: &str = "server, admin, regions, upstreams, routes";
+const SECTIONS: &str = "server, admin, log, regions, upstreams, routes";
 
 /// Deserialize each section (and each region, upstream and route) on its own,
 /// so that one mistake does not hide the next.
@@ -249,6 +290,11 @@ fn read_sections(
             "admin" => {
                 if let Some(a) = typed(loc, &path, value, errors) {
                     s.admin = a;
+                }
+            }
+            "log" => {
+                if let Some(l) = typed(loc, &path, value, errors) {
+                    s.log = l;
                 }
             }
             "regions" => s.regions = typed_entries(loc, &path, value, errors),
@@ -362,12 +408,30 @@ fn validate(
             "no [[routes]]: the proxy would answer 404 to everything",
         ));
     }
+    let block_when_full = match s.log.on_full.as_str() {
+        "drop" => false,
+        "block" => true,
+        other => {
+            errors.push(loc.at_path(
+                &["log".into(), "on_full".into()],
+                format!("`{other}` is not `drop` or `block`"),
+            ));
+            false
+        }
+    };
+    if s.log.queue_lines == 0 {
+        errors.push(loc.at_path(&["log".into(), "queue_lines".into()], "must be at least 1"));
+    }
     Some(Config {
         server,
         admin,
         regions,
         upstreams,
         routes,
+        log: LogConfig {
+            block_when_full,
+            queue_lines: s.log.queue_lines.max(1),
+        },
     })
 }
 
@@ -414,6 +478,26 @@ fn validate_server(
             )),
         }
     }
+    let escaped_slashes = match raw.escaped_slashes.as_str() {
+        "keep" => EscapedSlashes::Keep,
+        "reject" => EscapedSlashes::Reject,
+        "unescape" => EscapedSlashes::Unescape,
+        other => {
+            errors.push(loc.at_path(
+                &p("escaped_slashes"),
+                format!("`{other}` is not `keep`, `reject` or `unescape`"),
+            ));
+            EscapedSlashes::Keep
+        }
+    };
+    for (key, d) in [
+        ("shutdown_timeout", raw.shutdown_timeout),
+        ("keepalive_timeout", raw.keepalive_timeout),
+    ] {
+        if d.is_zero() {
+            errors.push(loc.at_path(&p(key), "must be more than 0s"));
+        }
+    }
     let region = region_override
         .filter(|r| !r.is_empty())
         .map(str::to_string)
@@ -428,6 +512,12 @@ fn validate_server(
         hop_secret_env: raw.hop_secret_env,
         trusted_proxies: trusted,
         rtt_tolerance: raw.rtt_tolerance,
+        path_rules: PathRules {
+            merge_slashes: raw.merge_slashes,
+            escaped_slashes,
+        },
+        shutdown_timeout: raw.shutdown_timeout,
+        keepalive_timeout: raw.keepalive_timeout,
     }
 }
 
@@ -614,10 +704,16 @@ fn validate_upstream(
             "must be 0..=100",
         ));
     }
-    if o.consecutive_failures == 0 {
+    if o.consecutive_gateway_failures == 0 {
         errors.push(loc.at_path(
-            &at(&["outlier".into(), "consecutive_failures".into()]),
+            &at(&["outlier".into(), "consecutive_gateway_failures".into()]),
             "must be at least 1",
+        ));
+    }
+    if raw.retry_budget.budget_percent > 100 {
+        errors.push(loc.at_path(
+            &at(&["retry_budget".into(), "budget_percent".into()]),
+            "must be 0..=100 (percent)",
         ));
     }
     if raw.panic_threshold > 100 {
@@ -641,7 +737,8 @@ fn validate_upstream(
             unhealthy: h.unhealthy,
         },
         outlier: OutlierConfig {
-            consecutive_failures: o.consecutive_failures,
+            consecutive_gateway_failures: o.consecutive_gateway_failures,
+            consecutive_5xx: o.consecutive_5xx,
             base_ejection: o.base_ejection,
             max_ejection: o.max_ejection.max(o.base_ejection),
             max_ejection_percent: o.max_ejection_percent,
@@ -649,6 +746,10 @@ fn validate_upstream(
         panic_threshold: raw.panic_threshold,
         connect_timeout: raw.connect_timeout,
         read_timeout: raw.read_timeout,
+        retry_budget: RetryBudgetConfig {
+            budget_percent: raw.retry_budget.budget_percent,
+            min_retry_concurrency: raw.retry_budget.min_retry_concurrency,
+        },
         backends,
     })
 }
@@ -669,9 +770,25 @@ fn validate_route(
             None
         }
     };
-    if !raw.path_prefix.starts_with('/') {
-        errors.push(loc.at_path(&at("path_prefix"), "path_prefix must start with `/`"));
-    }
+    // Requests are matched on normalised paths, so a prefix that is not
+    // normal could never match; a trailing `/` is the same segment prefix.
+    let path_prefix = match normalize_path(&raw.path_prefix, PathRules::default()) {
+        Ok(p) if p == raw.path_prefix.as_str() => {
+            let trimmed = raw.path_prefix.trim_end_matches('/');
+            Some(if trimmed.is_empty() { "/" } else { trimmed }.to_string())
+        }
+        Ok(p) => {
+            errors.push(loc.at_path(
+                &at("path_prefix"),
+                format!("path_prefix must be a normalised path (requests are matched after normalisation): write `{p}`"),
+            ));
+            None
+        }
+        Err(e) => {
+            errors.push(loc.at_path(&at("path_prefix"), format!("path_prefix: {e}")));
+            None
+        }
+    };
     let upstream = upstreams.iter().position(|u| u.name == raw.upstream);
     if upstream.is_none() {
         let mut names: Vec<&str> = upstreams.iter().map(|u| u.name.as_str()).collect();
@@ -700,7 +817,7 @@ fn validate_route(
             .name
             .unwrap_or_else(|| format!("{}{}", raw.host, raw.path_prefix)),
         host: host?,
-        path_prefix: raw.path_prefix,
+        path_prefix: path_prefix?,
         upstream: upstream?,
         policy: policy?,
     })

@@ -36,6 +36,60 @@ pub struct RawServer {
     /// Peer RTTs closer than this are ties, decided by `order`.
     #[serde(default = "default_rtt_tolerance", with = "humantime_serde")]
     pub rtt_tolerance: Duration,
+    /// Merge runs of `/` in request paths before matching (Envoy `merge_slashes`).
+    #[serde(default = "default_true")]
+    pub merge_slashes: bool,
+    /// `%2F` and `%5C` in paths: `keep`, `reject` or `unescape`.
+    #[serde(default = "default_escaped_slashes")]
+    pub escaped_slashes: String,
+    /// After `drain_period`, how long in-flight requests may still run.
+    #[serde(default = "default_shutdown_timeout", with = "humantime_serde")]
+    pub shutdown_timeout: Duration,
+    /// How long an idle client keep-alive connection is kept open.
+    #[serde(default = "default_keepalive_timeout", with = "humantime_serde")]
+    pub keepalive_timeout: Duration,
+}
+
+fn default_true() -> bool {
+    true
+}
+fn default_escaped_slashes() -> String {
+    "keep".to_string()
+}
+fn default_shutdown_timeout() -> Duration {
+    Duration::from_secs(30)
+}
+fn default_keepalive_timeout() -> Duration {
+    Duration::from_secs(60)
+}
+
+/// `[log]`
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawLog {
+    /// When the log queue is full: `drop` (count and warn) or `block` the request.
+    #[serde(default = "default_on_full")]
+    pub on_full: String,
+    /// Lines queued for the writer thread before `on_full` applies.
+    #[serde(default = "default_queue_lines")]
+    pub queue_lines: usize,
+}
+
+impl Default for RawLog {
+    fn default() -> Self {
+        RawLog {
+            on_full: default_on_full(),
+            queue_lines: default_queue_lines(),
+        }
+    }
+}
+
+fn default_queue_lines() -> usize {
+    16 * 1024
+}
+
+fn default_on_full() -> String {
+    "drop".to_string()
 }
 
 fn default_rtt_tolerance() -> Duration {
@@ -120,6 +174,9 @@ pub struct RawUpstream {
     /// Timeout for each read from a backend.
     #[serde(default = "default_read_timeout", with = "humantime_serde")]
     pub read_timeout: Duration,
+    /// Envoy's retry budget: retries in flight stay within a share of requests in flight.
+    #[serde(default)]
+    pub retry_budget: RawRetryBudget,
     /// Backends per region, `host:port`.
     #[serde(default)]
     pub backends: BTreeMap<String, Vec<String>>,
@@ -130,6 +187,34 @@ fn default_connect_timeout() -> Duration {
 }
 fn default_read_timeout() -> Duration {
     Duration::from_secs(30)
+}
+
+/// `retry_budget = { ... }`
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawRetryBudget {
+    /// Retries in flight may be at most this percent of requests in flight.
+    #[serde(default = "default_budget_percent")]
+    pub budget_percent: u8,
+    /// Retries always allowed in flight, whatever the percentage says.
+    #[serde(default = "default_min_retry_concurrency")]
+    pub min_retry_concurrency: u32,
+}
+
+impl Default for RawRetryBudget {
+    fn default() -> Self {
+        RawRetryBudget {
+            budget_percent: default_budget_percent(),
+            min_retry_concurrency: default_min_retry_concurrency(),
+        }
+    }
+}
+
+fn default_budget_percent() -> u8 {
+    20
+}
+fn default_min_retry_concurrency() -> u32 {
+    3
 }
 
 /// `health = { ... }`
@@ -189,9 +274,19 @@ fn default_unhealthy() -> u32 {
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawOutlier {
-    /// Consecutive failed responses (5xx or connection errors) that eject a backend.
-    #[serde(default = "default_consecutive_failures")]
-    pub consecutive_failures: u32,
+    /// Consecutive gateway failures (connect error, reset, timeout, 502/503/504)
+    /// that eject a backend (Envoy `consecutive_gateway_failure`).
+    /// `consecutive_failures` is the name earlier releases used.
+    #[serde(
+        default = "default_consecutive_failures",
+        alias = "consecutive_failures"
+    )]
+    pub consecutive_gateway_failures: u32,
+    /// Consecutive responses with any 5xx that eject a backend (Envoy
+    /// `consecutive_5xx`); 0, the default, turns this detector off, since a
+    /// client can make an application answer 500 at will.
+    #[serde(default)]
+    pub consecutive_5xx: u32,
     /// Ejection time is this × the number of times the backend was ejected.
     #[serde(default = "default_base_ejection", with = "humantime_serde")]
     pub base_ejection: Duration,
@@ -206,7 +301,8 @@ pub struct RawOutlier {
 impl Default for RawOutlier {
     fn default() -> Self {
         RawOutlier {
-            consecutive_failures: default_consecutive_failures(),
+            consecutive_gateway_failures: default_consecutive_failures(),
+            consecutive_5xx: 0,
             base_ejection: default_base_ejection(),
             max_ejection: default_max_ejection(),
             max_ejection_percent: default_max_ejection_percent(),

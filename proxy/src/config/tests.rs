@@ -51,7 +51,7 @@ fn three_region_config_validates_with_defaults() {
     let api = &c.upstreams[0];
     assert_eq!(api.health.interval, Duration::from_millis(250));
     assert_eq!(api.health.jitter, Duration::from_millis(25));
-    assert_eq!(api.outlier.consecutive_failures, 5);
+    assert_eq!(api.outlier.consecutive_gateway_failures, 5);
     assert_eq!(c.routes[0].host, HostMatch::Suffix(".example.com".into()));
     assert_eq!(c.routes[0].policy, Policy::Local);
     assert_eq!(c.routes[1].policy, Policy::LocalFirst);

@@ -24,7 +24,7 @@ use serde::{Deserialize, Serialize};
 use crate::config::{Config, RegionConfig, UpstreamConfig};
 use crate::metrics::Metrics;
 use hysteresis::Hysteresis;
-use outlier::OutlierState;
+use outlier::{Outcome, OutlierState};
 
 /// One backend of an upstream.
 #[derive(Debug, Clone)]
@@ -171,6 +171,9 @@ pub struct HealthState {
     snapshot: ArcSwap<Snapshot>,
     metrics: Arc<Metrics>,
     rebuild: Mutex<()>,
+    /// Per upstream: held while counting ejected backends and ejecting one,
+    /// so concurrent failures cannot together exceed `max_ejection_percent`.
+    ejecting: Vec<Mutex<()>>,
 }
 
 impl HealthState {
@@ -225,7 +228,9 @@ impl HealthState {
             eligible_local: Vec::new(),
             serviceable: false,
         };
+        let ejecting = topo.upstreams.iter().map(|_| Mutex::new(())).collect();
         let state = HealthState {
+            ejecting,
             topo,
             backends,
             peers,
@@ -286,43 +291,45 @@ impl HealthState {
     }
 
     /// An outcome of real traffic to a local backend (passive outlier detection).
-    pub fn observe_response(&self, upstream: usize, backend: usize, success: bool) {
+    pub fn observe_outcome(&self, upstream: usize, backend: usize, outcome: Outcome) {
         let now = Instant::now();
         let u = &self.topo.upstreams[upstream];
-        if success {
+        let cfg = &u.config.outlier;
+        if outcome == Outcome::Success {
             // Hot path: one uncontended lock, no scan of the region.
-            self.backends[upstream][backend].lock().outlier.record(
-                true,
-                now,
-                &u.config.outlier,
-                false,
-            );
+            self.backends[upstream][backend]
+                .lock()
+                .outlier
+                .record(outcome, now, cfg, false);
             return;
         }
         let region = u.backends[backend].region;
-        let may = {
-            let ejected = u.by_region[region]
-                .iter()
-                .filter(|&&b| {
-                    b != backend && self.backends[upstream][b].lock().outlier.is_ejected(now)
-                })
-                .count();
-            outlier::may_eject(
-                ejected,
-                u.by_region[region].len(),
-                u.config.outlier.max_ejection_percent,
-            )
+        let ejected = {
+            // Failures are rare; the cap is checked and applied under one lock.
+            let _cap = self.ejecting[upstream].lock();
+            let may = self.backends[upstream][backend]
+                .lock()
+                .outlier
+                .would_eject(outcome, now, cfg)
+                && {
+                    let ejected = u.by_region[region]
+                        .iter()
+                        .filter(|&&b| {
+                            b != backend
+                                && self.backends[upstream][b].lock().outlier.is_ejected(now)
+                        })
+                        .count();
+                    outlier::may_eject(ejected, u.by_region[region].len(), cfg.max_ejection_percent)
+                };
+            self.backends[upstream][backend]
+                .lock()
+                .outlier
+                .record(outcome, now, cfg, may)
         };
-        let ejected = self.backends[upstream][backend].lock().outlier.record(
-            success,
-            now,
-            &u.config.outlier,
-            may,
-        );
         if let Some(time) = ejected {
             let b = &u.backends[backend];
             let region_name = &self.topo.regions[region].name;
-            tracing::warn!(upstream = %u.config.name, backend = %b.label, ejection = ?time, "backend ejected after consecutive failures");
+            tracing::warn!(upstream = %u.config.name, backend = %b.label, ejection = ?time, ?outcome, "backend ejected after consecutive failures");
             self.metrics
                 .ejections
                 .with_label_values(&[
@@ -481,7 +488,13 @@ impl HealthState {
                 valid_hop: false,
                 exclude: &[],
             };
-            !matches!(decide(&views[ui], &facts).target, Target::Unavailable)
+            // A region in panic is serving on health it does not trust:
+            // report it as unable, so the accelerator moves clients away.
+            let d = decide(&views[ui], &facts);
+            !matches!(
+                d.target,
+                Target::Unavailable | Target::Region { panic: true, .. }
+            )
         });
         self.snapshot.store(Arc::new(Snapshot {
             views,

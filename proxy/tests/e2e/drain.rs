@@ -1,4 +1,6 @@
-//! SIGTERM: health turns 503 at once, traffic is served through the drain period, then the process exits.
+//! SIGTERM: health turns 503 at once and responses say `Connection: close`,
+//! traffic is served through the drain period, requests in flight may finish
+//! within `shutdown_timeout`, then the process exits.
 
 use std::time::{Duration, Instant};
 
@@ -52,9 +54,104 @@ async fn sigterm_drains_then_exits() {
         total >= Duration::from_secs(2),
         "exited before the drain period: {total:?}"
     );
+    // Only a hang catcher: nothing is in flight, so the exit follows the
+    // drain period closely (the figure is printed above), but CI shares its
+    // two cores with other tests.
     assert!(
-        total <= Duration::from_secs(2 + 2),
-        "exited later than drain period + 2 s: {total:?}"
+        total <= Duration::from_secs(2 + 15),
+        "exited long after the drain period: {total:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn drain_responses_close_the_connection() {
+    let o = origin("solo", "o1").await;
+    let regions = vec![RegionSpec::new("solo", vec![o.addr()])];
+    let t = Tweaks {
+        drain: "60s",
+        ..Tweaks::default()
+    };
+    let edge = start_region(&regions, 0, &t).await;
+    let http = client();
+    let before = http.get(edge.url("/x")).send().await.expect("GET");
+    assert_ne!(
+        before.headers().get("connection").map(|v| v.as_bytes()),
+        Some(&b"close"[..])
+    );
+    edge.signal("TERM");
+    let closes = eventually(Duration::from_secs(10), || {
+        let (http, url) = (http.clone(), edge.url("/x"));
+        async move {
+            http.get(url).send().await.is_ok_and(|r| {
+                r.status() == 200
+                    && r.headers().get("connection").map(|v| v.as_bytes()) == Some(&b"close"[..])
+            })
+        }
+    })
+    .await;
+    assert!(
+        closes.is_some(),
+        "responses during drain carry Connection: close"
+    );
+    // The accelerator's probe and the admin see the drain; it cannot be cancelled.
+    let cancel = http
+        .delete(edge.admin_url("/drain"))
+        .bearer_auth(ADMIN_TOKEN)
+        .send()
+        .await
+        .expect("DELETE /drain");
+    assert_eq!(cancel.status(), 409, "a SIGTERM drain cannot be cancelled");
+    assert_eq!(
+        http.get(edge.url("/.edge/health"))
+            .send()
+            .await
+            .expect("health")
+            .status(),
+        503
+    );
+    edge.signal("TERM");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn in_flight_request_outlives_the_drain_period() {
+    let o = origin("solo", "o1").await;
+    let regions = vec![RegionSpec::new("solo", vec![o.addr()])];
+    let t = Tweaks {
+        drain: "1s",
+        ..Tweaks::default()
+    };
+    let mut edge = start_region(&regions, 0, &t).await;
+    let http = client();
+    // Answered 3 s after it starts: past the 1 s drain period, well within
+    // the default 30 s shutdown_timeout.
+    let slow = tokio::spawn({
+        let (http, url) = (http.clone(), edge.url("/slow?delay=3s"));
+        async move { http.get(url).send().await.map(|r| r.status().as_u16()) }
+    });
+    let in_flight = eventually(Duration::from_secs(10), || {
+        let http = http.clone();
+        let url = edge.admin_url("/metrics");
+        async move {
+            let Ok(r) = http.get(url).send().await else {
+                return false;
+            };
+            r.text()
+                .await
+                .unwrap_or_default()
+                .lines()
+                .any(|l| l.starts_with("edge_requests_in_flight") && !l.ends_with(" 0"))
+        }
+    })
+    .await;
+    assert!(in_flight.is_some(), "the slow request is in flight");
+    edge.signal("TERM");
+    let status = slow.await.expect("task");
+    assert_eq!(status.ok(), Some(200), "the request in flight completed");
+    let exited = edge.wait_exit(Duration::from_secs(20)).await;
+    assert!(
+        exited.is_some(),
+        "exits once nothing is in flight, well before shutdown_timeout; log:\n{}",
+        edge.log_text()
     );
 }
 

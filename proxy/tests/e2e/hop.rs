@@ -3,6 +3,7 @@
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use edge_router::hop::{HopSigner, SignedRequest};
+use tokio::net::TcpStream;
 
 use crate::support::*;
 
@@ -129,4 +130,97 @@ async fn forged_hops_are_stripped_and_valid_hops_stay_local() {
     // And A, whose own backend is healthy, still forwards nothing.
     let seen = get(&http, &edges[0].url("/x"), &[]).await;
     assert_eq!(seen.upstream_region, "us-east-1");
+}
+
+/// Each region sees its own backend eligible and its peer reachable with a
+/// healthy backend, so each would retry a failed GET in the other.
+fn ready_to_bounce(status: &serde_json::Value) -> bool {
+    let upstream = &status["upstreams"][0];
+    let local = upstream["backends"]
+        .as_array()
+        .is_some_and(|bs| !bs.is_empty() && bs.iter().all(|b| b["eligible"] == true));
+    let peer = upstream["regions"].as_array().is_some_and(|rs| {
+        rs.iter().any(|r| {
+            r["local"] == false && r["reachable"] == true && r["healthy"].as_u64() > Some(0)
+        })
+    });
+    local && peer
+}
+
+/// Two regions whose `EDGE_HOP_SECRET`s differ (a key rotation half done)
+/// cannot bounce a request between them: `Via` stops it on its way back.
+///
+/// Setting up the bounce takes care. A region fails over only to a peer
+/// whose health report (its health path, which carries its local backend
+/// counts) says it has a healthy backend; backends that are really down
+/// would be reported as 0 on both sides, and both would answer 503 without
+/// forwarding anything. So each region's only backend passes its health
+/// probes (`GET /health`) but closes every other request without a word.
+/// Then one GET to A goes:
+///
+/// 1. A's backend resets. A GET may be retried after a reset; with no other
+///    local backend, the retry goes to the next region, B
+///    (`failover:retry`), with a hop signed with A's key and
+///    `Via: 1.1 edge-router.us-east-1`.
+/// 2. B cannot verify A's hop (`edge_hop_invalid_total`), so it serves the
+///    request as a client's: its own backend resets too, and its retry goes
+///    to the only other region, A, with `Via` naming both regions.
+/// 3. A cannot verify B's hop either. Without `Via` it would serve the
+///    request as a new one and send it round again, a loop bounded only by
+///    the retry budgets; with `Via` it sees its own name and answers 508
+///    (`edge_loops_total`), which travels back through B to the client.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn hop_key_mismatch_cannot_bounce_between_regions() {
+    let closes = |stream: TcpStream, _head: String| async move { drop(stream) };
+    let regions = vec![
+        RegionSpec::new("us-east-1", vec![raw_origin(closes).await]),
+        RegionSpec::new("eu-west-1", vec![raw_origin(closes).await]),
+    ];
+    let t = Tweaks::default();
+    let start = |i: usize, secret: &'static str| {
+        let config = config_for(&regions, i, &t);
+        let (port, admin) = (regions[i].port, regions[i].admin);
+        async move { Edge::start_with_env(&config, port, admin, &[("EDGE_HOP_SECRET", secret)]).await }
+    };
+    let a = start(0, "hop-key-a").await;
+    let b = start(1, "hop-key-b").await;
+    let http = client();
+
+    let ready = eventually(Duration::from_secs(15), || async {
+        ready_to_bounce(&status_json(&http, &a).await)
+            && ready_to_bounce(&status_json(&http, &b).await)
+    })
+    .await;
+    assert!(
+        ready.is_some(),
+        "both regions must look able to serve;\nA: {}\nB: {}",
+        status_json(&http, &a).await,
+        status_json(&http, &b).await
+    );
+
+    // The client's timeout (10 s) catches a request that never ends.
+    let resp = http.get(a.url("/bounce")).send().await.unwrap_or_else(|e| {
+        panic!(
+            "no answer: {e}\nA's log:\n{}\nB's log:\n{}",
+            a.log_text(),
+            b.log_text()
+        )
+    });
+    let status = resp.status().as_u16();
+    let (ma, mb) = (metrics(&http, &a).await, metrics(&http, &b).await);
+    let loops = metric_total(&ma, "edge_loops_total") + metric_total(&mb, "edge_loops_total");
+    println!("bounce: status {status}, loops refused {loops} (508 expected, refused by A)");
+    assert!(
+        (500..600).contains(&status),
+        "status {status}; A's log:\n{}",
+        a.log_text()
+    );
+    assert!(
+        status == 508 || loops >= 1.0,
+        "the loop was not recognised (status {status}):\nA:\n{ma}\nB:\n{mb}"
+    );
+    assert!(
+        metric_total(&mb, "edge_hop_invalid_total") >= 1.0,
+        "B counts the hop it could not verify:\n{mb}"
+    );
 }

@@ -2,9 +2,13 @@
 
 mod support;
 
+mod access_log;
 mod admin;
 mod check_cli;
 mod drain;
 mod failover;
 mod hop;
 mod outlier;
+mod request_path;
+mod retries;
+mod upstream_abort;

@@ -1,12 +1,16 @@
 //! Test harness: real `edge-router` processes and real origins on 127.0.0.1.
 
 use std::fmt::Write as _;
+use std::future::Future;
 use std::net::{SocketAddr, TcpListener};
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use edge_loadtest::origin::{Origin, OriginIdentity};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
 
 pub const HOP_SECRET: &str = "e2e-hop-secret";
 pub const ADMIN_TOKEN: &str = "e2e-admin-token";
@@ -60,6 +64,10 @@ pub struct Tweaks {
     pub health: &'static str,
     pub outlier: &'static str,
     pub drain: &'static str,
+    /// Raw TOML lines added to `[upstreams.api]`, e.g. `read_timeout = "500ms"`.
+    pub upstream_extra: &'static str,
+    /// Raw TOML appended at the end (e.g. a `[log]` section).
+    pub tail: &'static str,
 }
 
 impl Default for Tweaks {
@@ -69,6 +77,8 @@ impl Default for Tweaks {
             health: r#"{ path = "/health", interval = "200ms", jitter = "0ms", timeout = "200ms", healthy = 2, unhealthy = 2 }"#,
             outlier: r#"{ consecutive_failures = 5, base_ejection = "30s", max_ejection_percent = 50 }"#,
             drain: "2s",
+            upstream_extra: "",
+            tail: "",
         }
     }
 }
@@ -96,6 +106,9 @@ pub fn config_for(regions: &[RegionSpec], me: usize, t: &Tweaks) -> String {
         "[upstreams.api]\nhealth = {}\noutlier = {}",
         t.health, t.outlier
     );
+    if !t.upstream_extra.is_empty() {
+        let _ = writeln!(s, "{}", t.upstream_extra);
+    }
     for other in regions {
         let list: Vec<String> = other.backends.iter().map(|a| format!("\"{a}\"")).collect();
         let _ = writeln!(s, "backends.{} = [{}]", other.name, list.join(", "));
@@ -105,6 +118,7 @@ pub fn config_for(regions: &[RegionSpec], me: usize, t: &Tweaks) -> String {
         "\n[[routes]]\nname = \"api\"\nhost = \"{}\"\nupstream = \"api\"\npolicy = \"local-first\"",
         t.host
     );
+    s.push_str(t.tail);
     s
 }
 
@@ -124,17 +138,28 @@ pub fn edge_binary() -> &'static str {
 impl Edge {
     /// Start the real binary and wait until its health path answers.
     pub async fn start(config: &str, port: u16, admin: u16) -> Edge {
+        Edge::start_with_env(config, port, admin, &[]).await
+    }
+
+    /// [`Edge::start`] with extra environment variables, which override the
+    /// harness's (e.g. another `EDGE_HOP_SECRET` than [`HOP_SECRET`]).
+    pub async fn start_with_env(config: &str, port: u16, admin: u16, env: &[(&str, &str)]) -> Edge {
         let dir = tempfile::tempdir().expect("tempdir");
         let path = dir.path().join("edge.toml");
         std::fs::write(&path, config).expect("write config");
         let log = dir.path().join("edge.log");
-        let child = Command::new(edge_binary())
+        let mut command = Command::new(edge_binary());
+        command
             .args(["run", "-c"])
             .arg(&path)
             .env("EDGE_HOP_SECRET", HOP_SECRET)
             .env("EDGE_ADMIN_TOKEN", ADMIN_TOKEN)
             .env("EDGE_LOG", "info")
-            .env_remove("EDGE_REGION")
+            .env_remove("EDGE_REGION");
+        for (key, value) in env {
+            command.env(key, value);
+        }
+        let child = command
             .stdout(Stdio::null())
             .stderr(std::fs::File::create(&log).expect("log file"))
             .spawn()
@@ -258,6 +283,21 @@ pub struct Seen {
     pub body: String,
 }
 
+/// A GET whose transport error is recorded as status 0 (with the error as
+/// body) instead of a panic, for load loops that report every failure.
+pub async fn try_get(c: &reqwest::Client, url: &str) -> Seen {
+    match c.get(url).send().await {
+        Ok(resp) => seen(resp).await,
+        Err(e) => Seen {
+            status: 0,
+            upstream_region: String::new(),
+            decision: String::new(),
+            origin: String::new(),
+            body: e.to_string(),
+        },
+    }
+}
+
 pub async fn get(c: &reqwest::Client, url: &str, headers: &[(&str, &str)]) -> Seen {
     let mut req = c.get(url);
     for (k, v) in headers {
@@ -267,6 +307,10 @@ pub async fn get(c: &reqwest::Client, url: &str, headers: &[(&str, &str)]) -> Se
         .send()
         .await
         .unwrap_or_else(|e| panic!("GET {url}: {e}"));
+    seen(resp).await
+}
+
+async fn seen(resp: reqwest::Response) -> Seen {
     let h = |name: &str| {
         resp.headers()
             .get(name)
@@ -304,4 +348,240 @@ where
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     None
+}
+
+/// The sum of every sample of metric `name` in Prometheus text (0 when absent).
+pub fn metric_total(text: &str, name: &str) -> f64 {
+    text.lines()
+        .filter(|l| {
+            l.strip_prefix(name)
+                .is_some_and(|rest| rest.starts_with('{') || rest.starts_with(' '))
+        })
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+/// Raw exchanges wait this long only to catch a hang.
+const RAW_HANG: Duration = Duration::from_secs(10);
+
+/// Where the head of an HTTP/1 message ends: just past its blank line.
+pub fn head_end(bytes: &[u8]) -> Option<usize> {
+    bytes
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .map(|i| i + 4)
+}
+
+/// A request head (up to the blank line) read off a socket; None if the peer
+/// closes first. Test requests have no body.
+async fn read_request_head(stream: &mut TcpStream) -> Option<String> {
+    let mut buf = Vec::new();
+    let mut chunk = [0u8; 4096];
+    while head_end(&buf).is_none() {
+        if buf.len() > 64 * 1024 {
+            return None;
+        }
+        let n = stream.read(&mut chunk).await.ok()?;
+        if n == 0 {
+            return None;
+        }
+        buf.extend_from_slice(&chunk[..n]);
+    }
+    Some(String::from_utf8_lossy(&buf).into_owned())
+}
+
+const HEALTH_OK: &[u8] = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\nconnection: close\r\n\r\nok";
+
+/// A hand-written HTTP/1.1 origin for tests of misbehaving backends. It
+/// answers the proxy's health probes (`GET /health`, the [`Tweaks`] default)
+/// itself, with `connection: close` so no probe reuses a connection, and
+/// hands every other request's socket and head to `misbehave`. It serves
+/// until the test's runtime shuts down.
+pub async fn raw_origin<F, Fut>(misbehave: F) -> SocketAddr
+where
+    F: Fn(TcpStream, String) -> Fut + Send + Sync + 'static,
+    Fut: Future<Output = ()> + Send + 'static,
+{
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("raw origin binds");
+    let addr = listener.local_addr().expect("raw origin address");
+    let misbehave = Arc::new(misbehave);
+    tokio::spawn(async move {
+        loop {
+            let Ok((mut stream, _)) = listener.accept().await else {
+                continue;
+            };
+            let misbehave = misbehave.clone();
+            tokio::spawn(async move {
+                let Some(head) = read_request_head(&mut stream).await else {
+                    return;
+                };
+                if head.split_ascii_whitespace().nth(1) == Some("/health") {
+                    let _ = stream.write_all(HEALTH_OK).await;
+                    let _ = stream.shutdown().await;
+                } else {
+                    (*misbehave)(stream, head).await;
+                }
+            });
+        }
+    });
+    addr
+}
+
+/// Send `request` exactly as written to the edge on 127.0.0.1:`port` and
+/// read until the edge closes the connection (a reset counts as closed).
+/// Panics if it is still open after 10 s: that is a hang.
+pub async fn raw_until_eof(port: u16, request: &str) -> Vec<u8> {
+    let mut stream = TcpStream::connect(("127.0.0.1", port))
+        .await
+        .expect("connect to the edge");
+    stream
+        .write_all(request.as_bytes())
+        .await
+        .expect("send the request");
+    let mut out = Vec::new();
+    let closed = tokio::time::timeout(RAW_HANG, stream.read_to_end(&mut out)).await;
+    assert!(
+        closed.is_ok(),
+        "the edge did not close the connection within {RAW_HANG:?}; received so far:\n{}",
+        String::from_utf8_lossy(&out)
+    );
+    out
+}
+
+/// A response read off a raw socket.
+#[derive(Debug)]
+pub struct RawResponse {
+    pub status: u16,
+    /// Header lines in order, names lower-cased.
+    pub headers: Vec<(String, String)>,
+    /// The body, de-chunked.
+    pub body: Vec<u8>,
+}
+
+impl RawResponse {
+    /// The first value of header `name` (lower case).
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, v)| v.as_str())
+    }
+
+    pub fn text(&self) -> String {
+        String::from_utf8_lossy(&self.body).into_owned()
+    }
+
+    /// The body as JSON (the stock origin's answer).
+    pub fn json(&self) -> serde_json::Value {
+        serde_json::from_slice(&self.body)
+            .unwrap_or_else(|e| panic!("body is not JSON ({e}): {self:?}\n{}", self.text()))
+    }
+}
+
+/// Send `request` exactly as written (reqwest would normalise the path or
+/// refuse the Host) to the edge on 127.0.0.1:`port` and read one response:
+/// its head, then a Content-Length body, a chunked body, or all up to EOF.
+pub async fn raw_request(port: u16, request: &str) -> RawResponse {
+    let mut stream = TcpStream::connect(("127.0.0.1", port))
+        .await
+        .expect("connect to the edge");
+    stream
+        .write_all(request.as_bytes())
+        .await
+        .expect("send the request");
+    let mut buf = Vec::new();
+    let read = tokio::time::timeout(RAW_HANG, async {
+        let mut chunk = [0u8; 8192];
+        loop {
+            if let Some(r) = parse_response(&buf, false) {
+                return Some(r);
+            }
+            match stream.read(&mut chunk).await {
+                Ok(0) | Err(_) => return parse_response(&buf, true),
+                Ok(n) => buf.extend_from_slice(&chunk[..n]),
+            }
+        }
+    })
+    .await;
+    match read {
+        Ok(Some(resp)) => resp,
+        Ok(None) => panic!(
+            "the edge closed the connection without a response head; received:\n{}",
+            String::from_utf8_lossy(&buf)
+        ),
+        Err(_) => panic!(
+            "no complete response within {RAW_HANG:?}; received so far:\n{}",
+            String::from_utf8_lossy(&buf)
+        ),
+    }
+}
+
+/// A complete response in `buf`, or None while more bytes are needed
+/// (`eof`: no more will come, so whatever arrived is the body).
+fn parse_response(buf: &[u8], eof: bool) -> Option<RawResponse> {
+    let end = head_end(buf)?;
+    let head = String::from_utf8_lossy(&buf[..end]);
+    let mut lines = head.split("\r\n");
+    let status = lines
+        .next()?
+        .split_ascii_whitespace()
+        .nth(1)?
+        .parse::<u16>()
+        .ok()?;
+    let headers: Vec<(String, String)> = lines
+        .filter_map(|l| l.split_once(':'))
+        .map(|(n, v)| (n.trim().to_ascii_lowercase(), v.trim().to_string()))
+        .collect();
+    let find = |name: &str| {
+        headers
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, v)| v.as_str())
+    };
+    let chunked =
+        find("transfer-encoding").is_some_and(|te| te.to_ascii_lowercase().contains("chunked"));
+    let length = find("content-length").and_then(|l| l.parse::<usize>().ok());
+    let rest = &buf[end..];
+    let body = if matches!(status, 100..=199 | 204 | 304) {
+        Some(Vec::new())
+    } else if chunked {
+        decode_chunked(rest)
+    } else if let Some(len) = length {
+        (rest.len() >= len).then(|| rest[..len].to_vec())
+    } else {
+        None
+    };
+    let body = match (body, eof) {
+        (Some(b), _) => b,
+        (None, true) => rest.to_vec(),
+        (None, false) => return None,
+    };
+    Some(RawResponse {
+        status,
+        headers,
+        body,
+    })
+}
+
+/// A complete chunked body, decoded; None while it is incomplete.
+fn decode_chunked(mut data: &[u8]) -> Option<Vec<u8>> {
+    let mut out = Vec::new();
+    loop {
+        let line_end = data.windows(2).position(|w| w == b"\r\n")?;
+        let size_line = std::str::from_utf8(&data[..line_end]).ok()?;
+        let size = usize::from_str_radix(size_line.split(';').next()?.trim(), 16).ok()?;
+        data = &data[line_end + 2..];
+        if size == 0 {
+            // The last chunk, then trailers up to a blank line.
+            let done = data.starts_with(b"\r\n") || head_end(data).is_some();
+            return done.then_some(out);
+        }
+        if data.len() < size + 2 {
+            return None;
+        }
+        out.extend_from_slice(&data[..size]);
+        data = &data[size + 2..];
+    }
 }

@@ -1,0 +1,80 @@
+//! The access log never blocks a request: a stalled reader of stderr costs
+//! log lines (counted), never traffic.
+
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use crate::support::*;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_stalled_log_reader_never_blocks_requests() {
+    let o = origin("solo", "o1").await;
+    let regions = vec![RegionSpec::new("solo", vec![o.addr()])];
+    let t = Tweaks {
+        // A small queue so that the test fills it quickly.
+        tail: "[log]\nqueue_lines = 64\n",
+        ..Tweaks::default()
+    };
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("edge.toml");
+    std::fs::write(&path, config_for(&regions, 0, &t)).expect("config");
+    // stderr is a pipe nobody reads: once its 64 KiB buffer is full, every
+    // write the log thread makes blocks for good.
+    let mut child = Command::new(edge_binary())
+        .args(["run", "-c"])
+        .arg(&path)
+        .env("EDGE_HOP_SECRET", HOP_SECRET)
+        .env("EDGE_LOG", "info")
+        .env_remove("EDGE_REGION")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("edge-router starts");
+    let _stderr_never_read = child.stderr.take();
+    let r = &regions[0];
+    let (url, health, admin) = (
+        format!("http://127.0.0.1:{}/x", r.port),
+        format!("http://127.0.0.1:{}/.edge/health", r.port),
+        format!("http://127.0.0.1:{}/metrics", r.admin),
+    );
+    let http = client();
+    let up = eventually(Duration::from_secs(30), || {
+        let (http, health) = (http.clone(), health.clone());
+        async move { http.get(health).send().await.is_ok() }
+    })
+    .await;
+    assert!(up.is_some(), "edge-router did not start");
+    // Each access-log line is a few hundred bytes: 3,000 requests write far
+    // more than the pipe and the queue can hold.
+    for i in 0..3000 {
+        let resp = http.get(&url).send().await;
+        let status = resp.map(|r| r.status().as_u16()).unwrap_or(0);
+        assert_eq!(
+            status, 200,
+            "request {i} failed while the log reader is stalled"
+        );
+    }
+    let health_status = http
+        .get(&health)
+        .send()
+        .await
+        .map(|r| r.status().as_u16())
+        .unwrap_or(0);
+    assert_eq!(health_status, 200, "the health path still answers");
+    let text = http
+        .get(&admin)
+        .send()
+        .await
+        .expect("metrics")
+        .text()
+        .await
+        .expect("metrics body");
+    let dropped = text
+        .lines()
+        .find(|l| l.starts_with("edge_log_dropped_total"))
+        .and_then(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .unwrap_or(0.0);
+    assert!(dropped > 0.0, "dropped lines are counted:\n{text}");
+    let _ = child.kill();
+    let _ = child.wait();
+}
