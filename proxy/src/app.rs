@@ -15,6 +15,7 @@ use pingora::services::listening::Service;
 
 use crate::admin::AdminApp;
 use crate::config::Config;
+use crate::downstream::{ClientLimits, EdgeApp};
 use crate::health::prober::Prober;
 use crate::health::{HealthState, Topology};
 use crate::hop::HopSigner;
@@ -87,6 +88,9 @@ fn prime_metrics(metrics: &Metrics, config: &Config, topo: &Topology) {
         }
     }
     metrics.draining.set(0);
+    for kind in ["max_connections", "header_timeout", "header_too_large"] {
+        metrics.client_refusals.with_label_values(&[kind]);
+    }
 }
 
 /// Add one region's services to `server`; returns its drain state.
@@ -112,7 +116,6 @@ pub fn add_region(
         debug_headers: config.server.debug_headers,
         trusted_proxies: config.server.trusted_proxies.clone(),
         path_rules: config.server.path_rules,
-        keepalive_secs: config.server.keepalive_timeout.as_secs().max(1),
         retry_budgets: config
             .upstreams
             .iter()
@@ -121,10 +124,16 @@ pub fn add_region(
         via_name: crate::forwarding::via_pseudonym(&region),
         hop_warned_ms: AtomicU64::new(0),
     };
-    let mut traffic = pingora::proxy::http_proxy_service_with_name(
-        &server.configuration,
-        proxy,
-        &format!("edge-router {region}"),
+    let mut http = pingora::proxy::HttpProxy::new(proxy, server.configuration.clone());
+    http.handle_init_modules();
+    let limits = ClientLimits {
+        max_connections: config.server.max_connections,
+        header_read_timeout: config.server.header_read_timeout,
+        keepalive_timeout: config.server.keepalive_timeout,
+    };
+    let mut traffic = Service::new(
+        format!("edge-router {region}"),
+        EdgeApp::new(http, limits, metrics.clone()),
     );
     for addr in &config.server.listen {
         traffic.add_tcp(&addr.to_string());

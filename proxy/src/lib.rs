@@ -12,6 +12,7 @@ pub mod admin;
 pub mod app;
 pub mod config;
 pub mod demo;
+pub mod downstream;
 pub mod forwarding;
 pub mod health;
 pub mod hop;

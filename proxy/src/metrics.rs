@@ -45,6 +45,8 @@ pub struct Metrics {
     pub log_dropped: IntCounter,
     /// Requests in flight on the traffic listener.
     pub in_flight: IntGauge,
+    /// Client connections or heads refused before the proxy: max_connections, header_timeout, header_too_large.
+    pub client_refusals: IntCounterVec,
 }
 
 impl Metrics {
@@ -181,6 +183,11 @@ impl Metrics {
                 registry.register(Box::new(g.clone()))?;
                 g
             },
+            client_refusals: counter(
+                "edge_client_refusals_total",
+                "Client connections closed before a request: max_connections, header_timeout (408), header_too_large (431).",
+                &["kind"],
+            )?,
             peer_rtt,
             draining,
             registry,

@@ -59,8 +59,6 @@ pub struct EdgeProxy {
     pub trusted_proxies: Vec<IpNet>,
     /// Path normalisation rules.
     pub path_rules: PathRules,
-    /// Client keep-alive, whole seconds.
-    pub keepalive_secs: u64,
     /// Per upstream: requests and retries in flight.
     pub retry_budgets: Vec<RetryBudget>,
     /// This region's `Via` pseudonym.
@@ -365,8 +363,6 @@ impl ProxyHttp for EdgeProxy {
         if self.lifecycle.is_draining() {
             // Clients reconnect, and the accelerator sends them to another region.
             session.set_keepalive(None);
-        } else if self.keepalive_secs != 60 {
-            session.set_keepalive(Some(self.keepalive_secs));
         }
         let req = session.req_header();
         ctx.request_id = req

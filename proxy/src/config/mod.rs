@@ -85,6 +85,10 @@ pub struct ServerConfig {
     pub shutdown_timeout: Duration,
     /// Idle client keep-alive connections are closed after this.
     pub keepalive_timeout: Duration,
+    /// A request head must arrive within this.
+    pub header_read_timeout: Duration,
+    /// Open client connections at most (0: no limit).
+    pub max_connections: usize,
 }
 
 /// `[admin]`, validated.
@@ -493,6 +497,7 @@ fn validate_server(
     for (key, d) in [
         ("shutdown_timeout", raw.shutdown_timeout),
         ("keepalive_timeout", raw.keepalive_timeout),
+        ("header_read_timeout", raw.header_read_timeout),
     ] {
         if d.is_zero() {
             errors.push(loc.at_path(&p(key), "must be more than 0s"));
@@ -518,6 +523,8 @@ fn validate_server(
         },
         shutdown_timeout: raw.shutdown_timeout,
         keepalive_timeout: raw.keepalive_timeout,
+        header_read_timeout: raw.header_read_timeout,
+        max_connections: raw.max_connections,
     }
 }
 

@@ -48,6 +48,19 @@ pub struct RawServer {
     /// How long an idle client keep-alive connection is kept open.
     #[serde(default = "default_keepalive_timeout", with = "humantime_serde")]
     pub keepalive_timeout: Duration,
+    /// A request head must arrive within this (else 408).
+    #[serde(default = "default_header_read_timeout", with = "humantime_serde")]
+    pub header_read_timeout: Duration,
+    /// Open client connections at most; beyond it new ones are closed. 0: no limit.
+    #[serde(default = "default_max_connections")]
+    pub max_connections: usize,
+}
+
+fn default_header_read_timeout() -> Duration {
+    Duration::from_secs(10)
+}
+fn default_max_connections() -> usize {
+    10_000
 }
 
 fn default_true() -> bool {

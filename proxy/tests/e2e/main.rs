@@ -11,4 +11,5 @@ mod hop;
 mod outlier;
 mod request_path;
 mod retries;
+mod slow_clients;
 mod upstream_abort;

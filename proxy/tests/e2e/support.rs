@@ -68,6 +68,8 @@ pub struct Tweaks {
     pub upstream_extra: &'static str,
     /// Raw TOML appended at the end (e.g. a `[log]` section).
     pub tail: &'static str,
+    /// Raw TOML lines added to `[server]`.
+    pub server_extra: &'static str,
 }
 
 impl Default for Tweaks {
@@ -79,6 +81,7 @@ impl Default for Tweaks {
             drain: "2s",
             upstream_extra: "",
             tail: "",
+            server_extra: "",
         }
     }
 }
@@ -89,8 +92,8 @@ pub fn config_for(regions: &[RegionSpec], me: usize, t: &Tweaks) -> String {
     let mut s = String::new();
     let _ = writeln!(
         s,
-        "[server]\nregion = \"{}\"\nlisten = [\"127.0.0.1:{}\"]\nthreads = 1\ndebug_headers = true\n# Loopback RTTs are noise: let `order` decide the nearest region.\nrtt_tolerance = \"1s\"\ndrain_period = \"{}\"\n\n[admin]\nlisten = \"127.0.0.1:{}\"\n",
-        r.name, r.port, t.drain, r.admin
+        "[server]\nregion = \"{}\"\nlisten = [\"127.0.0.1:{}\"]\nthreads = 1\ndebug_headers = true\n# Loopback RTTs are noise: let `order` decide the nearest region.\nrtt_tolerance = \"1s\"\ndrain_period = \"{}\"\n{}\n\n[admin]\nlisten = \"127.0.0.1:{}\"\n",
+        r.name, r.port, t.drain, t.server_extra, r.admin
     );
     if regions.len() > 1 {
         for (j, other) in regions.iter().enumerate() {
