@@ -123,9 +123,12 @@ async fn stalled_origin_is_reported_with_coordinated_omission_correction() {
         open_max > 1300.0,
         "open-loop max {open_max} ms hides the stall"
     );
+    // Closed loop measures service time only: at least the delay, and below
+    // the open loop's corrected figure (a relation, not a speed bound, so a
+    // busy CI machine slows both alike).
     assert!(
-        closed_p50 < 700.0,
-        "closed loop measures service time only: {closed_p50}"
+        closed_p50 >= 500.0 && closed_p50 < open_p50,
+        "closed loop measures service time only: {closed_p50} vs open {open_p50}"
     );
     assert!(
         open["unsent"].as_u64().unwrap() > 0,

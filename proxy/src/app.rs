@@ -123,6 +123,7 @@ pub fn add_region(
             .collect(),
         via_name: crate::forwarding::via_pseudonym(&region),
         hop_warned_ms: AtomicU64::new(0),
+        loop_warned_ms: AtomicU64::new(0),
     };
     let mut http = pingora::proxy::HttpProxy::new(proxy, server.configuration.clone());
     http.handle_init_modules();

@@ -50,11 +50,12 @@ pub struct EdgeApp {
 }
 
 /// Counts one open connection until dropped.
-struct Open<'a>(&'a AtomicUsize);
+struct Open<'a>(&'a AtomicUsize, &'a Metrics);
 
 impl Drop for Open<'_> {
     fn drop(&mut self) {
         self.0.fetch_sub(1, Ordering::Relaxed);
+        self.1.client_connections.dec();
     }
 }
 
@@ -89,7 +90,10 @@ impl EdgeApp {
                 (max == 0 || n < max).then_some(n + 1)
             })
             .is_ok();
-        admitted.then(|| Open(&self.open))
+        admitted.then(|| {
+            self.metrics.client_connections.inc();
+            Open(&self.open, &self.metrics)
+        })
     }
 
     /// Read one request head: the first byte within `idle` (None: the

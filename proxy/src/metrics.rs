@@ -47,6 +47,8 @@ pub struct Metrics {
     pub in_flight: IntGauge,
     /// Client connections or heads refused before the proxy: max_connections, header_timeout, header_too_large.
     pub client_refusals: IntCounterVec,
+    /// Open client connections on the traffic listener.
+    pub client_connections: IntGauge,
 }
 
 impl Metrics {
@@ -188,6 +190,17 @@ impl Metrics {
                 "Client connections closed before a request: max_connections, header_timeout (408), header_too_large (431).",
                 &["kind"],
             )?,
+            client_connections: {
+                let g = IntGauge::with_opts(
+                    Opts::new(
+                        "edge_client_connections",
+                        "Open client connections on the traffic listeners (nginx's active connections).",
+                    )
+                    .const_label("region", region),
+                )?;
+                registry.register(Box::new(g.clone()))?;
+                g
+            },
             peer_rtt,
             draining,
             registry,

@@ -19,7 +19,7 @@ pub enum EscapedSlashes {
     Keep,
     /// Answer 400.
     Reject,
-    /// Decode `%2F` to `/` and `%5C` to `\` before dot-segments and merging.
+    /// Decode `%2F` to `/` before dot-segments and merging; `%5C` is refused.
     Unescape,
 }
 
@@ -81,7 +81,9 @@ fn is_normal(path: &str, rules: PathRules) -> Result<bool, PathError> {
     let mut normal = true;
     for (i, &c) in b.iter().enumerate() {
         match c {
-            0..=0x20 | 0x7f..=0xff => return Err(PathError::BadByte),
+            // A raw `\` is a separator to some backends (IIS, Windows) and
+            // not to others: refused rather than guessed.
+            0..=0x20 | 0x7f..=0xff | b'\\' => return Err(PathError::BadByte),
             b'%' => normal = false,
             b'/' => {
                 let next = &b[i + 1..];
@@ -98,7 +100,10 @@ fn is_normal(path: &str, rules: PathRules) -> Result<bool, PathError> {
 /// `.` or `..` as a whole segment at the start of `rest`.
 fn dot_segment_at(rest: &[u8]) -> bool {
     let seg_end = rest.iter().position(|&c| c == b'/').unwrap_or(rest.len());
-    matches!(&rest[..seg_end], b"." | b"..")
+    // `..;x` is `..` to servlet containers (path parameters): it counts.
+    let seg = &rest[..seg_end];
+    let before_params = seg.split(|&c| c == b';').next().unwrap_or(seg);
+    matches!(before_params, b"." | b"..")
 }
 
 fn hex(c: u8) -> Option<u8> {
@@ -135,7 +140,9 @@ fn decode(path: &str, rules: PathRules) -> Result<String, PathError> {
         match v {
             b'/' | b'\\' => match rules.escaped_slashes {
                 EscapedSlashes::Reject => return Err(PathError::EscapedSlash),
-                EscapedSlashes::Unescape => out.push(v as char),
+                EscapedSlashes::Unescape if v == b'/' => out.push('/'),
+                // A decoded `\` would be ambiguous (see `is_normal`).
+                EscapedSlashes::Unescape => return Err(PathError::EscapedSlash),
                 EscapedSlashes::Keep => {
                     out.push('%');
                     out.push(UPPER[usize::from(h)] as char);
@@ -159,6 +166,11 @@ fn remove_dot_segments(path: &str) -> String {
     let mut segments: Vec<&str> = Vec::new();
     let mut ends_in_dot = false;
     for seg in path[1..].split('/') {
+        // Path parameters on a dot-segment (`..;x`) do not hide it.
+        let seg = match seg.split(';').next() {
+            Some(d @ ("." | "..")) => d,
+            _ => seg,
+        };
         ends_in_dot = matches!(seg, "." | "..");
         match seg {
             "." => {}
@@ -205,7 +217,8 @@ pub fn prefix_matches(prefix: &str, path: &str) -> bool {
         return true;
     }
     match path.strip_prefix(prefix) {
-        Some(rest) => rest.is_empty() || rest.starts_with('/'),
+        // `;` starts path parameters: `/admin;x` is the segment `admin`.
+        Some(rest) => rest.is_empty() || rest.starts_with('/') || rest.starts_with(';'),
         None => false,
     }
 }
@@ -294,9 +307,18 @@ mod tests {
             Ok("/admin")
         );
         assert_eq!(
-            with("/a%5Cb", EscapedSlashes::Unescape, true).as_deref(),
-            Ok("/a\\b")
+            with("/a%5Cb", EscapedSlashes::Unescape, true),
+            Err(PathError::EscapedSlash)
         );
+    }
+
+    #[test]
+    fn backslashes_and_path_parameters_cannot_hide_segments() {
+        assert_eq!(n("/public\\..\\admin"), Err(PathError::BadByte));
+        assert_eq!(n("/public/..;/admin/x").as_deref(), Ok("/admin/x"));
+        assert_eq!(n("/public/.;x/a").as_deref(), Ok("/public/a"));
+        assert!(prefix_matches("/admin", "/admin;jsessionid=1/x"));
+        assert!(!prefix_matches("/admin", "/admin.;x"));
     }
 
     #[test]

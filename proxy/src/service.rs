@@ -36,7 +36,7 @@ use crate::routing::RouteTable;
 const MAX_ATTEMPTS: u32 = 3;
 /// Idle upstream connections are kept this long for reuse.
 const UPSTREAM_IDLE: Duration = Duration::from_secs(60);
-/// At most one warning per this interval for hops that fail verification.
+/// At most one warning per this interval for invalid hops, and for loops.
 const HOP_WARN_INTERVAL_MS: u64 = 10_000;
 
 /// Everything one region's proxy needs to handle a request.
@@ -65,6 +65,8 @@ pub struct EdgeProxy {
     pub via_name: String,
     /// When an invalid hop was last warned about (unix ms), for the rate limit.
     pub hop_warned_ms: AtomicU64,
+    /// When a Via loop was last warned about (unix ms).
+    pub loop_warned_ms: AtomicU64,
 }
 
 /// Per-request state.
@@ -92,6 +94,8 @@ pub struct RequestCtx {
     budget_upstream: Option<usize>,
     /// The upstream failed after the response started; the client connection was aborted.
     aborted: bool,
+    /// The client connection failed after the response started.
+    client_aborted: bool,
     /// The last attempt failed in a way that may not leave the region.
     same_region_only: bool,
     _in_flight: Option<InFlight>,
@@ -182,6 +186,16 @@ impl EdgeProxy {
         Ok(())
     }
 
+    /// At most one warning per interval for one kind of event.
+    fn warn_allowed(&self, last_warned_ms: &AtomicU64) -> bool {
+        let now = unix_ms();
+        let last = last_warned_ms.load(Ordering::Relaxed);
+        now.saturating_sub(last) >= HOP_WARN_INTERVAL_MS
+            && last_warned_ms
+                .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
+                .is_ok()
+    }
+
     async fn refuse(
         &self,
         session: &mut Session,
@@ -209,14 +223,7 @@ impl EdgeProxy {
     /// at most once per interval.
     fn invalid_hop(&self, ctx: &RequestCtx) {
         self.metrics.hop_invalid.inc();
-        let now = unix_ms();
-        let last = self.hop_warned_ms.load(Ordering::Relaxed);
-        if now.saturating_sub(last) >= HOP_WARN_INTERVAL_MS
-            && self
-                .hop_warned_ms
-                .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
-                .is_ok()
-        {
+        if self.warn_allowed(&self.hop_warned_ms) {
             tracing::warn!(request_id = %ctx.request_id, "x-edge-hop failed verification (peer with another EDGE_HOP_SECRET, clock skew, or forged); served as a client request (edge_hop_invalid_total counts every one)");
         }
     }
@@ -354,6 +361,7 @@ impl ProxyHttp for EdgeProxy {
             retries_held: 0,
             budget_upstream: None,
             aborted: false,
+            client_aborted: false,
             same_region_only: false,
             _in_flight: Some(self.lifecycle.enter()),
         }
@@ -392,6 +400,21 @@ impl ProxyHttp for EdgeProxy {
                     .await
             }
         };
+        // Pingora keeps the raw bytes of a target it could not classify (and
+        // stores `/` as its path): the backend would receive those bytes
+        // while we matched `/`. Only origin-form and absolute-form pass.
+        let origin_form = req.uri.path_and_query().map(|p| p.as_str().as_bytes());
+        if req.uri.authority().is_none() && origin_form != Some(req.raw_path()) {
+            return self
+                .refuse(
+                    session,
+                    ctx,
+                    400,
+                    "bad-request",
+                    "request target must be a path",
+                )
+                .await;
+        }
         let path = match normalize_path(req.uri.path(), self.path_rules) {
             Ok(p) => p,
             Err(e) => {
@@ -404,7 +427,9 @@ impl ProxyHttp for EdgeProxy {
         // region is not forwarded again: hop keys can disagree mid-rotation.
         if forwarding::via_contains(&req.headers, &self.via_name) {
             self.metrics.loops.inc();
-            tracing::warn!(request_id = %ctx.request_id, "request already passed this region (Via): refused with 508");
+            if self.warn_allowed(&self.loop_warned_ms) {
+                tracing::warn!(request_id = %ctx.request_id, "request already passed this region (Via): refused with 508 (edge_loops_total counts every one; a client can send this Via too)");
+            }
             return self
                 .refuse(
                     session,
@@ -749,6 +774,15 @@ impl ProxyHttp for EdgeProxy {
             // error now would splice it into the body and let the client take
             // a truncated response for a complete one. Abort instead: HTTP/1
             // closes without the terminating chunk, HTTP/2 resets the stream.
+            session.downstream_session.shutdown().await;
+            if e.esource() != &ErrorSource::Upstream {
+                // The client went away (or our write failed): not the upstream's doing.
+                ctx.client_aborted = true;
+                return FailToProxy {
+                    error_code: started,
+                    can_reuse_downstream: false,
+                };
+            }
             ctx.aborted = true;
             let route = ctx
                 .route
@@ -762,7 +796,6 @@ impl ProxyHttp for EdgeProxy {
                 .upstream_aborted
                 .with_label_values(&[route, region])
                 .inc();
-            session.downstream_session.shutdown().await;
             return FailToProxy {
                 error_code: started,
                 can_reuse_downstream: false,
@@ -876,7 +909,15 @@ impl ProxyHttp for EdgeProxy {
             decision,
             attempts = ctx.attempts + 1,
             hop_from = ctx.hop_from.as_deref(),
-            outcome = if ctx.aborted { "upstream_aborted" } else if e.is_some() { "error" } else { "ok" },
+            outcome = if ctx.aborted {
+                "upstream_aborted"
+            } else if ctx.client_aborted {
+                "client_aborted"
+            } else if e.is_some() {
+                "error"
+            } else {
+                "ok"
+            },
             request_id = %ctx.request_id,
             error = e.map(|e| e.to_string()),
             "request"

@@ -295,13 +295,15 @@ impl HealthState {
         let now = Instant::now();
         let u = &self.topo.upstreams[upstream];
         let cfg = &u.config.outlier;
-        if outcome == Outcome::Success {
-            // Hot path: one uncontended lock, no scan of the region.
-            self.backends[upstream][backend]
-                .lock()
-                .outlier
-                .record(outcome, now, cfg, false);
-            return;
+        {
+            // Hot path: one uncontended lock, no scan of the region. Only an
+            // outcome that would eject takes the per-upstream cap lock, so
+            // client-chosen 500s do not serialise an upstream's requests.
+            let mut h = self.backends[upstream][backend].lock();
+            if !h.outlier.would_eject(outcome, now, cfg) {
+                h.outlier.record(outcome, now, cfg, false);
+                return;
+            }
         }
         let region = u.backends[backend].region;
         let ejected = {

@@ -94,10 +94,10 @@ impl OutlierState {
         let ejects = self.would_eject(outcome, now, cfg);
         // An application 5xx breaks a run of gateway failures (as in Envoy).
         self.consecutive = match outcome {
-            Outcome::GatewayFailure => self.consecutive + 1,
+            Outcome::GatewayFailure => self.consecutive.saturating_add(1),
             _ => 0,
         };
-        self.consecutive_5xx += 1;
+        self.consecutive_5xx = self.consecutive_5xx.saturating_add(1);
         if !ejects || !may_eject {
             return None;
         }
@@ -107,12 +107,15 @@ impl OutlierState {
         {
             self.times_ejected = 0;
         }
-        self.times_ejected += 1;
+        self.times_ejected = self.times_ejected.saturating_add(1);
         let time = cfg
             .base_ejection
             .saturating_mul(self.times_ejected)
             .min(cfg.max_ejection);
-        self.ejected_until = Some(now + time);
+        // An absurd configured time must not panic on the request path.
+        self.ejected_until = now
+            .checked_add(time)
+            .or_else(|| now.checked_add(Duration::from_secs(3600)));
         self.consecutive = 0;
         self.consecutive_5xx = 0;
         Some(time)

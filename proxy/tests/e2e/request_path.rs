@@ -89,6 +89,7 @@ async fn encoded_dot_segments_cannot_skip_a_route() {
         "/public/../admin/x",
         "/public/%2e%2e/admin/x",
         "//admin//x",
+        "/public/..;/admin/x",
     ] {
         let r = send(&s, "www.example.com", target, "").await;
         assert_eq!(
@@ -102,6 +103,23 @@ async fn encoded_dot_segments_cannot_skip_a_route() {
             "{target}: the backend gets the path that was matched"
         );
     }
+}
+
+/// Targets a backend might read differently from us are refused (by
+/// Pingora's parser or by our rules), never matched as something else.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn ambiguous_targets_are_refused() {
+    let s = site("").await;
+    for target in ["/public\\..\\admin/x", "foo:bar://x/admin/x", "admin/x"] {
+        let r = send(&s, "www.example.com", target, "").await;
+        assert_eq!(r.status, 400, "{target}: {r:?}");
+    }
+    let r = send(&s, "www.example.com", "/admin;jsessionid=1/x", "").await;
+    assert_eq!(
+        r.header("x-origin-name"),
+        Some("admin"),
+        "path parameters do not hide a segment: {r:?}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

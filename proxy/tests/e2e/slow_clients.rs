@@ -67,20 +67,31 @@ async fn connections_beyond_max_connections_are_refused() {
                 .expect("connect"),
         );
     }
-    // Once the three idle connections are counted (the harness's own
-    // connections may still be closing), a fourth is closed unanswered.
-    let refused = eventually(Duration::from_secs(10), || async {
-        let Ok(mut s) = TcpStream::connect(("127.0.0.1", edge.port)).await else {
-            return false;
-        };
-        let _ = s.write_all(b"GET /x HTTP/1.1\r\nHost: a\r\n\r\n").await;
-        let mut got = Vec::new();
-        let _ = tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut got)).await;
-        got.is_empty()
+    let http = client();
+    // Admission happens when the server's task for a connection runs, not
+    // in accept order: wait until the three idle ones are counted.
+    let counted = eventually(Duration::from_secs(10), || async {
+        metrics(&http, &edge)
+            .await
+            .lines()
+            .any(|l| l.starts_with("edge_client_connections") && l.ends_with(" 3"))
     })
     .await;
-    assert!(refused.is_some(), "a fourth connection is refused");
-    let http = client();
+    assert!(counted.is_some(), "three idle connections are open");
+    let mut s = TcpStream::connect(("127.0.0.1", edge.port))
+        .await
+        .expect("connect");
+    let _ = s
+        .write_all(b"GET /x HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n")
+        .await;
+    let mut got = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut got)).await;
+    let refused = got.is_empty().then_some(());
+    assert!(
+        refused.is_some(),
+        "a fourth connection is refused: {}",
+        String::from_utf8_lossy(&got)
+    );
     // The admin listener is not subject to the traffic limit.
     let m = metrics(&http, &edge).await;
     assert!(

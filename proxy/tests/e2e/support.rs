@@ -15,8 +15,34 @@ use tokio::net::TcpStream;
 pub const HOP_SECRET: &str = "e2e-hop-secret";
 pub const ADMIN_TOKEN: &str = "e2e-admin-token";
 
-/// A port that was free a moment ago (Pingora binds by itself, so we cannot hand it a socket).
+/// A port for the binary to bind (Pingora binds by itself, so we cannot
+/// hand it a socket). Binding port 0 and releasing it races: another test
+/// may be handed the same port, or an outgoing connection may take it as
+/// its source port before the binary binds. So ports come from a counter
+/// private to this test process, below the kernel's ephemeral range, and
+/// are checked free before they are handed out.
 pub fn free_port() -> u16 {
+    use std::sync::atomic::{AtomicU32, Ordering};
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    let low = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|r| r.split_whitespace().next()?.parse::<u32>().ok())
+        .unwrap_or(32768);
+    if low > 12_000 {
+        // Start at a per-process offset so concurrent test binaries differ too.
+        let span = low - 11_000;
+        let base = 10_000 + (std::process::id() * 97) % span;
+        let _ = NEXT.compare_exchange(0, base, Ordering::Relaxed, Ordering::Relaxed);
+        for _ in 0..span {
+            let p = NEXT.fetch_add(1, Ordering::Relaxed);
+            let p = 10_000 + (p - 10_000) % span;
+            if let Ok(p) = u16::try_from(p) {
+                if TcpListener::bind(("127.0.0.1", p)).is_ok() {
+                    return p;
+                }
+            }
+        }
+    }
     TcpListener::bind("127.0.0.1:0")
         .and_then(|l| l.local_addr())
         .map(|a| a.port())
