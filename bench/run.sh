@@ -5,6 +5,8 @@
 #   bench/run.sh            full run (3 rounds, 10 s phases)
 #   bench/run.sh --quick    1 round, 3 s phases (CI smoke; no thresholds)
 #   options: --rounds N --rate R --duration D --connections C --size BYTES
+#   EDGE_BIN=path/to/edge-router bench/run.sh   measure another build (e.g. an older commit)
+#   EDGE_ENV="MIMALLOC_PURGE_DELAY=0" bench/run.sh   run edge-router with these variables
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -107,7 +109,7 @@ upstream = "origin"
 policy = "local-first"
 EDGE
 # The access log is on (info), as nginx's is: both write a line per request to a file.
-EDGE_LOG=info taskset -c "$PROXY_CORE" "$BIN/edge-router" run -c "$WORK/edge.toml" 2>"$WORK/edge.log" &
+env ${EDGE_ENV:-} EDGE_LOG=info taskset -c "$PROXY_CORE" "${EDGE_BIN:-$BIN/edge-router}" run -c "$WORK/edge.toml" 2>"$WORK/edge.log" &
 PIDS+=($!)
 EDGE_PID=$!
 

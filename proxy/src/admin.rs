@@ -111,13 +111,14 @@ impl ServeHttp for AdminApp {
                     );
                 }
                 let drain = m == Method::POST;
-                if !drain && self.lifecycle.is_terminating() {
+                if drain {
+                    self.lifecycle.start_drain();
+                } else if !self.lifecycle.cancel_drain() {
                     return text(
                         StatusCode::CONFLICT,
                         "the process is shutting down (SIGTERM): its drain cannot be cancelled",
                     );
                 }
-                self.lifecycle.set_draining(drain);
                 tracing::info!(
                     draining = drain,
                     "drain state changed through the admin API"

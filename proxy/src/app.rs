@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use edge_policies::Reason;
+use pingora::listeners::{L4BufferSettings, ListenerConfig};
 use pingora::server::configuration::ServerConf;
 use pingora::server::Server;
 use pingora::services::background::background_service;
@@ -24,6 +25,9 @@ use crate::metrics::Metrics;
 use crate::retry::RetryBudget;
 use crate::routing::RouteTable;
 use crate::service::EdgeProxy;
+
+/// Read buffer of each client connection's socket (Pingora's default: 64 KiB).
+const CLIENT_READ_BUFFER: usize = 0;
 
 /// How far a hop's timestamp may be from our clock (NTP-bounded skew plus transit).
 const HOP_WINDOW: Duration = Duration::from_secs(60);
@@ -137,7 +141,14 @@ pub fn add_region(
         EdgeApp::new(http, limits, metrics.clone()),
     );
     for addr in &config.server.listen {
-        traffic.add_tcp(&addr.to_string());
+        // Pingora gives every accepted connection a 64 KiB read buffer for
+        // its whole life; idle keep-alive clients then cost ~64 KiB each.
+        // Its HTTP/1 parser reads into buffers of its own, so ours can be
+        // small (figures in docs/benchmarks.md).
+        traffic.add_listener(
+            ListenerConfig::tcp(addr.to_string())
+                .l4_buffer(L4BufferSettings::default().read(CLIENT_READ_BUFFER)),
+        );
     }
     traffic.threads = Some(config.server.threads);
     server.add_service(traffic);

@@ -52,20 +52,48 @@ impl Lifecycle {
         self.draining.load(Ordering::Relaxed)
     }
 
+    /// Start (true) or stop (false) draining; a stop is ignored during a
+    /// SIGTERM drain (see [`Lifecycle::cancel_drain`]).
+    pub fn set_draining(&self, draining: bool) {
+        if draining {
+            self.start_drain();
+        } else {
+            self.cancel_drain();
+        }
+    }
+
     /// True once SIGTERM started the drain that ends the process.
     pub fn is_terminating(&self) -> bool {
         self.terminating.load(Ordering::Relaxed)
     }
 
-    /// Start (true) or stop (false) draining.
-    pub fn set_draining(&self, draining: bool) {
-        self.draining.store(draining, Ordering::Relaxed);
-        self.metrics.draining.set(i64::from(draining));
+    /// Start draining (the admin API's `POST /drain`).
+    pub fn start_drain(&self) {
+        self.draining.store(true, Ordering::SeqCst);
+        self.metrics.draining.set(1);
+    }
+
+    /// Stop an admin drain; false (and nothing changes) once SIGTERM has
+    /// started the drain that ends the process.
+    pub fn cancel_drain(&self) -> bool {
+        // Both flags are read and written under SeqCst, and `terminate` sets
+        // `terminating` before `draining`: a cancel that races a SIGTERM
+        // either sees it and refuses, or is overwritten by it.
+        if self.terminating.load(Ordering::SeqCst) {
+            return false;
+        }
+        self.draining.store(false, Ordering::SeqCst);
+        if self.terminating.load(Ordering::SeqCst) {
+            self.draining.store(true, Ordering::SeqCst);
+            return false;
+        }
+        self.metrics.draining.set(0);
+        true
     }
 
     fn terminate(&self) {
-        self.terminating.store(true, Ordering::Relaxed);
-        self.set_draining(true);
+        self.terminating.store(true, Ordering::SeqCst);
+        self.start_drain();
     }
 
     /// Count a request in flight for as long as the guard lives.

@@ -471,7 +471,9 @@ fn validate_server(
             .parse::<IpNet>()
             .or_else(|_| t.parse::<IpAddr>().map(IpNet::from));
         match parsed {
-            Ok(n) => trusted.push(n),
+            // Clients are compared as plain IPv4 (`::ffff:a.b.c.d` is
+            // `a.b.c.d`), so a mapped network is written as IPv4 too.
+            Ok(n) => trusted.push(unmap_v4(n)),
             Err(_) => errors.push(loc.at_path(
                 &[
                     Seg::from("server"),
@@ -828,6 +830,19 @@ fn validate_route(
         upstream: upstream?,
         policy: policy?,
     })
+}
+
+/// `::ffff:a.b.c.d/n` (n ≥ 96) as `a.b.c.d/(n − 96)`; other networks unchanged.
+fn unmap_v4(net: IpNet) -> IpNet {
+    match net {
+        IpNet::V6(v6) if v6.prefix_len() >= 96 => match v6.addr().to_ipv4_mapped() {
+            Some(v4) => ipnet::Ipv4Net::new(v4, v6.prefix_len() - 96)
+                .map(IpNet::V4)
+                .unwrap_or(net),
+            None => net,
+        },
+        _ => net,
+    }
 }
 
 fn parse_host(h: &str) -> Result<HostMatch, String> {

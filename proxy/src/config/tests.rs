@@ -174,3 +174,39 @@ fn errors_display_as_file_line_col_path() {
         format!("t.toml:3:1: server.bogus: {}", e.message)
     );
 }
+
+#[test]
+fn mapped_trusted_networks_are_read_as_ipv4() {
+    let text = THREE.replace(
+        "listen = [\"127.0.0.1:8080\"]",
+        "listen = [\"127.0.0.1:8080\"]\ntrusted_proxies = [\"::ffff:10.0.0.0/104\", \"2001:db8::/32\"]",
+    );
+    let c = parse("t.toml", &text, None).expect("valid");
+    let nets: Vec<String> = c
+        .server
+        .trusted_proxies
+        .iter()
+        .map(|n| n.to_string())
+        .collect();
+    assert_eq!(nets, ["10.0.0.0/8", "2001:db8::/32"]);
+}
+
+#[test]
+fn path_rules_and_prefixes_are_validated() {
+    let text = THREE.replace(
+        "listen = [\"127.0.0.1:8080\"]",
+        "listen = [\"127.0.0.1:8080\"]\nescaped_slashes = \"maybe\"",
+    );
+    let e = errors(&text);
+    assert!(
+        e.iter().any(|e| e.key_path == "server.escaped_slashes"),
+        "{e:?}"
+    );
+    let text = THREE.replace("path_prefix = \"/\"", "path_prefix = \"/a/../b\"");
+    let e = errors(&text);
+    assert!(
+        e.iter()
+            .any(|e| e.key_path == "routes[1].path_prefix" && e.message.contains("`/b`")),
+        "{e:?}"
+    );
+}

@@ -165,7 +165,14 @@ async fn second_sigterm_exits_at_once() {
     };
     let mut edge = start_region(&regions, 0, &t).await;
     edge.signal("TERM");
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    // The first signal has been handled once the health path turns 503.
+    let http = client();
+    let draining = eventually(Duration::from_secs(10), || {
+        let (http, url) = (http.clone(), edge.url("/.edge/health"));
+        async move { http.get(url).send().await.is_ok_and(|r| r.status() == 503) }
+    })
+    .await;
+    assert!(draining.is_some(), "the first SIGTERM starts the drain");
     edge.signal("TERM");
     let exited = edge.wait_exit(Duration::from_secs(20)).await;
     assert!(

@@ -55,11 +55,29 @@ async fn local_then_failover_without_errors_then_failback() {
             seen
         }));
     }
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    // Traffic is flowing before the backends go, and keeps flowing until
+    // the failover is in place (polled, not slept on), plus a short tail.
+    let flowing = eventually(Duration::from_secs(10), || async {
+        metrics(&http, edge_a)
+            .await
+            .lines()
+            .any(|l| l.starts_with("edge_requests_total{") && l.contains("decision=\"local\""))
+    })
+    .await;
+    assert!(flowing.is_some(), "load is flowing through A");
     let [a1, a2] = a;
     a1.stop().await;
     a2.stop().await;
-    tokio::time::sleep(Duration::from_secs(2)).await;
+    let failed_over = eventually(Duration::from_secs(15), || async {
+        metrics(&http, edge_a).await.lines().any(|l| {
+            l.starts_with("edge_requests_total{")
+                && l.contains("decision=\"failover:no-healthy-local\"")
+        })
+    })
+    .await;
+    assert!(failed_over.is_some(), "A fails over to a healthy region");
+    // Load duration, not synchronisation: let requests run past the switch.
+    tokio::time::sleep(Duration::from_millis(500)).await;
     stop.store(true, Ordering::Relaxed);
     let mut all = Vec::new();
     for w in workers {
