@@ -126,14 +126,20 @@ for i in range(n):
     s.sendall(req)
     buf = b""
     while b"\r\n\r\n" not in buf:
-        buf += s.recv(65536)
+        chunk = s.recv(65536)
+        if not chunk:
+            sys.exit(f"connection {i} closed by the proxy before a response")
+        buf += chunk
     head, _, body = buf.partition(b"\r\n\r\n")
     length = 0
     for line in head.split(b"\r\n"):
         if line.lower().startswith(b"content-length:"):
             length = int(line.split(b":")[1])
     while len(body) < length:
-        body += s.recv(65536)
+        chunk = s.recv(65536)
+        if not chunk:
+            sys.exit(f"connection {i} closed mid-body")
+        body += chunk
     socks.append(s)
 print("held", flush=True)
 sys.stdin.readline()

@@ -128,6 +128,7 @@ pub fn add_region(
         via_name: crate::forwarding::via_pseudonym(&region),
         hop_warned_ms: AtomicU64::new(0),
         loop_warned_ms: AtomicU64::new(0),
+        send_timeout: config.server.send_timeout,
     };
     let mut http = pingora::proxy::HttpProxy::new(proxy, server.configuration.clone());
     http.handle_init_modules();
@@ -138,7 +139,7 @@ pub fn add_region(
     };
     let mut traffic = Service::new(
         format!("edge-router {region}"),
-        EdgeApp::new(http, limits, metrics.clone()),
+        EdgeApp::new(http, limits, metrics.clone(), lifecycle.clone()),
     );
     for addr in &config.server.listen {
         // Pingora gives every accepted connection a 64 KiB read buffer for

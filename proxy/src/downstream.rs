@@ -1,6 +1,8 @@
 //! Client connections before Pingora's proxy sees them: a connection limit
-//! (`server.max_connections`, nginx's `worker_connections`), a deadline for
-//! a whole request head (`server.header_read_timeout`, nginx's
+//! (`server.max_connections`, nginx's `worker_connections`: at the limit an
+//! idle keep-alive connection is closed to make room, as nginx does, and
+//! only when none is idle is the new one refused), a deadline for a whole
+//! request head (`server.header_read_timeout`, nginx's
 //! `client_header_timeout`: 408 and close), and the keep-alive wait
 //! (`server.keepalive_timeout`).
 //!
@@ -14,6 +16,9 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
+use tokio::sync::Notify;
+use tokio::time::Instant;
+
 use async_trait::async_trait;
 use bytes::BytesMut;
 use pingora::apps::{HttpPersistentSettings, HttpServerApp, ServerApp};
@@ -23,12 +28,18 @@ use pingora::proxy::HttpProxy;
 use pingora::server::ShutdownWatch;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
+use crate::lifecycle::Lifecycle;
 use crate::metrics::Metrics;
 use crate::service::EdgeProxy;
 
 /// A request head larger than this is refused (Pingora's own limit is 1 MiB;
 /// nginx's `large_client_header_buffers` default is 32 KiB).
 const MAX_HEAD: usize = 64 * 1024;
+/// Blank lines a client may send before a request line (RFC 9112 2.2 says
+/// to ignore "at least one"); more is refused rather than read forever.
+const MAX_LEADING_BLANK: usize = 8;
+/// Headers parsed when checking that a head is complete (Pingora's limit).
+const MAX_HEADERS: usize = 256;
 
 /// Limits applied to client connections.
 #[derive(Debug, Clone, Copy)]
@@ -46,7 +57,21 @@ pub struct EdgeApp {
     proxy: Arc<HttpProxy<EdgeProxy>>,
     limits: ClientLimits,
     open: AtomicUsize,
+    /// Connections waiting for their next request (keep-alive idle).
+    idle: AtomicUsize,
+    /// Wakes one idle connection to close when the limit is reached.
+    reclaim: Notify,
     metrics: Arc<Metrics>,
+    lifecycle: Arc<Lifecycle>,
+}
+
+/// Counts one idle keep-alive wait until dropped.
+struct Idle<'a>(&'a AtomicUsize);
+
+impl Drop for Idle<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
 }
 
 /// Counts one open connection until dropped.
@@ -69,16 +94,61 @@ enum Head {
     TimedOut,
     /// Larger than `MAX_HEAD`: 431.
     TooLarge,
+    /// Not a request head at all: 400.
+    Invalid,
+}
+
+/// Whether the bytes so far hold a whole request head, judged by the same
+/// parser Pingora uses, so that Pingora never has to read head bytes from
+/// the socket itself (it would do so without our deadline).
+#[derive(Debug, PartialEq, Eq)]
+enum HeadState {
+    /// Not yet: keep reading.
+    Partial,
+    /// Complete, or malformed: hand it to Pingora (which answers 400 to the latter).
+    HandOver,
+    /// Too many blank lines before the request line.
+    Garbage,
+}
+
+fn head_state(buf: &[u8]) -> HeadState {
+    let blank = buf
+        .iter()
+        .take_while(|&&b| b == b'\r' || b == b'\n')
+        .count();
+    if blank > MAX_LEADING_BLANK {
+        return HeadState::Garbage;
+    }
+    let rest = &buf[blank..];
+    // A head ends at an empty line; until one follows a non-empty line, no
+    // parse is needed (this keeps a byte-at-a-time client linear).
+    let ends = rest.windows(2).any(|w| w == b"\n\n") || rest.windows(3).any(|w| w == b"\n\r\n");
+    if !ends {
+        return HeadState::Partial;
+    }
+    let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
+    match httparse::Request::new(&mut headers).parse(buf) {
+        Ok(httparse::Status::Partial) => HeadState::Partial,
+        Ok(httparse::Status::Complete(_)) | Err(_) => HeadState::HandOver,
+    }
 }
 
 impl EdgeApp {
     /// Wrap a proxy with client limits.
-    pub fn new(proxy: HttpProxy<EdgeProxy>, limits: ClientLimits, metrics: Arc<Metrics>) -> Self {
+    pub fn new(
+        proxy: HttpProxy<EdgeProxy>,
+        limits: ClientLimits,
+        metrics: Arc<Metrics>,
+        lifecycle: Arc<Lifecycle>,
+    ) -> Self {
         EdgeApp {
             proxy: Arc::new(proxy),
             limits,
             open: AtomicUsize::new(0),
+            idle: AtomicUsize::new(0),
+            reclaim: Notify::new(),
             metrics,
+            lifecycle,
         }
     }
 
@@ -90,46 +160,68 @@ impl EdgeApp {
                 (max == 0 || n < max).then_some(n + 1)
             })
             .is_ok();
+        let admitted = admitted || {
+            // At the limit: like nginx, close an idle keep-alive connection
+            // to make room, and admit this one (the count is over the limit
+            // by one until the idle one has gone).
+            let reclaimable = self.idle.load(Ordering::Relaxed) > 0;
+            if reclaimable {
+                self.reclaim.notify_one();
+                self.open.fetch_add(1, Ordering::Relaxed);
+            }
+            reclaimable
+        };
         admitted.then(|| {
             self.metrics.client_connections.inc();
             Open(&self.open, &self.metrics)
         })
     }
 
-    /// Read one request head: the first byte within `idle` (None: the
-    /// header deadline applies from now), the rest within the header deadline.
+    /// Read one request head. On a new connection (`idle` None) the whole
+    /// head, first byte included, must arrive within the header deadline; on
+    /// a kept-alive one the first byte may take `idle`, and the deadline
+    /// counts from it.
     async fn read_head(
         &self,
         stream: &mut Stream,
         idle: Option<Duration>,
         shutdown: &mut ShutdownWatch,
     ) -> Head {
+        let header_timeout = self.limits.header_read_timeout;
         let mut first = [0u8; 1];
-        let header_deadline = self.limits.header_read_timeout;
-        let wait = idle.unwrap_or(header_deadline);
-        let n = tokio::select! {
-            r = tokio::time::timeout(wait, stream.read(&mut first)) => match r {
-                Ok(Ok(n)) => n,
-                Ok(Err(_)) => return Head::Close,
-                // An idle keep-alive connection simply closes; a new one
-                // that never sent a byte gets 408 as nginx does.
-                Err(_) if idle.is_some() => return Head::Close,
-                Err(_) => return Head::TimedOut,
-            },
-            _ = shutdown.changed() => return Head::Close,
+        let first_deadline = Instant::now() + idle.unwrap_or(header_timeout);
+        let n = {
+            let _idle = idle.map(|_| {
+                self.idle.fetch_add(1, Ordering::Relaxed);
+                Idle(&self.idle)
+            });
+            tokio::select! {
+                r = tokio::time::timeout_at(first_deadline, stream.read(&mut first)) => match r {
+                    Ok(Ok(n)) => n,
+                    // Nothing was asked, so nothing is answered: an idle or
+                    // preconnected socket just closes (nginx does the same).
+                    Ok(Err(_)) | Err(_) => return Head::Close,
+                },
+                _ = shutdown.changed() => return Head::Close,
+                _ = self.reclaim.notified(), if idle.is_some() => return Head::Close,
+            }
         };
         if n == 0 {
             return Head::Close;
         }
+        let deadline = match idle {
+            Some(_) => Instant::now() + header_timeout,
+            None => first_deadline,
+        };
         let mut buf = BytesMut::with_capacity(4096);
         buf.extend_from_slice(&first);
         let rest = async {
             loop {
-                if head_complete(&buf) {
-                    return Head::Ready(std::mem::take(&mut buf));
-                }
-                if buf.len() > MAX_HEAD {
-                    return Head::TooLarge;
+                match head_state(&buf) {
+                    HeadState::HandOver => return Head::Ready(std::mem::take(&mut buf)),
+                    HeadState::Garbage => return Head::Invalid,
+                    HeadState::Partial if buf.len() > MAX_HEAD => return Head::TooLarge,
+                    HeadState::Partial => {}
                 }
                 buf.reserve(4096);
                 match stream.read_buf(&mut buf).await {
@@ -138,7 +230,7 @@ impl EdgeApp {
                 }
             }
         };
-        match tokio::time::timeout(header_deadline, rest).await {
+        match tokio::time::timeout_at(deadline, rest).await {
             Ok(head) => head,
             Err(_) => Head::TimedOut,
         }
@@ -149,22 +241,30 @@ impl EdgeApp {
             .client_refusals
             .with_label_values(&[kind])
             .inc();
-        tracing::info!(target: "edge_router::access", status, kind, "request head refused");
+        tracing::debug!(target: "edge_router::access", status, kind, "request head refused");
         let resp = format!(
             "HTTP/1.1 {status}\r\nconnection: close\r\ncontent-length: 0\r\ncache-control: no-store\r\n\r\n"
         );
+        // A lingering close: the client may still be sending (a large
+        // head), and closing with unread data makes the kernel reset the
+        // connection, losing the answer. Read and discard briefly first.
         let _ = tokio::time::timeout(Duration::from_secs(1), async {
-            let _ = stream.write_all(resp.as_bytes()).await;
+            if stream.write_all(resp.as_bytes()).await.is_err() {
+                return;
+            }
+            let _ = stream.flush().await;
             let _ = stream.shutdown().await;
+            let mut sink = [0u8; 4096];
+            let mut drained = 0;
+            while drained < 256 * 1024 {
+                match stream.read(&mut sink).await {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => drained += n,
+                }
+            }
         })
         .await;
     }
-}
-
-/// The head ends at the first empty line (`\r\n\r\n`, or a bare `\n\n`,
-/// which Pingora's parser also accepts).
-fn head_complete(buf: &[u8]) -> bool {
-    buf.windows(4).any(|w| w == b"\r\n\r\n") || buf.windows(2).any(|w| w == b"\n\n")
 }
 
 #[async_trait]
@@ -193,6 +293,11 @@ impl ServerApp for EdgeApp {
             let head = match self.read_head(&mut stream, idle, &mut shutdown_rx).await {
                 Head::Ready(head) => head,
                 Head::Close => return None,
+                Head::Invalid => {
+                    self.refuse(stream, "400 Bad Request", "header_invalid")
+                        .await;
+                    return None;
+                }
                 Head::TimedOut => {
                     self.refuse(stream, "408 Request Timeout", "header_timeout")
                         .await;
@@ -208,14 +313,22 @@ impl ServerApp for EdgeApp {
                     return None;
                 }
             };
+            // A request has been received: it counts as in flight for the
+            // shutdown watcher from now on, not only once Pingora has a context.
+            let _in_flight = self.lifecycle.enter_pending();
             let mut session = ServerSession::new_http1(stream);
-            match settings.take() {
-                Some(s) => s.apply_to_session(&mut session),
-                None => session.set_keepalive(Some(self.limits.keepalive_timeout.as_secs().max(1))),
+            if let Some(s) = settings.take() {
+                // Pipelining is off (Pingora's default, never enabled here),
+                // so persisted settings carry no pipelined prefix of their own.
+                s.apply_to_session(&mut session);
             }
-            if *shutdown.borrow() {
-                session.set_keepalive(None);
-            }
+            // Our wait enforces keep-alive; Pingora's value (which it may have
+            // persisted as "infinite") only shapes its `Connection` header.
+            session.set_keepalive(if *shutdown.borrow() {
+                None
+            } else {
+                Some(self.limits.keepalive_timeout.as_secs().max(1))
+            });
             session.set_pipelined_prefix(head);
             let reused = HttpServerApp::process_new_http(&self.proxy, session, shutdown).await?;
             let (next, persistent) = reused.consume();
@@ -232,12 +345,34 @@ impl ServerApp for EdgeApp {
 
 #[cfg(test)]
 mod tests {
-    use super::head_complete;
+    use super::{head_state, HeadState};
 
     #[test]
-    fn heads_end_at_the_first_empty_line() {
-        assert!(head_complete(b"GET / HTTP/1.1\r\nHost: a\r\n\r\n"));
-        assert!(head_complete(b"GET / HTTP/1.1\nHost: a\n\n"));
-        assert!(!head_complete(b"GET / HTTP/1.1\r\nHost: a\r\n"));
+    fn heads_are_judged_by_the_parser_pingora_uses() {
+        assert_eq!(
+            head_state(b"GET / HTTP/1.1\r\nHost: a\r\n\r\n"),
+            HeadState::HandOver
+        );
+        assert_eq!(
+            head_state(b"GET / HTTP/1.1\nHost: a\n\n"),
+            HeadState::HandOver
+        );
+        assert_eq!(
+            head_state(b"GET / HTTP/1.1\r\nHost: a\n\r\n"),
+            HeadState::HandOver
+        );
+        assert_eq!(
+            head_state(b"GET / HTTP/1.1\r\nHost: a\r\n"),
+            HeadState::Partial
+        );
+        // Leading blank lines are skipped by the parser: they end nothing.
+        assert_eq!(head_state(b"\r\n\r\n"), HeadState::Partial);
+        assert_eq!(
+            head_state(b"\r\n\r\nGET / HTTP/1.1\r\nHost: a\r\n"),
+            HeadState::Partial
+        );
+        assert_eq!(head_state(&[b'\n'; 20]), HeadState::Garbage);
+        // Garbage with an empty line goes to Pingora, which answers 400 at once.
+        assert_eq!(head_state(b"\x16\x03\x01 hello\n\n"), HeadState::HandOver);
     }
 }

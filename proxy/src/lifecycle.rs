@@ -22,7 +22,20 @@ pub struct Lifecycle {
     draining: AtomicBool,
     terminating: AtomicBool,
     in_flight: AtomicUsize,
+    /// Requests received but not yet (or no longer) in Pingora's hands.
+    pending: AtomicUsize,
+    /// Serialises drain state changes, so the gauge always matches the flag.
+    transitions: parking_lot::Mutex<()>,
     metrics: Arc<Metrics>,
+}
+
+/// Counts one received request for the shutdown watcher until dropped.
+pub struct Pending(Arc<Lifecycle>);
+
+impl Drop for Pending {
+    fn drop(&mut self) {
+        self.0.pending.fetch_sub(1, Ordering::Release);
+    }
 }
 
 /// Counts one request in flight until dropped (with the request's context,
@@ -43,6 +56,8 @@ impl Lifecycle {
             draining: AtomicBool::new(false),
             terminating: AtomicBool::new(false),
             in_flight: AtomicUsize::new(0),
+            pending: AtomicUsize::new(0),
+            transitions: parking_lot::Mutex::new(()),
             metrics,
         }
     }
@@ -52,23 +67,9 @@ impl Lifecycle {
         self.draining.load(Ordering::Relaxed)
     }
 
-    /// Start (true) or stop (false) draining; a stop is ignored during a
-    /// SIGTERM drain (see [`Lifecycle::cancel_drain`]).
-    pub fn set_draining(&self, draining: bool) {
-        if draining {
-            self.start_drain();
-        } else {
-            self.cancel_drain();
-        }
-    }
-
-    /// True once SIGTERM started the drain that ends the process.
-    pub fn is_terminating(&self) -> bool {
-        self.terminating.load(Ordering::Relaxed)
-    }
-
     /// Start draining (the admin API's `POST /drain`).
     pub fn start_drain(&self) {
+        let _one = self.transitions.lock();
         self.draining.store(true, Ordering::SeqCst);
         self.metrics.draining.set(1);
     }
@@ -76,24 +77,27 @@ impl Lifecycle {
     /// Stop an admin drain; false (and nothing changes) once SIGTERM has
     /// started the drain that ends the process.
     pub fn cancel_drain(&self) -> bool {
-        // Both flags are read and written under SeqCst, and `terminate` sets
-        // `terminating` before `draining`: a cancel that races a SIGTERM
-        // either sees it and refuses, or is overwritten by it.
+        let _one = self.transitions.lock();
         if self.terminating.load(Ordering::SeqCst) {
             return false;
         }
         self.draining.store(false, Ordering::SeqCst);
-        if self.terminating.load(Ordering::SeqCst) {
-            self.draining.store(true, Ordering::SeqCst);
-            return false;
-        }
         self.metrics.draining.set(0);
         true
     }
 
     fn terminate(&self) {
+        let _one = self.transitions.lock();
         self.terminating.store(true, Ordering::SeqCst);
-        self.start_drain();
+        self.draining.store(true, Ordering::SeqCst);
+        self.metrics.draining.set(1);
+    }
+
+    /// Count a received request until its guard drops (it may not have a
+    /// Pingora context yet; see [`Lifecycle::enter`]).
+    pub fn enter_pending(self: &Arc<Self>) -> Pending {
+        self.pending.fetch_add(1, Ordering::Acquire);
+        Pending(self.clone())
     }
 
     /// Count a request in flight for as long as the guard lives.
@@ -103,9 +107,11 @@ impl Lifecycle {
         InFlight(self.clone())
     }
 
-    /// Requests in flight now.
+    /// Requests in flight now (with a Pingora context, or received and about to get one).
     pub fn in_flight(&self) -> usize {
-        self.in_flight.load(Ordering::Acquire)
+        self.in_flight
+            .load(Ordering::Acquire)
+            .max(self.pending.load(Ordering::Acquire))
     }
 }
 

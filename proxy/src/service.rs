@@ -67,6 +67,8 @@ pub struct EdgeProxy {
     pub hop_warned_ms: AtomicU64,
     /// When a Via loop was last warned about (unix ms).
     pub loop_warned_ms: AtomicU64,
+    /// A write to the client that makes no progress this long ends the response (nginx's `send_timeout`).
+    pub send_timeout: Duration,
 }
 
 /// Per-request state.
@@ -372,6 +374,9 @@ impl ProxyHttp for EdgeProxy {
             // Clients reconnect, and the accelerator sends them to another region.
             session.set_keepalive(None);
         }
+        // A client that stops reading must not hold a response (and its
+        // upstream connection) forever.
+        session.set_write_timeout(Some(self.send_timeout));
         let req = session.req_header();
         ctx.request_id = req
             .headers
@@ -776,8 +781,9 @@ impl ProxyHttp for EdgeProxy {
             // closes without the terminating chunk, HTTP/2 resets the stream.
             session.downstream_session.shutdown().await;
             if e.esource() != &ErrorSource::Upstream {
-                // The client went away (or our write failed): not the upstream's doing.
-                ctx.client_aborted = true;
+                // The client went away, or something of ours failed: not
+                // the upstream's doing.
+                ctx.client_aborted = e.esource() == &ErrorSource::Downstream;
                 return FailToProxy {
                     error_code: started,
                     can_reuse_downstream: false,

@@ -87,6 +87,8 @@ pub struct ServerConfig {
     pub keepalive_timeout: Duration,
     /// A request head must arrive within this.
     pub header_read_timeout: Duration,
+    /// A stalled write to a client ends the response after this.
+    pub send_timeout: Duration,
     /// Open client connections at most (0: no limit).
     pub max_connections: usize,
 }
@@ -500,6 +502,7 @@ fn validate_server(
         ("shutdown_timeout", raw.shutdown_timeout),
         ("keepalive_timeout", raw.keepalive_timeout),
         ("header_read_timeout", raw.header_read_timeout),
+        ("send_timeout", raw.send_timeout),
     ] {
         if d.is_zero() {
             errors.push(loc.at_path(&p(key), "must be more than 0s"));
@@ -526,6 +529,7 @@ fn validate_server(
         shutdown_timeout: raw.shutdown_timeout,
         keepalive_timeout: raw.keepalive_timeout,
         header_read_timeout: raw.header_read_timeout,
+        send_timeout: raw.send_timeout,
         max_connections: raw.max_connections,
     }
 }

@@ -51,11 +51,17 @@ pub struct RawServer {
     /// A request head must arrive within this (else 408).
     #[serde(default = "default_header_read_timeout", with = "humantime_serde")]
     pub header_read_timeout: Duration,
+    /// A write to a client that makes no progress for this long ends the response.
+    #[serde(default = "default_send_timeout", with = "humantime_serde")]
+    pub send_timeout: Duration,
     /// Open client connections at most; beyond it new ones are closed. 0: no limit.
     #[serde(default = "default_max_connections")]
     pub max_connections: usize,
 }
 
+fn default_send_timeout() -> Duration {
+    Duration::from_secs(60)
+}
 fn default_header_read_timeout() -> Duration {
     Duration::from_secs(10)
 }

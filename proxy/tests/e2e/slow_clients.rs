@@ -1,5 +1,7 @@
 //! Slow and idle clients: a request head must arrive within
-//! `header_read_timeout` (408), and `max_connections` refuses the rest.
+//! `header_read_timeout` (408), a client that stops reading is cut off after
+//! `send_timeout`, and `max_connections` makes room by closing idle
+//! keep-alive connections before it refuses new ones.
 
 use std::time::Duration;
 
@@ -112,4 +114,131 @@ async fn connections_beyond_max_connections_are_refused() {
         served.is_some(),
         "clients are served once connections close"
     );
+}
+
+/// Blank lines before the request line end nothing: the deadline still holds.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn leading_blank_lines_do_not_evade_the_header_deadline() {
+    let o = origin("solo", "o1").await;
+    let regions = vec![RegionSpec::new("solo", vec![o.addr()])];
+    let t = Tweaks {
+        server_extra: "header_read_timeout = \"1s\"",
+        ..Tweaks::default()
+    };
+    let edge = start_region(&regions, 0, &t).await;
+    let mut s = TcpStream::connect(("127.0.0.1", edge.port))
+        .await
+        .expect("connect");
+    s.write_all(b"\r\n\r\nGET /x HTTP/1.1\r\nHost: a\r\n")
+        .await
+        .expect("write");
+    let mut got = Vec::new();
+    // Hang catcher only: the configured bound is 1 s.
+    let _ = tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut got)).await;
+    let text = String::from_utf8_lossy(&got);
+    assert!(text.starts_with("HTTP/1.1 408"), "{text}");
+}
+
+/// A client that stops reading a large response is cut off after
+/// `send_timeout` instead of holding the response and its upstream forever.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_stops_reading_is_cut_off() {
+    let o = origin("solo", "o1").await;
+    let regions = vec![RegionSpec::new("solo", vec![o.addr()])];
+    let t = Tweaks {
+        server_extra: "send_timeout = \"1s\"",
+        ..Tweaks::default()
+    };
+    let edge = start_region(&regions, 0, &t).await;
+    const SIZE: usize = 64 * 1024 * 1024;
+    let mut s = TcpStream::connect(("127.0.0.1", edge.port))
+        .await
+        .expect("connect");
+    s.write_all(format!("GET /big?size={SIZE} HTTP/1.1\r\nHost: a\r\n\r\n").as_bytes())
+        .await
+        .expect("write");
+    let http = client();
+    let in_flight = |want: &'static str| {
+        let http = http.clone();
+        let url = edge.admin_url("/metrics");
+        async move {
+            let Ok(r) = http.get(url).send().await else {
+                return false;
+            };
+            r.text()
+                .await
+                .unwrap_or_default()
+                .lines()
+                .any(|l| l.starts_with("edge_requests_in_flight") && l.ends_with(want))
+        }
+    };
+    let started = eventually(Duration::from_secs(10), || in_flight(" 1")).await;
+    assert!(started.is_some(), "the request is in flight");
+    // We read nothing; the proxy's writes stall, and after send_timeout it gives up.
+    let ended = eventually(Duration::from_secs(20), || in_flight(" 0")).await;
+    assert!(ended.is_some(), "the stalled response was ended");
+    let mut got = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(20), s.read_to_end(&mut got)).await;
+    assert!(
+        got.len() < SIZE,
+        "the client did not get a complete response: {} bytes",
+        got.len()
+    );
+}
+
+/// At `max_connections`, an idle keep-alive connection is closed to make
+/// room (nginx's behaviour), so a new client is served.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_keepalive_connections_make_room_at_the_limit() {
+    let o = origin("solo", "o1").await;
+    let regions = vec![RegionSpec::new("solo", vec![o.addr()])];
+    let t = Tweaks {
+        server_extra: "max_connections = 3",
+        ..Tweaks::default()
+    };
+    let edge = start_region(&regions, 0, &t).await;
+    let mut idle = Vec::new();
+    for _ in 0..3 {
+        let mut s = TcpStream::connect(("127.0.0.1", edge.port))
+            .await
+            .expect("connect");
+        s.write_all(b"GET /x HTTP/1.1\r\nHost: a\r\n\r\n")
+            .await
+            .expect("write");
+        let mut buf = vec![0u8; 16 * 1024];
+        let n = s.read(&mut buf).await.expect("response");
+        assert!(buf[..n].starts_with(b"HTTP/1.1 200"));
+        idle.push(s);
+    }
+    let http = client();
+    let counted = eventually(Duration::from_secs(10), || async {
+        metrics(&http, &edge)
+            .await
+            .lines()
+            .any(|l| l.starts_with("edge_client_connections") && l.ends_with(" 3"))
+    })
+    .await;
+    assert!(counted.is_some(), "three kept-alive connections are open");
+    let mut s = TcpStream::connect(("127.0.0.1", edge.port))
+        .await
+        .expect("connect");
+    s.write_all(b"GET /x HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n")
+        .await
+        .expect("write");
+    let mut got = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut got)).await;
+    assert!(
+        got.starts_with(b"HTTP/1.1 200"),
+        "the new client is served: {}",
+        String::from_utf8_lossy(&got)
+    );
+    // One of the idle ones was closed to make room.
+    let mut closed = 0;
+    for s in &mut idle {
+        let mut b = [0u8; 1];
+        if let Ok(Ok(0)) = tokio::time::timeout(Duration::from_secs(2), s.read(&mut b)).await {
+            closed += 1;
+        }
+    }
+    assert_eq!(closed, 1, "exactly one idle connection made room");
 }
