@@ -155,6 +155,20 @@ impl EdgeProxy {
         &self.health.topo.regions[index].name
     }
 
+    /// The route's name for labels, `-` before one is matched.
+    fn route_label(&self, ctx: &RequestCtx) -> &str {
+        ctx.route
+            .map(|r| self.routes.routes()[r].name.as_str())
+            .unwrap_or("-")
+    }
+
+    /// The region chosen for labels, `none` before one is.
+    fn upstream_region_label(&self, ctx: &RequestCtx) -> &str {
+        ctx.target_region
+            .map(|r| self.region_name(r))
+            .unwrap_or("none")
+    }
+
     /// Write a response the proxy makes itself, with the edge headers.
     async fn reply(
         &self,
@@ -790,14 +804,7 @@ impl ProxyHttp for EdgeProxy {
                 };
             }
             ctx.aborted = true;
-            let route = ctx
-                .route
-                .map(|r| self.routes.routes()[r].name.as_str())
-                .unwrap_or("-");
-            let region = ctx
-                .target_region
-                .map(|r| self.region_name(r))
-                .unwrap_or("none");
+            let (route, region) = (self.route_label(ctx), self.upstream_region_label(ctx));
             self.metrics
                 .upstream_aborted
                 .with_label_values(&[route, region])
@@ -857,14 +864,7 @@ impl ProxyHttp for EdgeProxy {
             .response_written()
             .map(|r| r.status.as_u16())
             .unwrap_or(0);
-        let route = ctx
-            .route
-            .map(|r| self.routes.routes()[r].name.as_str())
-            .unwrap_or("-");
-        let upstream_region = ctx
-            .target_region
-            .map(|r| self.region_name(r))
-            .unwrap_or("none");
+        let (route, upstream_region) = (self.route_label(ctx), self.upstream_region_label(ctx));
         let decision = ctx
             .decision
             .map(|d| d.reason.as_str())

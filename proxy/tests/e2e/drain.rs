@@ -128,22 +128,15 @@ async fn in_flight_request_outlives_the_drain_period() {
         let (http, url) = (http.clone(), edge.url("/slow?delay=3s"));
         async move { http.get(url).send().await.map(|r| r.status().as_u16()) }
     });
-    let in_flight = eventually(Duration::from_secs(10), || {
-        let http = http.clone();
-        let url = edge.admin_url("/metrics");
-        async move {
-            let Ok(r) = http.get(url).send().await else {
-                return false;
-            };
-            r.text()
-                .await
-                .unwrap_or_default()
-                .lines()
-                .any(|l| l.starts_with("edge_requests_in_flight") && !l.ends_with(" 0"))
-        }
-    })
+    let in_flight = wait_for_metric(
+        &http,
+        &edge,
+        "edge_requests_in_flight",
+        "1",
+        Duration::from_secs(10),
+    )
     .await;
-    assert!(in_flight.is_some(), "the slow request is in flight");
+    assert!(in_flight, "the slow request is in flight");
     edge.signal("TERM");
     let status = slow.await.expect("task");
     assert_eq!(status.ok(), Some(200), "the request in flight completed");

@@ -72,14 +72,15 @@ async fn connections_beyond_max_connections_are_refused() {
     let http = client();
     // Admission happens when the server's task for a connection runs, not
     // in accept order: wait until the three idle ones are counted.
-    let counted = eventually(Duration::from_secs(10), || async {
-        metrics(&http, &edge)
-            .await
-            .lines()
-            .any(|l| l.starts_with("edge_client_connections") && l.ends_with(" 3"))
-    })
+    let counted = wait_for_metric(
+        &http,
+        &edge,
+        "edge_client_connections",
+        "3",
+        Duration::from_secs(10),
+    )
     .await;
-    assert!(counted.is_some(), "three idle connections are open");
+    assert!(counted, "three idle connections are open");
     let mut s = TcpStream::connect(("127.0.0.1", edge.port))
         .await
         .expect("connect");
@@ -158,25 +159,25 @@ async fn a_client_that_stops_reading_is_cut_off() {
         .await
         .expect("write");
     let http = client();
-    let in_flight = |want: &'static str| {
-        let http = http.clone();
-        let url = edge.admin_url("/metrics");
-        async move {
-            let Ok(r) = http.get(url).send().await else {
-                return false;
-            };
-            r.text()
-                .await
-                .unwrap_or_default()
-                .lines()
-                .any(|l| l.starts_with("edge_requests_in_flight") && l.ends_with(want))
-        }
-    };
-    let started = eventually(Duration::from_secs(10), || in_flight(" 1")).await;
-    assert!(started.is_some(), "the request is in flight");
+    let started = wait_for_metric(
+        &http,
+        &edge,
+        "edge_requests_in_flight",
+        "1",
+        Duration::from_secs(10),
+    )
+    .await;
+    assert!(started, "the request is in flight");
     // We read nothing; the proxy's writes stall, and after send_timeout it gives up.
-    let ended = eventually(Duration::from_secs(20), || in_flight(" 0")).await;
-    assert!(ended.is_some(), "the stalled response was ended");
+    let ended = wait_for_metric(
+        &http,
+        &edge,
+        "edge_requests_in_flight",
+        "0",
+        Duration::from_secs(20),
+    )
+    .await;
+    assert!(ended, "the stalled response was ended");
     let mut got = Vec::new();
     let _ = tokio::time::timeout(Duration::from_secs(20), s.read_to_end(&mut got)).await;
     assert!(
@@ -211,14 +212,15 @@ async fn idle_keepalive_connections_make_room_at_the_limit() {
         idle.push(s);
     }
     let http = client();
-    let counted = eventually(Duration::from_secs(10), || async {
-        metrics(&http, &edge)
-            .await
-            .lines()
-            .any(|l| l.starts_with("edge_client_connections") && l.ends_with(" 3"))
-    })
+    let counted = wait_for_metric(
+        &http,
+        &edge,
+        "edge_client_connections",
+        "3",
+        Duration::from_secs(10),
+    )
     .await;
-    assert!(counted.is_some(), "three kept-alive connections are open");
+    assert!(counted, "three kept-alive connections are open");
     let mut s = TcpStream::connect(("127.0.0.1", edge.port))
         .await
         .expect("connect");

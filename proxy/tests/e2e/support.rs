@@ -284,6 +284,26 @@ pub async fn metrics(http: &reqwest::Client, edge: &Edge) -> String {
     resp.text().await.expect("metrics body")
 }
 
+/// Poll the admin `/metrics` until a line starting with `prefix` (a metric
+/// name, optionally with labels) ends with ` value`; true when one did.
+pub async fn wait_for_metric(
+    http: &reqwest::Client,
+    edge: &Edge,
+    prefix: &str,
+    value: &str,
+    limit: Duration,
+) -> bool {
+    let suffix = format!(" {value}");
+    eventually(limit, || async {
+        metrics(http, edge)
+            .await
+            .lines()
+            .any(|l| l.starts_with(prefix) && l.ends_with(&suffix))
+    })
+    .await
+    .is_some()
+}
+
 /// The admin listener's `/status` document (must be valid JSON).
 pub async fn status_json(http: &reqwest::Client, edge: &Edge) -> serde_json::Value {
     let resp = http
