@@ -7,6 +7,8 @@
 #   options: --rounds N --rate R --duration D --connections C --size BYTES
 #   EDGE_BIN=path/to/edge-router bench/run.sh   measure another build (e.g. an older commit)
 #   EDGE_ENV="MIMALLOC_PURGE_DELAY=0" bench/run.sh   run edge-router with these variables
+#   EDGE_BIN_B=path/to/other/edge-router bench/run.sh  A/B: a second build as target
+#     "edge-router-b", interleaved round by round with the others (same config)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -57,6 +59,7 @@ trap cleanup EXIT
 
 free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 O_PORT=$(free_port); N_PORT=$(free_port); E_PORT=$(free_port); A_PORT=$(free_port)
+EB_PORT=$(free_port); AB_PORT=$(free_port)
 
 wait_http() { for _ in $(seq 1 100); do curl -fsS -o /dev/null "$1" 2>/dev/null && return 0; sleep 0.1; done; echo "bench: $1 did not come up" >&2; exit 1; }
 
@@ -112,15 +115,28 @@ EDGE
 env ${EDGE_ENV:-} EDGE_LOG=info taskset -c "$PROXY_CORE" "${EDGE_BIN:-$BIN/edge-router}" run -c "$WORK/edge.toml" 2>"$WORK/edge.log" &
 PIDS+=($!)
 EDGE_PID=$!
+EDGE_B_PID=""
+if [ -n "${EDGE_BIN_B:-}" ]; then
+  sed -e "s/127.0.0.1:$E_PORT/127.0.0.1:$EB_PORT/" -e "s/127.0.0.1:$A_PORT/127.0.0.1:$AB_PORT/" "$WORK/edge.toml" > "$WORK/edge-b.toml"
+  env ${EDGE_ENV:-} EDGE_LOG=info taskset -c "$PROXY_CORE" "$EDGE_BIN_B" run -c "$WORK/edge-b.toml" 2>"$WORK/edge-b.log" &
+  PIDS+=($!)
+  EDGE_B_PID=$!
+fi
 
 PATHQ="/bench?size=$SIZE"
 wait_http "http://127.0.0.1:$N_PORT$PATHQ"
 wait_http "http://127.0.0.1:$E_PORT$PATHQ"
+[ -n "$EDGE_B_PID" ] && wait_http "http://127.0.0.1:$EB_PORT$PATHQ"
 NGINX_WORKER=$(pgrep -P "$NGINX_MASTER" | head -1)
 
 declare -A URL=( [direct]="http://127.0.0.1:$O_PORT$PATHQ" [nginx]="http://127.0.0.1:$N_PORT$PATHQ" [edge-router]="http://127.0.0.1:$E_PORT$PATHQ" )
 declare -A PIDS_OF=( [direct]="" [nginx]="$NGINX_MASTER $NGINX_WORKER" [edge-router]="$EDGE_PID" )
 TARGETS=(direct nginx edge-router)
+if [ -n "$EDGE_B_PID" ]; then
+  URL[edge-router-b]="http://127.0.0.1:$EB_PORT$PATHQ"
+  PIDS_OF[edge-router-b]="$EDGE_B_PID"
+  TARGETS+=(edge-router-b)
+fi
 
 cpu_ticks() { local t=0; for p in $1; do t=$(( t + $(awk '{print $14 + $15}' "/proc/$p/stat") )); done; echo "$t"; }
 rss_kib() { local t=0; for p in $1; do t=$(( t + $(awk '/VmRSS/ {print $2}' "/proc/$p/status") )); done; echo "$t"; }
@@ -146,5 +162,5 @@ done
 STAMP=$(date -u +%Y%m%dT%H%M%SZ)
 KIND=$([ "$QUICK" = 1 ] && echo quick || echo full)
 OUT=bench/results/$STAMP-$KIND
-python3 bench/summarise.py "$WORK" "$ROUNDS" "$TCK" "$RATE" "$SIZE" "$CONNS" "$DURATION" "$KIND" "$OUT" \
+BENCH_TARGETS="${TARGETS[*]}" python3 bench/summarise.py "$WORK" "$ROUNDS" "$TCK" "$RATE" "$SIZE" "$CONNS" "$DURATION" "$KIND" "$OUT" \
   "$(nginx -v 2>&1 | head -1)" "$(uname -r)" "$NCPU"

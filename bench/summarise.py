@@ -1,12 +1,13 @@
 #!/usr/bin/env python3
 """Summarise bench/run.sh's raw JSON into a markdown table, a JSON file and ratios."""
 import json
+import os
 import statistics
 import sys
 
 work, rounds, tck, rate, size, conns, duration, kind, out, nginx_v, kernel, ncpu = sys.argv[1:13]
 rounds, tck = int(rounds), int(tck)
-targets = ["direct", "nginx", "edge-router"]
+targets = os.environ.get("BENCH_TARGETS", "direct nginx edge-router").split()
 
 
 def load(path):
@@ -70,7 +71,7 @@ lines.append(
     f"| **edge-router / nginx** | {fmt(ratio['rps'], 2)}× | **{fmt(ratio['cpu_us_per_req'], 2)}×** | {fmt(ratio['p50_ms'], 2)}× | "
     f"{fmt(ratio['p99_ms'], 2)}× | {fmt(ratio['p99_9_ms'], 2)}× | {fmt(ratio['rss_mib'], 2)}× | |"
 )
-spread = [f"{t} {fmt(rows[t]['median']['spread_cpu_pct'])} %" for t in ["nginx", "edge-router"] if rows[t]["median"]["spread_cpu_pct"] is not None]
+spread = [f"{t} {fmt(rows[t]['median']['spread_cpu_pct'])} %" for t in targets if t != "direct" and rows[t]["median"]["spread_cpu_pct"] is not None]
 if spread:
     lines.append("")
     lines.append("CPU µs/req spread across rounds (max−min)/median: " + ", ".join(spread))

@@ -35,6 +35,8 @@ use crate::service::EdgeProxy;
 /// A request head larger than this is refused (Pingora's own limit is 1 MiB;
 /// nginx's `large_client_header_buffers` default is 32 KiB).
 const MAX_HEAD: usize = 64 * 1024;
+/// The first read of each request head, into the connection's own future.
+const FIRST_READ: usize = 1024;
 /// Blank lines a client may send before a request line (RFC 9112 2.2 says
 /// to ignore "at least one"); more is refused rather than read forever.
 const MAX_LEADING_BLANK: usize = 8;
@@ -190,7 +192,10 @@ impl EdgeApp {
         shutdown: &mut ShutdownWatch,
     ) -> Head {
         let header_timeout = self.limits.header_read_timeout;
-        let mut first = [0u8; 1];
+        // Most request heads fit in this: one read call per request, as with
+        // Pingora's own buffer, while an idle connection holds only this
+        // much (not a heap buffer) while it waits.
+        let mut first = [0u8; FIRST_READ];
         let first_deadline = Instant::now() + idle.unwrap_or(header_timeout);
         let n = {
             let _idle = idle.map(|_| {
@@ -215,8 +220,8 @@ impl EdgeApp {
             Some(_) => Instant::now() + header_timeout,
             None => first_deadline,
         };
-        let mut buf = BytesMut::with_capacity(4096);
-        buf.extend_from_slice(&first);
+        let mut buf = BytesMut::with_capacity(n.max(4096));
+        buf.extend_from_slice(&first[..n]);
         let mut scanned = 0;
         let rest = async {
             loop {
@@ -257,7 +262,9 @@ impl EdgeApp {
             }
             let _ = stream.flush().await;
             let _ = stream.shutdown().await;
-            let mut sink = [0u8; 4096];
+            // On the heap: a buffer here would be part of every connection's
+            // future (refusing is one of its states), idle ones included.
+            let mut sink = vec![0u8; 4096];
             let mut drained = 0;
             while drained < 256 * 1024 {
                 match stream.read(&mut sink).await {
