@@ -22,12 +22,8 @@ while [ $# -gt 0 ]; do
 done
 
 scripts/ensure-build-deps
-if ! command -v nginx >/dev/null 2>&1 && [ ! -x /usr/sbin/nginx ]; then
-  SUDO=""; [ "$(id -u)" = "0" ] || SUDO=sudo
-  DEBIAN_FRONTEND=noninteractive $SUDO apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends nginx >/dev/null
-fi
-NGINX=$(command -v nginx || echo /usr/sbin/nginx)
+. bench/lib.sh
+ensure_nginx
 
 echo "idle: building release binaries" >&2
 cargo build --release -q -p edge-router -p edge-loadtest --bin edge-router --bin edge-loadtest --example bare_pingora
@@ -43,20 +39,6 @@ if [ "$HARD" != unlimited ] && [ "$HARD" -lt "$WANT" ]; then
   WANT=$HARD
 fi
 ulimit -n "$WANT"
-
-WORK=$(mktemp -d)
-PIDS=()
-cleanup() {
-  for p in "${PIDS[@]:-}"; do kill "$p" 2>/dev/null || true; done
-  [ -f "$WORK/nginx.pid" ] && kill "$(cat "$WORK/nginx.pid" 2>/dev/null)" 2>/dev/null || true
-  wait 2>/dev/null || true
-  rm -rf "$WORK"
-}
-trap cleanup EXIT
-
-free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
-wait_http() { for _ in $(seq 1 100); do curl -fsS -o /dev/null "$1" 2>/dev/null && return 0; sleep 0.1; done; echo "idle: $1 did not come up" >&2; exit 1; }
-rss_kib() { local t=0; for p in $1; do t=$(( t + $(awk '/VmRSS/ {print $2}' "/proc/$p/status") )); done; echo "$t"; }
 
 O_PORT=$(free_port); N_PORT=$(free_port); E_PORT=$(free_port); A_PORT=$(free_port); B_PORT=$(free_port)
 "$BIN/edge-loadtest" origin --listen "127.0.0.1:$O_PORT" --threads 1 >/dev/null 2>&1 &

@@ -28,13 +28,8 @@ while [ $# -gt 0 ]; do
 done
 
 scripts/ensure-build-deps
-if ! command -v nginx >/dev/null 2>&1 && [ ! -x /usr/sbin/nginx ]; then
-  echo "bench: installing nginx" >&2
-  SUDO=""; [ "$(id -u)" = "0" ] || SUDO=sudo
-  DEBIAN_FRONTEND=noninteractive $SUDO apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends nginx >/dev/null
-fi
-NGINX=$(command -v nginx || echo /usr/sbin/nginx)
+. bench/lib.sh
+ensure_nginx
 command -v python3 >/dev/null || { echo "bench: python3 is needed to summarise results" >&2; exit 1; }
 
 echo "bench: building release binaries" >&2
@@ -47,21 +42,8 @@ PROXY_CORE=0
 LOAD_CORE=$(( NCPU > 1 ? NCPU - 1 : 0 ))
 TCK=$(getconf CLK_TCK)
 
-WORK=$(mktemp -d)
-PIDS=()
-cleanup() {
-  for p in "${PIDS[@]:-}"; do kill "$p" 2>/dev/null || true; done
-  [ -f "$WORK/nginx.pid" ] && kill "$(cat "$WORK/nginx.pid" 2>/dev/null)" 2>/dev/null || true
-  wait 2>/dev/null || true
-  rm -rf "$WORK"
-}
-trap cleanup EXIT
-
-free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 O_PORT=$(free_port); N_PORT=$(free_port); E_PORT=$(free_port); A_PORT=$(free_port)
 EB_PORT=$(free_port); AB_PORT=$(free_port)
-
-wait_http() { for _ in $(seq 1 100); do curl -fsS -o /dev/null "$1" 2>/dev/null && return 0; sleep 0.1; done; echo "bench: $1 did not come up" >&2; exit 1; }
 
 taskset -c "$LOAD_CORE" "$BIN/edge-loadtest" origin --listen "127.0.0.1:$O_PORT" --threads 1 >/dev/null 2>&1 &
 PIDS+=($!)
@@ -139,7 +121,6 @@ if [ -n "$EDGE_B_PID" ]; then
 fi
 
 cpu_ticks() { local t=0; for p in $1; do t=$(( t + $(awk '{print $14 + $15}' "/proc/$p/stat") )); done; echo "$t"; }
-rss_kib() { local t=0; for p in $1; do t=$(( t + $(awk '/VmRSS/ {print $2}' "/proc/$p/status") )); done; echo "$t"; }
 load() { taskset -c "$LOAD_CORE" "$BIN/edge-loadtest" run "$@" >/dev/null; }
 
 echo "bench: warm-up" >&2
