@@ -2,7 +2,6 @@
 //! service, the admin service and the health prober, added to a Pingora
 //! server. `run` uses it once; `demo` once per simulated region.
 
-use std::sync::atomic::AtomicU64;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -25,9 +24,13 @@ use crate::metrics::Metrics;
 use crate::retry::RetryBudget;
 use crate::routing::RouteTable;
 use crate::service::EdgeProxy;
+use crate::telemetry::WarnLimiter;
 
 /// Read buffer of each client connection's socket (Pingora's default: 64 KiB).
 const CLIENT_READ_BUFFER: usize = 0;
+
+/// At most one warning per this interval for each client-triggerable event.
+const WARN_INTERVAL: Duration = Duration::from_secs(10);
 
 /// How far a hop's timestamp may be from our clock (NTP-bounded skew plus transit).
 const HOP_WINDOW: Duration = Duration::from_secs(60);
@@ -126,8 +129,8 @@ pub fn add_region(
             .map(|_| RetryBudget::default())
             .collect(),
         via_name: crate::forwarding::via_pseudonym(&region),
-        hop_warned_ms: AtomicU64::new(0),
-        loop_warned_ms: AtomicU64::new(0),
+        hop_warnings: WarnLimiter::new(WARN_INTERVAL),
+        loop_warnings: WarnLimiter::new(WARN_INTERVAL),
         send_timeout: config.server.send_timeout,
     };
     let mut http = pingora::proxy::HttpProxy::new(proxy, server.configuration.clone());

@@ -7,7 +7,6 @@
 
 use std::borrow::Cow;
 use std::net::IpAddr;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -31,13 +30,12 @@ use crate::metrics::{status_class, Metrics};
 use crate::path::{normalize_path, PathRules};
 use crate::retry::{Failure, RetryBudget, Retryable};
 use crate::routing::RouteTable;
+use crate::telemetry::WarnLimiter;
 
 /// Attempts per request: the first, another backend, then the next region.
 const MAX_ATTEMPTS: u32 = 3;
 /// Idle upstream connections are kept this long for reuse.
 const UPSTREAM_IDLE: Duration = Duration::from_secs(60);
-/// At most one warning per this interval for invalid hops, and for loops.
-const HOP_WARN_INTERVAL_MS: u64 = 10_000;
 
 /// Everything one region's proxy needs to handle a request.
 pub struct EdgeProxy {
@@ -63,12 +61,21 @@ pub struct EdgeProxy {
     pub retry_budgets: Vec<RetryBudget>,
     /// This region's `Via` pseudonym.
     pub via_name: String,
-    /// When an invalid hop was last warned about (unix ms), for the rate limit.
-    pub hop_warned_ms: AtomicU64,
-    /// When a Via loop was last warned about (unix ms).
-    pub loop_warned_ms: AtomicU64,
+    /// Rate limit for warnings about hops that fail verification.
+    pub hop_warnings: WarnLimiter,
+    /// Rate limit for warnings about `Via` loops.
+    pub loop_warnings: WarnLimiter,
     /// A write to the client that makes no progress this long ends the response (nginx's `send_timeout`).
     pub send_timeout: Duration,
+}
+
+/// Who ended a response that had already started.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Aborted {
+    /// The upstream failed mid-response.
+    Upstream,
+    /// The client went away (or could not be written to).
+    Client,
 }
 
 /// Per-request state.
@@ -94,10 +101,8 @@ pub struct RequestCtx {
     retries_held: u32,
     /// The upstream whose budget counts this request.
     budget_upstream: Option<usize>,
-    /// The upstream failed after the response started; the client connection was aborted.
-    aborted: bool,
-    /// The client connection failed after the response started.
-    client_aborted: bool,
+    /// The response had started when the request failed, and was aborted.
+    aborted: Option<Aborted>,
     /// The last attempt failed in a way that may not leave the region.
     same_region_only: bool,
     _in_flight: Option<InFlight>,
@@ -202,16 +207,6 @@ impl EdgeProxy {
         Ok(())
     }
 
-    /// At most one warning per interval for one kind of event.
-    fn warn_allowed(&self, last_warned_ms: &AtomicU64) -> bool {
-        let now = unix_ms();
-        let last = last_warned_ms.load(Ordering::Relaxed);
-        now.saturating_sub(last) >= HOP_WARN_INTERVAL_MS
-            && last_warned_ms
-                .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
-                .is_ok()
-    }
-
     async fn refuse(
         &self,
         session: &mut Session,
@@ -239,7 +234,7 @@ impl EdgeProxy {
     /// at most once per interval.
     fn invalid_hop(&self, ctx: &RequestCtx) {
         self.metrics.hop_invalid.inc();
-        if self.warn_allowed(&self.hop_warned_ms) {
+        if self.hop_warnings.allow() {
             tracing::warn!(request_id = %ctx.request_id, "x-edge-hop failed verification (peer with another EDGE_HOP_SECRET, clock skew, or forged); served as a client request (edge_hop_invalid_total counts every one)");
         }
     }
@@ -376,8 +371,7 @@ impl ProxyHttp for EdgeProxy {
             retryable: Retryable::Never,
             retries_held: 0,
             budget_upstream: None,
-            aborted: false,
-            client_aborted: false,
+            aborted: None,
             same_region_only: false,
             _in_flight: Some(self.lifecycle.enter()),
         }
@@ -446,7 +440,7 @@ impl ProxyHttp for EdgeProxy {
         // region is not forwarded again: hop keys can disagree mid-rotation.
         if forwarding::via_contains(&req.headers, &self.via_name) {
             self.metrics.loops.inc();
-            if self.warn_allowed(&self.loop_warned_ms) {
+            if self.loop_warnings.allow() {
                 tracing::warn!(request_id = %ctx.request_id, "request already passed this region (Via): refused with 508 (edge_loops_total counts every one; a client can send this Via too)");
             }
             return self
@@ -797,13 +791,13 @@ impl ProxyHttp for EdgeProxy {
             if e.esource() != &ErrorSource::Upstream {
                 // The client went away, or something of ours failed: not
                 // the upstream's doing.
-                ctx.client_aborted = e.esource() == &ErrorSource::Downstream;
+                ctx.aborted = (e.esource() == &ErrorSource::Downstream).then_some(Aborted::Client);
                 return FailToProxy {
                     error_code: started,
                     can_reuse_downstream: false,
                 };
             }
-            ctx.aborted = true;
+            ctx.aborted = Some(Aborted::Upstream);
             let (route, region) = (self.route_label(ctx), self.upstream_region_label(ctx));
             self.metrics
                 .upstream_aborted
@@ -915,14 +909,11 @@ impl ProxyHttp for EdgeProxy {
             decision,
             attempts = ctx.attempts + 1,
             hop_from = ctx.hop_from.as_deref(),
-            outcome = if ctx.aborted {
-                "upstream_aborted"
-            } else if ctx.client_aborted {
-                "client_aborted"
-            } else if e.is_some() {
-                "error"
-            } else {
-                "ok"
+            outcome = match (ctx.aborted, e) {
+                (Some(Aborted::Upstream), _) => "upstream_aborted",
+                (Some(Aborted::Client), _) => "client_aborted",
+                (None, Some(_)) => "error",
+                (None, None) => "ok",
             },
             request_id = %ctx.request_id,
             error = e.map(|e| e.to_string()),

@@ -16,6 +16,39 @@ static DROPPED: OnceLock<ErrorCounter> = OnceLock::new();
 /// How often a full queue is reported (once per interval, Envoy-style).
 const DROP_WARN_INTERVAL: Duration = Duration::from_secs(10);
 
+/// Lets through at most one warning per interval for one kind of event, so
+/// an event a client can cause at will cannot flood the log.
+#[derive(Debug)]
+pub struct WarnLimiter {
+    interval_ms: u64,
+    last_ms: std::sync::atomic::AtomicU64,
+}
+
+impl WarnLimiter {
+    /// A limiter letting one warning through per `interval`.
+    pub fn new(interval: Duration) -> WarnLimiter {
+        WarnLimiter {
+            interval_ms: u64::try_from(interval.as_millis()).unwrap_or(u64::MAX),
+            last_ms: std::sync::atomic::AtomicU64::new(0),
+        }
+    }
+
+    /// True for the first call in each interval.
+    pub fn allow(&self) -> bool {
+        use std::sync::atomic::Ordering;
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_millis() as u64)
+            .unwrap_or(0);
+        let last = self.last_ms.load(Ordering::Relaxed);
+        now.saturating_sub(last) >= self.interval_ms
+            && self
+                .last_ms
+                .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
+                .is_ok()
+    }
+}
+
 /// Log lines dropped so far because the queue was full.
 pub fn dropped_lines() -> u64 {
     DROPPED.get().map(|c| c.dropped_lines() as u64).unwrap_or(0)
@@ -113,5 +146,20 @@ fn spawn_drop_reporter() {
         });
     if let Err(e) = spawned {
         tracing::warn!(error = %e, "cannot start the log-drop reporter");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::WarnLimiter;
+    use std::time::Duration;
+
+    #[test]
+    fn one_warning_per_interval() {
+        let w = WarnLimiter::new(Duration::from_secs(3600));
+        assert!(w.allow());
+        assert!(!w.allow());
+        let every_time = WarnLimiter::new(Duration::ZERO);
+        assert!(every_time.allow() && every_time.allow());
     }
 }

@@ -65,8 +65,18 @@ async fn trickled_headers_get_408_after_header_read_timeout() {
     );
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn connections_beyond_max_connections_are_refused() {
+/// An edge with `max_connections = 3` and three connections open, each
+/// after one request (`kept_alive`) or silent; returns when all three are
+/// counted (admission happens when a connection's task runs, not in accept
+/// order).
+async fn edge_at_its_limit(
+    kept_alive: bool,
+) -> (
+    Edge,
+    edge_loadtest::origin::Origin,
+    Vec<TcpStream>,
+    reqwest::Client,
+) {
     let o = origin("solo", "o1").await;
     let regions = vec![RegionSpec::new("solo", vec![o.addr()])];
     let t = Tweaks {
@@ -74,17 +84,22 @@ async fn connections_beyond_max_connections_are_refused() {
         ..Tweaks::default()
     };
     let edge = start_region(&regions, 0, &t).await;
-    let mut idle = Vec::new();
+    let mut held = Vec::new();
     for _ in 0..3 {
-        idle.push(
-            TcpStream::connect(("127.0.0.1", edge.port))
+        let mut s = TcpStream::connect(("127.0.0.1", edge.port))
+            .await
+            .expect("connect");
+        if kept_alive {
+            s.write_all(b"GET /x HTTP/1.1\r\nHost: a\r\n\r\n")
                 .await
-                .expect("connect"),
-        );
+                .expect("write");
+            let mut buf = vec![0u8; 16 * 1024];
+            let n = s.read(&mut buf).await.expect("response");
+            assert!(buf[..n].starts_with(b"HTTP/1.1 200"));
+        }
+        held.push(s);
     }
     let http = client();
-    // Admission happens when the server's task for a connection runs, not
-    // in accept order: wait until the three idle ones are counted.
     let counted = wait_for_metric(
         &http,
         &edge,
@@ -93,7 +108,15 @@ async fn connections_beyond_max_connections_are_refused() {
         Duration::from_secs(10),
     )
     .await;
-    assert!(counted, "three idle connections are open");
+    assert!(counted, "three connections are open");
+    (edge, o, held, http)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connections_beyond_max_connections_are_refused() {
+    // Connections that never sent a request are not idle keep-alive ones:
+    // nothing can be closed to make room.
+    let (edge, _o, idle, http) = edge_at_its_limit(false).await;
     let got = exchange(
         edge.port,
         b"GET /x HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n",
@@ -194,36 +217,7 @@ async fn a_client_that_stops_reading_is_cut_off() {
 /// room (nginx's behaviour), so a new client is served.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn idle_keepalive_connections_make_room_at_the_limit() {
-    let o = origin("solo", "o1").await;
-    let regions = vec![RegionSpec::new("solo", vec![o.addr()])];
-    let t = Tweaks {
-        server_extra: "max_connections = 3",
-        ..Tweaks::default()
-    };
-    let edge = start_region(&regions, 0, &t).await;
-    let mut idle = Vec::new();
-    for _ in 0..3 {
-        let mut s = TcpStream::connect(("127.0.0.1", edge.port))
-            .await
-            .expect("connect");
-        s.write_all(b"GET /x HTTP/1.1\r\nHost: a\r\n\r\n")
-            .await
-            .expect("write");
-        let mut buf = vec![0u8; 16 * 1024];
-        let n = s.read(&mut buf).await.expect("response");
-        assert!(buf[..n].starts_with(b"HTTP/1.1 200"));
-        idle.push(s);
-    }
-    let http = client();
-    let counted = wait_for_metric(
-        &http,
-        &edge,
-        "edge_client_connections",
-        "3",
-        Duration::from_secs(10),
-    )
-    .await;
-    assert!(counted, "three kept-alive connections are open");
+    let (edge, _o, mut idle, _http) = edge_at_its_limit(true).await;
     let got = exchange(
         edge.port,
         b"GET /x HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n",
