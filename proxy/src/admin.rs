@@ -12,27 +12,35 @@ use pingora::protocols::http::ServerSession;
 use crate::health::HealthState;
 use crate::lifecycle::Lifecycle;
 use crate::metrics::Metrics;
+use crate::tables::heartbeat::LagState;
 
 /// The admin HTTP app of one proxy.
 pub struct AdminApp {
     health: Arc<HealthState>,
     lifecycle: Arc<Lifecycle>,
     metrics: Arc<Metrics>,
+    lag: Arc<LagState>,
+    table: String,
     token: Option<String>,
 }
 
 impl AdminApp {
     /// `token` is the bearer token for mutations; None refuses them all.
+    /// `table` describes the replicated table for `/status`.
     pub fn new(
         health: Arc<HealthState>,
         lifecycle: Arc<Lifecycle>,
         metrics: Arc<Metrics>,
+        lag: Arc<LagState>,
+        table: String,
         token: Option<String>,
     ) -> Self {
         AdminApp {
             health,
             lifecycle,
             metrics,
+            lag,
+            table,
             token: token.filter(|t| !t.is_empty()),
         }
     }
@@ -96,6 +104,7 @@ impl ServeHttp for AdminApp {
             (Method::GET, "/status") => {
                 let mut doc = self.health.status_json();
                 doc["draining"] = self.lifecycle.is_draining().into();
+                doc["tables"] = self.lag.status_json(&self.table);
                 let body = serde_json::to_vec_pretty(&doc).unwrap_or_default();
                 respond(StatusCode::OK, "application/json", body)
             }

@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
-use edge_policies::Reason;
+use edge_policies::ReasonKind;
 use pingora::listeners::{L4BufferSettings, ListenerConfig};
 use pingora::server::configuration::ServerConf;
 use pingora::server::Server;
@@ -24,7 +24,10 @@ use crate::metrics::Metrics;
 use crate::retry::RetryBudget;
 use crate::routing::RouteTable;
 use crate::service::EdgeProxy;
+use crate::tables::heartbeat::{HeartbeatSettings, Heartbeats, LagState};
+use crate::tables::SharedTable;
 use crate::telemetry::WarnLimiter;
+use crate::token::TokenSigner;
 
 /// Read buffer of each client connection's socket (Pingora's default: 64 KiB).
 const CLIENT_READ_BUFFER: usize = 0;
@@ -37,8 +40,10 @@ const HOP_WINDOW: Duration = Duration::from_secs(60);
 
 /// Secrets that come from the environment, not the file.
 pub struct Secrets {
-    /// HMAC key shared by every region's proxy.
+    /// Secret shared by every region's proxy; the hop and token keys are derived from it.
     pub hop_key: Vec<u8>,
+    /// The secret being rotated out (`EDGE_HOP_SECRET_PREVIOUS`), still accepted.
+    pub previous_hop_key: Option<Vec<u8>>,
     /// Bearer token for admin mutations; None disables them.
     pub admin_token: Option<String>,
 }
@@ -76,11 +81,15 @@ fn prime_metrics(metrics: &Metrics, config: &Config, topo: &Topology) {
             .retries_refused
             .with_label_values(&[route.name.as_str(), "budget"]);
         for region in topo.regions.iter().filter(|r| r.name != local) {
-            for reason in [Reason::FailoverNoHealthyLocal, Reason::FailoverRetry] {
+            for kind in [
+                ReasonKind::FailoverNoHealthyLocal,
+                ReasonKind::FailoverRetry,
+                ReasonKind::PrimaryDown,
+            ] {
                 metrics.failovers.with_label_values(&[
                     route.name.as_str(),
                     region.name.as_str(),
-                    reason.as_str(),
+                    kind.as_str(),
                 ]);
             }
         }
@@ -98,13 +107,29 @@ fn prime_metrics(metrics: &Metrics, config: &Config, topo: &Topology) {
     for kind in ["max_connections", "header_timeout", "header_too_large"] {
         metrics.client_refusals.with_label_values(&[kind]);
     }
+    for result in [
+        "issued",
+        "valid",
+        "forged",
+        "expired",
+        "malformed",
+        "unknown_region",
+    ] {
+        metrics.consistency_tokens.with_label_values(&[result]);
+    }
+    for op in ["heartbeat_write", "heartbeat_read", "ensure"] {
+        metrics.table_errors.with_label_values(&[op]);
+    }
 }
 
 /// Add one region's services to `server`; returns its drain state.
+/// `table` replaces the configured replicated table (the demo's simulated
+/// global table); `None` opens the one `[tables]` names.
 pub fn add_region(
     server: &mut Server,
     config: &Config,
     secrets: Secrets,
+    table: Option<SharedTable>,
 ) -> anyhow::Result<Arc<Lifecycle>> {
     let region = config.server.region.clone();
     let metrics = Arc::new(Metrics::new(&region).context("registering metrics")?);
@@ -112,11 +137,24 @@ pub fn add_region(
     let health = Arc::new(HealthState::new(topo, metrics.clone()));
     let lifecycle = Arc::new(Lifecycle::new(metrics.clone()));
     prime_metrics(&metrics, config, &health.topo);
+    let table = match table {
+        Some(t) => t,
+        None => {
+            crate::tables::open(&config.tables, &region).context("opening the replicated table")?
+        }
+    };
+    let lag = Arc::new(LagState::new(
+        health.topo.regions.iter().map(|r| r.name.clone()).collect(),
+    ));
 
     let proxy = EdgeProxy {
         health: health.clone(),
         routes: RouteTable::new(config.routes.clone()),
-        hop: HopSigner::new(&secrets.hop_key, HOP_WINDOW),
+        hop: HopSigner::new(
+            &secrets.hop_key,
+            secrets.previous_hop_key.as_deref(),
+            HOP_WINDOW,
+        ),
         metrics: metrics.clone(),
         lifecycle: lifecycle.clone(),
         health_path: config.server.health_path.clone(),
@@ -132,6 +170,14 @@ pub fn add_region(
         hop_warnings: WarnLimiter::new(WARN_INTERVAL),
         loop_warnings: WarnLimiter::new(WARN_INTERVAL),
         send_timeout: config.server.send_timeout,
+        lag: lag.clone(),
+        tokens: TokenSigner::new(
+            &secrets.hop_key,
+            secrets.previous_hop_key.as_deref(),
+            config.consistency.token_ttl,
+            HOP_WINDOW,
+        ),
+        clock_margin_ms: config.consistency.clock_margin.as_millis() as u64,
     };
     let mut http = pingora::proxy::HttpProxy::new(proxy, server.configuration.clone());
     http.handle_init_modules();
@@ -160,7 +206,9 @@ pub fn add_region(
     let admin_app = AdminApp::new(
         health.clone(),
         lifecycle.clone(),
-        metrics,
+        metrics.clone(),
+        lag.clone(),
+        table.describe(),
         secrets.admin_token,
     );
     let mut admin = Service::new(format!("admin {region}"), admin_app);
@@ -170,5 +218,19 @@ pub fn add_region(
 
     let prober = Prober::new(health, config.server.health_path.clone());
     server.add_service(background_service(&format!("health {region}"), prober));
+    let heartbeats = Heartbeats::new(
+        table,
+        region.clone(),
+        HeartbeatSettings {
+            interval: config.tables.heartbeat_interval,
+            shards: config.tables.heartbeat_shards,
+        },
+        lag,
+        metrics,
+    );
+    server.add_service(background_service(
+        &format!("heartbeats {region}"),
+        heartbeats,
+    ));
     Ok(lifecycle)
 }

@@ -3,23 +3,26 @@
 //! again. The signature binds the source region, a timestamp, the method, host
 //! and path, so a captured header cannot be replayed for another request or
 //! long after (clock skew between regions is bounded by NTP; the window absorbs it).
+//!
+//! The key is the hop key derived from the shared secret (see [`crate::keys`]);
+//! the value names its key id, so a region mid-rotation verifies hops signed
+//! with the previous secret too.
 
 use std::time::Duration;
 
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use base64::Engine;
-use hmac::{Hmac, Mac};
-use sha2::Sha256;
+use hmac::Mac;
 
-type HmacSha256 = Hmac<Sha256>;
+use crate::keys::{DerivedKey, HmacSha256, KeyRing, Purpose};
 
 /// Header name.
 pub const HOP_HEADER: &str = "x-edge-hop";
 
-/// Signs and verifies hop headers with a shared secret.
+/// Signs and verifies hop headers with the hop key.
 #[derive(Clone)]
 pub struct HopSigner {
-    key: Vec<u8>,
+    keys: KeyRing,
     window: Duration,
 }
 
@@ -43,17 +46,17 @@ pub struct SignedRequest<'a> {
 }
 
 impl HopSigner {
-    /// A signer with the shared secret; hops older (or newer) than `window` are rejected.
-    pub fn new(secret: &[u8], window: Duration) -> Self {
+    /// A signer with the shared secret (and the previous one during a
+    /// rotation); hops older (or newer) than `window` are rejected.
+    pub fn new(secret: &[u8], previous: Option<&[u8]>, window: Duration) -> Self {
         HopSigner {
-            key: secret.to_vec(),
+            keys: KeyRing::new(Purpose::Hop, secret, previous),
             window,
         }
     }
 
-    fn mac(&self, region: &str, ts_ms: u64, req: SignedRequest<'_>) -> HmacSha256 {
-        // new_from_slice accepts any key length for HMAC, so this cannot fail.
-        let mut mac = HmacSha256::new_from_slice(&self.key).expect("HMAC takes any key length");
+    fn mac(key: &DerivedKey, region: &str, ts_ms: u64, req: SignedRequest<'_>) -> HmacSha256 {
+        let mut mac = key.mac();
         for part in [region, &ts_ms.to_string(), req.method, req.host, req.path] {
             mac.update(part.as_bytes());
             mac.update(b"\n");
@@ -63,8 +66,13 @@ impl HopSigner {
 
     /// The header value for a request leaving `region` at `now_ms` (Unix ms).
     pub fn sign(&self, region: &str, now_ms: u64, req: SignedRequest<'_>) -> String {
-        let sig = self.mac(region, now_ms, req).finalize().into_bytes();
-        format!("v1:{region}:{now_ms}:{}", URL_SAFE_NO_PAD.encode(sig))
+        let key = self.keys.current();
+        let sig = Self::mac(key, region, now_ms, req).finalize().into_bytes();
+        format!(
+            "v2:{}:{region}:{now_ms}:{}",
+            key.id(),
+            URL_SAFE_NO_PAD.encode(sig)
+        )
     }
 
     /// The source region if `value` is a valid, fresh signature for this request.
@@ -74,7 +82,8 @@ impl HopSigner {
         now_ms: u64,
         req: SignedRequest<'_>,
     ) -> Option<&'v str> {
-        let rest = value.strip_prefix("v1:")?;
+        let (kid, rest) = value.strip_prefix("v2:")?.split_once(':')?;
+        let key = self.keys.find(kid)?;
         let mut parts = rest.rsplitn(3, ':');
         let sig = parts.next()?;
         let ts: u64 = parts.next()?.parse().ok()?;
@@ -83,7 +92,7 @@ impl HopSigner {
             return None;
         }
         let sig = URL_SAFE_NO_PAD.decode(sig).ok()?;
-        self.mac(region, ts, req).verify_slice(&sig).ok()?;
+        Self::mac(key, region, ts, req).verify_slice(&sig).ok()?;
         Some(region)
     }
 }
@@ -99,7 +108,7 @@ mod tests {
     };
 
     fn signer() -> HopSigner {
-        HopSigner::new(b"secret", Duration::from_secs(60))
+        HopSigner::new(b"secret", None, Duration::from_secs(60))
     }
 
     #[test]
@@ -111,7 +120,7 @@ mod tests {
     #[test]
     fn another_secret_request_or_stale_time_is_rejected() {
         let v = signer().sign("eu-west-1", 1_000_000, REQ);
-        let other = HopSigner::new(b"other", Duration::from_secs(60));
+        let other = HopSigner::new(b"other", None, Duration::from_secs(60));
         assert_eq!(other.verify(&v, 1_000_000, REQ), None);
         let moved = SignedRequest {
             path: "/admin",
@@ -125,14 +134,40 @@ mod tests {
     fn garbage_is_rejected_without_panicking() {
         for v in [
             "",
-            "v1:",
-            "v1:a:b:c",
-            "v1::1:AAAA",
-            "v2:a:1:AAAA",
-            "v1:a:1:!!!",
-            "v1:a:99999999999999999999:x",
+            "v2:",
+            "v2:a:b:c",
+            "v2::1:AAAA",
+            "v1:a:1:AAAA",
+            "v2:a:1:!!!",
+            "v2:a:99999999999999999999:x",
         ] {
             assert_eq!(signer().verify(v, 1, REQ), None, "{v}");
         }
+        // A well-formed value with our key id but a broken body.
+        let kid = signer().keys.current().id().to_string();
+        for body in ["", ":", "a:1", "::", "a:x:AAAA", ":1:AAAA", "a:1:!!!"] {
+            let v = format!("v2:{kid}:{body}");
+            assert_eq!(signer().verify(&v, 1, REQ), None, "{v}");
+        }
+    }
+
+    #[test]
+    fn a_rotation_accepts_both_secrets_and_signs_with_the_new_one() {
+        let old = HopSigner::new(b"old", None, Duration::from_secs(60));
+        let rotating = HopSigner::new(b"new", Some(b"old"), Duration::from_secs(60));
+        let new_only = HopSigner::new(b"new", None, Duration::from_secs(60));
+        let from_old = old.sign("eu-west-1", 1_000_000, REQ);
+        assert_eq!(
+            rotating.verify(&from_old, 1_000_000, REQ),
+            Some("eu-west-1")
+        );
+        let from_rotating = rotating.sign("eu-west-1", 1_000_000, REQ);
+        assert_eq!(
+            new_only.verify(&from_rotating, 1_000_000, REQ),
+            Some("eu-west-1")
+        );
+        assert_eq!(old.verify(&from_rotating, 1_000_000, REQ), None);
+        // After the rotation the old secret is refused.
+        assert_eq!(new_only.verify(&from_old, 1_000_000, REQ), None);
     }
 }

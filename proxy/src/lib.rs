@@ -4,8 +4,10 @@
 //! (host and path to route), [`health`] (active checks, outlier ejection, the
 //! snapshot `edge_policies::decide` reads), [`service`] (the thin Pingora
 //! `ProxyHttp`), [`hop`] (signed forwarding between regions), [`forwarding`]
-//! (header rules), [`admin`], [`metrics`], [`lifecycle`] (drain and signals),
-//! [`telemetry`], [`demo`]; [`app`] assembles them. The binary is `main.rs`.
+//! (header rules), [`keys`] (a key per purpose from one secret), [`token`]
+//! (consistency tokens), [`tables`] (the replicated table and heartbeat lag),
+//! [`admin`], [`metrics`], [`lifecycle`] (drain and signals), [`telemetry`],
+//! [`demo`]; [`app`] assembles them. The binary is `main.rs`.
 #![forbid(unsafe_code)]
 
 pub mod admin;
@@ -17,10 +19,13 @@ pub mod forwarding;
 pub mod health;
 pub mod hop;
 pub mod host;
+pub mod keys;
 pub mod lifecycle;
 pub mod metrics;
 pub mod path;
 pub mod retry;
 pub mod routing;
 pub mod service;
+pub mod tables;
 pub mod telemetry;
+pub mod token;

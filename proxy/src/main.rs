@@ -115,6 +115,15 @@ fn run(config: config::Config) -> anyhow::Result<()> {
         // One region never forwards, so a throwaway key is enough.
         _ => rand::random::<[u8; 32]>().to_vec(),
     };
+    // During a rotation every region also accepts values signed with the old secret.
+    let previous_env = format!("{}_PREVIOUS", config.server.hop_secret_env);
+    let previous_hop_key = std::env::var(&previous_env)
+        .ok()
+        .filter(|s| !s.is_empty())
+        .map(String::into_bytes);
+    if previous_hop_key.is_some() {
+        tracing::info!(env = %previous_env, "secret rotation: hops and consistency tokens signed with the previous secret are accepted");
+    }
     let admin_token = std::env::var(&config.admin.token_env)
         .ok()
         .filter(|t| !t.is_empty());
@@ -127,8 +136,10 @@ fn run(config: config::Config) -> anyhow::Result<()> {
         &config,
         app::Secrets {
             hop_key,
+            previous_hop_key,
             admin_token,
         },
+        None,
     )?;
     tracing::info!(
         region = %config.server.region,

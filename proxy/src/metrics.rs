@@ -49,6 +49,14 @@ pub struct Metrics {
     pub client_refusals: IntCounterVec,
     /// Open client connections on the traffic listener.
     pub client_connections: IntGauge,
+    /// Replication lag from each source region into the local replica (absent while unknown).
+    pub replication_lag: GaugeVec,
+    /// Failed table operations by op (heartbeat_write, heartbeat_read, ensure).
+    pub table_errors: IntCounterVec,
+    /// 1 while the local replica answers.
+    pub table_reachable: IntGauge,
+    /// Consistency tokens by result (issued, valid, forged, expired, malformed, unknown_region).
+    pub consistency_tokens: IntCounterVec,
 }
 
 impl Metrics {
@@ -106,7 +114,36 @@ impl Metrics {
             .const_label("region", region),
         )?;
         registry.register(Box::new(draining.clone()))?;
+        let replication_lag = GaugeVec::new(
+            Opts::new(
+                "edge_replication_lag_seconds",
+                "Replication lag from a source region into this region's replica of the table (heartbeat age; absent while unknown).",
+            )
+            .const_label("region", region),
+            &["from"],
+        )?;
+        registry.register(Box::new(replication_lag.clone()))?;
+        let table_reachable = IntGauge::with_opts(
+            Opts::new(
+                "edge_table_reachable",
+                "1 while this region's replica of the replicated table answers.",
+            )
+            .const_label("region", region),
+        )?;
+        registry.register(Box::new(table_reachable.clone()))?;
         Ok(Metrics {
+            table_errors: counter(
+                "edge_table_errors_total",
+                "Failed operations on the replicated table, by op.",
+                &["op"],
+            )?,
+            consistency_tokens: counter(
+                "edge_consistency_tokens_total",
+                "Consistency tokens issued, and presented tokens by check result.",
+                &["result"],
+            )?,
+            replication_lag,
+            table_reachable,
             requests: counter(
                 "edge_requests_total",
                 "Requests by route, upstream region, decision and status class.",

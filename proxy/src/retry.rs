@@ -29,6 +29,17 @@ pub enum Failure {
     Timeout,
 }
 
+impl Failure {
+    /// The same failure as `decide` records it in the attempt history.
+    pub fn attempt(self) -> edge_policies::AttemptFailure {
+        match self {
+            Failure::Connect => edge_policies::AttemptFailure::Connect,
+            Failure::Reset => edge_policies::AttemptFailure::Reset,
+            Failure::Timeout => edge_policies::AttemptFailure::Timeout,
+        }
+    }
+}
+
 /// What a request allows, from its method and headers.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Retryable {
@@ -40,11 +51,20 @@ pub enum Retryable {
     Never,
 }
 
+/// An unsafe method (RFC 9110 9.2.1): anything but GET, HEAD, OPTIONS and TRACE.
+/// Policies route these as writes.
+pub fn is_unsafe(method: &Method) -> bool {
+    !matches!(
+        *method,
+        Method::GET | Method::HEAD | Method::OPTIONS | Method::TRACE
+    )
+}
+
 impl Retryable {
     /// Classify a request.
     pub fn of(method: &Method, has_idempotency_key: bool) -> Retryable {
         match *method {
-            Method::GET | Method::HEAD | Method::OPTIONS | Method::TRACE => Retryable::Safe,
+            _ if !is_unsafe(method) => Retryable::Safe,
             _ if has_idempotency_key => Retryable::KeyedSameRegion,
             _ => Retryable::Never,
         }

@@ -61,6 +61,7 @@ mod tests {
             path_prefix: prefix.to_string(),
             upstream: 0,
             policy: Policy::LocalFirst,
+            allowed: edge_policies::RegionSet::ALL,
         }
     }
 

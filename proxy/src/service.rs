@@ -1,9 +1,12 @@
 //! The Pingora `ProxyHttp` implementation, kept thin: `request_filter`
-//! validates the Host, normalises the path, refuses loops and fills the
-//! context (route, hop, request id); `upstream_peer` asks
-//! `edge_policies::decide` and maps the answer to a peer; the other hooks
-//! apply header rules, record outcomes and write one access-log event. Once
-//! a response has started, a failure aborts it instead of writing into it.
+//! validates the Host, normalises the path, refuses loops, reads the
+//! consistency token and makes the request's one decision
+//! (`edge_policies::decide` over the composed health and lag snapshot),
+//! kept in the context; `upstream_peer` only maps that decision to a peer.
+//! A failed attempt goes into the attempt history and a retry asks `decide`
+//! again with it. The other hooks apply header rules, issue tokens, record
+//! outcomes and write one access-log event. Once a response has started, a
+//! failure aborts it instead of writing into it.
 
 use std::borrow::Cow;
 use std::net::IpAddr;
@@ -12,7 +15,10 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use async_trait::async_trait;
 use bytes::Bytes;
-use edge_policies::{decide, Decision, RequestFacts, Target};
+use edge_policies::{
+    decide, Attempt, AttemptFailure, Decision, LagView, Policy, RequestFacts, RetryScope, Target,
+    Token,
+};
 use http::Method;
 use ipnet::IpNet;
 use pingora::http::{RequestHeader, ResponseHeader};
@@ -20,6 +26,7 @@ use pingora::prelude::*;
 use pingora::proxy::FailToProxy;
 use pingora::{Error, ErrorSource, ErrorType};
 
+use crate::config::RouteConfig;
 use crate::forwarding::{self, acceptable_request_id, new_request_id};
 use crate::health::outlier::Outcome;
 use crate::health::HealthState;
@@ -28,12 +35,14 @@ use crate::host::validate_host;
 use crate::lifecycle::{InFlight, Lifecycle};
 use crate::metrics::{status_class, Metrics};
 use crate::path::{normalize_path, PathRules};
-use crate::retry::{Failure, RetryBudget, Retryable};
+use crate::retry::{is_unsafe, Failure, RetryBudget, Retryable};
 use crate::routing::RouteTable;
+use crate::tables::heartbeat::LagState;
 use crate::telemetry::WarnLimiter;
+use crate::token::{self, TokenCheck, TokenSigner, TOKEN_COOKIE, TOKEN_HEADER};
 
 /// Attempts per request: the first, another backend, then the next region.
-const MAX_ATTEMPTS: u32 = 3;
+const MAX_ATTEMPTS: usize = 3;
 /// Idle upstream connections are kept this long for reuse.
 const UPSTREAM_IDLE: Duration = Duration::from_secs(60);
 
@@ -67,6 +76,12 @@ pub struct EdgeProxy {
     pub loop_warnings: WarnLimiter,
     /// A write to the client that makes no progress this long ends the response (nginx's `send_timeout`).
     pub send_timeout: Duration,
+    /// Replication lag into the local replica, from the heartbeat loop.
+    pub lag: Arc<LagState>,
+    /// Issues and checks consistency tokens.
+    pub tokens: TokenSigner,
+    /// Clock-skew margin for tokens (ms).
+    pub clock_margin_ms: u64,
 }
 
 /// Who ended a response that had already started.
@@ -84,12 +99,22 @@ pub struct RequestCtx {
     request_id: String,
     route: Option<usize>,
     hop_from: Option<String>,
+    /// The current decision: made in `request_filter`, remade for each retry.
     decision: Option<Decision>,
+    /// Its text (`ryw:lagging:eu-west-1`), built once when a header or the log needs it.
+    decision_text: Option<String>,
     target_region: Option<usize>,
     backend: Option<usize>,
-    tried_backends: Vec<usize>,
-    failed_regions: Vec<usize>,
-    attempts: u32,
+    /// Failed attempts, oldest first: `decide` reads them for a retry.
+    attempts: Vec<Attempt>,
+    /// An unsafe method: routed as a write.
+    write: bool,
+    /// A verified consistency token (read requests on read-your-writes routes).
+    token: Option<Token>,
+    /// A token to hand the client with this response.
+    issued_token: Option<String>,
+    /// How far a retry may go.
+    retry_scope: RetryScope,
     upstream_start: Option<Instant>,
     upstream_time: Option<Duration>,
     got_response: bool,
@@ -103,9 +128,17 @@ pub struct RequestCtx {
     budget_upstream: Option<usize>,
     /// The response had started when the request failed, and was aborted.
     aborted: Option<Aborted>,
-    /// The last attempt failed in a way that may not leave the region.
-    same_region_only: bool,
     _in_flight: Option<InFlight>,
+}
+
+impl RequestCtx {
+    /// Failed attempts that reached for an upstream (not "no backend left" entries).
+    fn upstream_attempts(&self) -> usize {
+        self.attempts
+            .iter()
+            .filter(|a| !matches!(a.failure, AttemptFailure::NoBackend))
+            .count()
+    }
 }
 
 fn unix_ms() -> u64 {
@@ -190,8 +223,8 @@ impl EdgeProxy {
         resp.insert_header("x-edge-region", self.region_name(self.local()))?;
         resp.insert_header("x-request-id", ctx.request_id.as_str())?;
         if self.debug_headers {
-            if let Some(d) = ctx.decision {
-                resp.insert_header("x-edge-decision", d.reason.as_str())?;
+            if let Some(text) = &ctx.decision_text {
+                resp.insert_header("x-edge-decision", text.as_str())?;
             }
         }
         if self.lifecycle.is_draining() {
@@ -254,10 +287,86 @@ impl EdgeProxy {
         Ok(true)
     }
 
+    /// The route of a request that has one.
+    fn route(&self, ctx: &RequestCtx) -> Option<&RouteConfig> {
+        ctx.route.map(|r| &self.routes.routes()[r])
+    }
+
+    /// Ask the policy where the request goes, from the composed snapshot
+    /// (health, replication lag, clock) and the request's attempt history.
+    fn decide_now(&self, route: &RouteConfig, ctx: &RequestCtx) -> Decision {
+        let health = self.health.snapshot();
+        let lag = self.lag.snapshot();
+        let lag_view = LagView {
+            watermarks_ms: &lag.watermarks_ms,
+            now_ms: unix_ms(),
+            margin_ms: self.clock_margin_ms,
+        };
+        let facts = RequestFacts {
+            policy: route.policy,
+            write: ctx.write,
+            valid_hop: ctx.hop_from.is_some(),
+            token: ctx.token,
+            allowed: route.allowed,
+            attempts: &ctx.attempts,
+            retry_scope: ctx.retry_scope,
+        };
+        decide(&health.views[route.upstream], &lag_view, &facts)
+    }
+
+    /// Store a decision and, when a header or the log will show it, its text.
+    fn set_decision(&self, ctx: &mut RequestCtx, d: Decision) {
+        ctx.decision = Some(d);
+        ctx.decision_text = self.route(ctx).map(|route| {
+            let health = self.health.snapshot();
+            d.reason.describe(&health.views[route.upstream])
+        });
+    }
+
+    /// Read the client's consistency token (header first, then cookie). An
+    /// invalid one is counted and ignored, never an error.
+    fn read_token(&self, req: &RequestHeader) -> Option<Token> {
+        let header = req.headers.get(TOKEN_HEADER).and_then(|v| v.to_str().ok());
+        let value = header.or_else(|| {
+            req.headers
+                .get_all(http::header::COOKIE)
+                .iter()
+                .filter_map(|v| v.to_str().ok())
+                .find_map(|c| token::cookie_value(c, TOKEN_COOKIE))
+        })?;
+        let check = self.tokens.check(value, unix_ms());
+        let (result, token) = match check {
+            TokenCheck::Valid(t) => match self
+                .health
+                .topo
+                .regions
+                .iter()
+                .position(|r| r.name == t.region)
+            {
+                Some(region) => (
+                    "valid",
+                    Some(Token {
+                        region,
+                        written_ms: t.written_ms,
+                    }),
+                ),
+                // Signed by us, naming a region this config does not have
+                // (a deployment mid-change): nowhere to send it.
+                None => ("unknown_region", None),
+            },
+            other => (other.label(), None),
+        };
+        self.metrics
+            .consistency_tokens
+            .with_label_values(&[result])
+            .inc();
+        token
+    }
+
     /// Book-keeping after an attempt failed before a response: passive
-    /// outlier detection, and which backends and regions not to try again.
-    fn record_failed_attempt(&self, ctx: &mut RequestCtx, kind: &str) {
-        let Some(route) = ctx.route.map(|r| &self.routes.routes()[r]) else {
+    /// outlier detection and the attempt history.
+    fn record_failed_attempt(&self, ctx: &mut RequestCtx, kind: &str, failure: AttemptFailure) {
+        let Some(route) = self.route(ctx) else {
             return;
         };
         let upstream = &self.health.topo.upstreams[route.upstream];
@@ -270,68 +379,79 @@ impl EdgeProxy {
                 kind,
             ])
             .inc();
-        match ctx.backend {
-            Some(b) => {
-                self.health
-                    .observe_outcome(route.upstream, b, Outcome::GatewayFailure);
-                ctx.tried_backends.push(b);
-                // "Once on another backend, then the next region."
-                if ctx.tried_backends.len() >= 2 && !ctx.failed_regions.contains(&region) {
-                    ctx.failed_regions.push(region);
-                }
-            }
-            None => {
-                if !ctx.failed_regions.contains(&region) {
-                    ctx.failed_regions.push(region);
-                }
-            }
+        if let Some(b) = ctx.backend {
+            self.health
+                .observe_outcome(route.upstream, b, Outcome::GatewayFailure);
         }
+        ctx.attempts.push(Attempt {
+            region,
+            backend: ctx.backend,
+            failure,
+        });
     }
 
-    /// Mark the error retryable when the request, the failure and the retry
-    /// budget all allow another attempt.
+    /// Retry when the request, the failure and the retry budget allow
+    /// another attempt and `decide`, given the attempt history, names a
+    /// target; the new decision replaces the old one.
     fn maybe_retry(&self, session: &Session, ctx: &mut RequestCtx, e: &mut Error, f: Failure) {
-        let route = ctx.route.map(|r| &self.routes.routes()[r]);
+        let Some(route) = self.route(ctx) else {
+            e.set_retry(false);
+            return;
+        };
         let allowed = ctx.retryable.allows(f)
             && !session.as_ref().retry_buffer_truncated()
-            && ctx.attempts + 1 < MAX_ATTEMPTS;
-        let route_name = route.map(|r| r.name.as_str()).unwrap_or("-");
+            && ctx.upstream_attempts() < MAX_ATTEMPTS;
+        ctx.retry_scope = if ctx.retryable.may_leave_region() {
+            RetryScope::Anywhere
+        } else {
+            RetryScope::SameRegion
+        };
+        let next = allowed.then(|| self.decide_now(route, ctx));
+        let Some(next) = next.filter(|d| d.target != Target::Unavailable) else {
+            e.set_retry(false);
+            return;
+        };
         // Like Envoy's active retries, a request in its retry phase holds one
         // slot of the budget, however many attempts that phase takes.
-        let granted = allowed
-            && match (route, ctx.budget_upstream) {
-                _ if ctx.retries_held > 0 => true,
-                (Some(r), Some(u)) => {
-                    let cfg = &self.health.topo.upstreams[r.upstream].config.retry_budget;
+        let granted = ctx.retries_held > 0
+            || match ctx.budget_upstream {
+                Some(u) => {
+                    let cfg = &self.health.topo.upstreams[route.upstream]
+                        .config
+                        .retry_budget;
                     let ok = self.retry_budgets[u].try_retry(cfg);
                     if !ok {
                         self.metrics
                             .retries_refused
-                            .with_label_values(&[route_name, "budget"])
+                            .with_label_values(&[route.name.as_str(), "budget"])
                             .inc();
                     }
                     ok
                 }
-                _ => false,
+                None => false,
             };
         e.set_retry(granted);
         if granted {
             ctx.retries_held = 1;
-            ctx.attempts += 1;
-            ctx.same_region_only = !ctx.retryable.may_leave_region();
-            let kind = if ctx
-                .failed_regions
-                .contains(&ctx.target_region.unwrap_or(self.local()))
-            {
-                "region"
-            } else {
-                "backend"
+            let kind = match next.target {
+                Target::Region { index, .. } if Some(index) == ctx.target_region => "backend",
+                _ => "region",
             };
             self.metrics
                 .retries
-                .with_label_values(&[route_name, kind])
+                .with_label_values(&[route.name.as_str(), kind])
                 .inc();
+            self.set_decision(ctx, next);
         }
+    }
+
+    /// Backends of the local region this request already tried.
+    fn tried_local(&self, ctx: &RequestCtx) -> Vec<usize> {
+        ctx.attempts
+            .iter()
+            .filter(|a| a.region == self.local())
+            .filter_map(|a| a.backend)
+            .collect()
     }
 }
 
@@ -359,11 +479,14 @@ impl ProxyHttp for EdgeProxy {
             route: None,
             hop_from: None,
             decision: None,
+            decision_text: None,
             target_region: None,
             backend: None,
-            tried_backends: Vec::new(),
-            failed_regions: Vec::new(),
-            attempts: 0,
+            attempts: Vec::new(),
+            write: false,
+            token: None,
+            issued_token: None,
+            retry_scope: RetryScope::Anywhere,
             upstream_start: None,
             upstream_time: None,
             got_response: false,
@@ -372,7 +495,6 @@ impl ProxyHttp for EdgeProxy {
             retries_held: 0,
             budget_upstream: None,
             aborted: None,
-            same_region_only: false,
             _in_flight: Some(self.lifecycle.enter()),
         }
     }
@@ -466,6 +588,21 @@ impl ProxyHttp for EdgeProxy {
         }
         ctx.route = self.routes.find(&host_name, &path);
         ctx.retryable = Retryable::of(&req.method, req.headers.contains_key("idempotency-key"));
+        ctx.write = is_unsafe(&req.method);
+        // The token is ours (x-edge-*): read it before that namespace is
+        // stripped. Only reads on read-your-writes routes consult it.
+        if !ctx.write
+            && self
+                .route(ctx)
+                .is_some_and(|r| matches!(r.policy, Policy::ReadYourWrites { .. }))
+        {
+            ctx.token = self.read_token(req);
+        }
+        let cookie_to_strip = req
+            .headers
+            .get_all(http::header::COOKIE)
+            .iter()
+            .any(|v| token::cookie_value(v.to_str().unwrap_or(""), TOKEN_COOKIE).is_some());
         // The path forwarded is the path matched (origin-form), so the proxy
         // and the backend agree on the route a request took.
         let new_uri = match (&path, req.uri.authority()) {
@@ -506,6 +643,20 @@ impl ProxyHttp for EdgeProxy {
         for name in &spoofable {
             req.remove_header(name.as_str());
         }
+        if cookie_to_strip {
+            // The token cookie is the proxy's: never forwarded upstream.
+            let kept: Vec<String> = req
+                .headers
+                .get_all(http::header::COOKIE)
+                .iter()
+                .filter_map(|v| v.to_str().ok())
+                .filter_map(|c| token::without_cookie(c, TOKEN_COOKIE))
+                .collect();
+            req.remove_header(&http::header::COOKIE);
+            if !kept.is_empty() {
+                req.insert_header(http::header::COOKIE, kept.join("; "))?;
+            }
+        }
         if ctx.route.is_none() {
             ctx.local_reply = Some("no-route");
             self.reply(
@@ -517,6 +668,25 @@ impl ProxyHttp for EdgeProxy {
             )
             .await?;
             return Ok(true);
+        }
+        // The request's one decision, before any cache lookup: a read the
+        // policy sends elsewhere must not be answered from local state.
+        if let Some(route) = self.route(ctx) {
+            let d = self.decide_now(route, ctx);
+            self.set_decision(ctx, d);
+            if d.target == Target::Unavailable {
+                // The reason is in the log, the metric and (debug) x-edge-decision.
+                session.set_keepalive(None);
+                self.reply(
+                    session,
+                    ctx,
+                    503,
+                    "text/plain",
+                    Bytes::from_static(b"no region can serve this request now\n"),
+                )
+                .await?;
+                return Ok(true);
+            }
         }
         Ok(false)
     }
@@ -536,35 +706,23 @@ impl ProxyHttp for EdgeProxy {
             self.retry_budgets[route.upstream].start_request();
             ctx.budget_upstream = Some(route.upstream);
         }
-        let first_region = ctx.target_region;
         let snap = self.health.snapshot();
-        loop {
-            let facts = RequestFacts {
-                policy: route.policy,
-                valid_hop: ctx.hop_from.is_some(),
-                exclude: &ctx.failed_regions,
-            };
-            let d = decide(&snap.views[route.upstream], &facts);
-            ctx.decision = Some(d);
+        // Each pass either returns or adds an attempt that excludes a region,
+        // so this ends; the bound only guards against a policy bug.
+        for _ in 0..=topo.regions.len() {
+            let d = ctx.decision.ok_or_else(|| {
+                Error::explain(ErrorType::InternalError, "upstream_peer without a decision")
+            })?;
             let (index, panic) = match d.target {
-                Target::Region { index, panic } if !ctx.failed_regions.contains(&index) => {
-                    (index, panic)
-                }
-                _ => {
-                    let status = if ctx.attempts > 0 { 502 } else { 503 };
+                Target::Region { index, panic } => (index, panic),
+                Target::Unavailable => {
+                    let status = if ctx.attempts.is_empty() { 503 } else { 502 };
                     return Err(Error::explain(
                         ErrorType::HTTPStatus(status),
-                        d.reason.as_str(),
+                        d.reason.kind.as_str(),
                     ));
                 }
             };
-            if ctx.same_region_only && first_region.is_some_and(|r| r != index) {
-                // An unsafe request is never retried in another region.
-                return Err(Error::explain(
-                    ErrorType::HTTPStatus(502),
-                    "retry would leave the region",
-                ));
-            }
             ctx.target_region = Some(index);
             if index != topo.local {
                 ctx.backend = None;
@@ -577,10 +735,8 @@ impl ProxyHttp for EdgeProxy {
                     upstream.config.read_timeout,
                 ));
             }
-            match self
-                .health
-                .pick_local(&snap, route.upstream, &ctx.tried_backends, panic)
-            {
+            let tried = self.tried_local(ctx);
+            match self.health.pick_local(&snap, route.upstream, &tried, panic) {
                 Some(b) => {
                     ctx.backend = Some(b);
                     let addr = upstream.backends[b].addr;
@@ -590,9 +746,21 @@ impl ProxyHttp for EdgeProxy {
                         upstream.config.read_timeout,
                     ));
                 }
-                None => ctx.failed_regions.push(index),
+                None => {
+                    ctx.attempts.push(Attempt {
+                        region: index,
+                        backend: None,
+                        failure: AttemptFailure::NoBackend,
+                    });
+                    let next = self.decide_now(route, ctx);
+                    self.set_decision(ctx, next);
+                }
             }
         }
+        Err(Error::explain(
+            ErrorType::HTTPStatus(502),
+            "no target left after every region was tried",
+        ))
     }
 
     async fn upstream_request_filter(
@@ -698,6 +866,21 @@ impl ProxyHttp for EdgeProxy {
         for name in forwarding::hop_by_hop_present(&upstream_response.headers, status == 101) {
             upstream_response.remove_header(&name);
         }
+        let from_peer = ctx.target_region.is_some_and(|r| r != self.local());
+        if !from_peer {
+            // Only an edge-router mints tokens; a peer's passes through.
+            upstream_response.remove_header(TOKEN_HEADER);
+            let write_succeeded = ctx.write && (200..400).contains(&status);
+            if write_succeeded
+                && self
+                    .route(ctx)
+                    .is_some_and(|r| matches!(r.policy, Policy::ReadYourWrites { .. }))
+            {
+                // Served here: the write is in this region's data by now.
+                ctx.issued_token =
+                    Some(self.tokens.issue(self.region_name(self.local()), unix_ms()));
+            }
+        }
         Ok(())
     }
 
@@ -711,11 +894,24 @@ impl ProxyHttp for EdgeProxy {
         if let Some(r) = ctx.target_region {
             resp.insert_header("x-edge-upstream-region", self.region_name(r))?;
         }
-        match (self.debug_headers, ctx.decision) {
-            (true, Some(d)) => resp.insert_header("x-edge-decision", d.reason.as_str())?,
+        match (self.debug_headers, &ctx.decision_text) {
+            (true, Some(text)) => resp.insert_header("x-edge-decision", text.as_str())?,
             _ => {
                 resp.remove_header("x-edge-decision");
             }
+        }
+        if let Some(t) = ctx.issued_token.take() {
+            self.metrics
+                .consistency_tokens
+                .with_label_values(&["issued"])
+                .inc();
+            // Secure is added once TLS listeners exist: today every listener is plain HTTP.
+            let cookie = format!(
+                "{TOKEN_COOKIE}={t}; Path=/; Max-Age={}; HttpOnly; SameSite=Lax",
+                self.tokens.ttl().as_secs()
+            );
+            resp.insert_header(TOKEN_HEADER, t)?;
+            resp.append_header(http::header::SET_COOKIE, cookie)?;
         }
         resp.insert_header("x-request-id", ctx.request_id.as_str())?;
         let mut timing = String::with_capacity(48);
@@ -748,7 +944,7 @@ impl ProxyHttp for EdgeProxy {
             ErrorType::ConnectTimedout => "connect_timeout",
             _ => "connect",
         };
-        self.record_failed_attempt(ctx, kind);
+        self.record_failed_attempt(ctx, kind, AttemptFailure::Connect);
         self.maybe_retry(session, ctx, &mut e, Failure::Connect);
         e
     }
@@ -771,7 +967,7 @@ impl ProxyHttp for EdgeProxy {
             ErrorType::ReadTimedout | ErrorType::WriteTimedout => ("timeout", Failure::Timeout),
             _ => ("reset", Failure::Reset),
         };
-        self.record_failed_attempt(ctx, kind);
+        self.record_failed_attempt(ctx, kind, failure.attempt());
         self.maybe_retry(session, ctx, &mut e, failure);
         e
     }
@@ -821,10 +1017,10 @@ impl ProxyHttp for EdgeProxy {
             },
         };
         if code > 0 {
-            let reason = ctx.decision.map(|d| d.reason.as_str()).unwrap_or("error");
+            // The reason is in the log, the metric and (debug) x-edge-decision, not the body.
             let msg = match code {
-                503 => format!("no healthy upstream ({reason})\n"),
-                502 => format!("upstream failed before answering ({reason})\n"),
+                503 => "no region can serve this request now\n".to_string(),
+                502 => "upstream failed before answering\n".to_string(),
                 508 => "loop detected\n".to_string(),
                 504 => "upstream timed out\n".to_string(),
                 _ => format!(
@@ -861,7 +1057,7 @@ impl ProxyHttp for EdgeProxy {
         let (route, upstream_region) = (self.route_label(ctx), self.upstream_region_label(ctx));
         let decision = ctx
             .decision
-            .map(|d| d.reason.as_str())
+            .map(|d| d.reason.kind.as_str())
             .or(ctx.local_reply)
             .unwrap_or("none");
         let elapsed = ctx.start.elapsed();
@@ -886,7 +1082,7 @@ impl ProxyHttp for EdgeProxy {
             {
                 self.metrics
                     .failovers
-                    .with_label_values(&[route, upstream_region, d.reason.as_str()])
+                    .with_label_values(&[route, upstream_region, d.reason.kind.as_str()])
                     .inc();
             }
         }
@@ -906,8 +1102,8 @@ impl ProxyHttp for EdgeProxy {
             upstream_us = ctx.upstream_time.map(|d| d.as_micros() as u64),
             route,
             region = upstream_region,
-            decision,
-            attempts = ctx.attempts + 1,
+            decision = ctx.decision_text.as_deref().unwrap_or(decision),
+            attempts = ctx.upstream_attempts() + 1,
             hop_from = ctx.hop_from.as_deref(),
             outcome = match (ctx.aborted, e) {
                 (Some(Aborted::Upstream), _) => "upstream_aborted",

@@ -11,7 +11,7 @@ use std::net::{IpAddr, SocketAddr, ToSocketAddrs};
 use std::path::Path;
 use std::time::Duration;
 
-use edge_policies::Policy;
+use edge_policies::{OnPrimaryDown, Policy, PolicyName, RegionSet, Writes};
 use ipnet::IpNet;
 use serde::de::DeserializeOwned;
 use serde::Deserialize;
@@ -21,7 +21,9 @@ use toml::Spanned;
 use crate::path::{normalize_path, EscapedSlashes, PathRules};
 pub use diag::{ConfigError, ConfigErrors};
 use diag::{Locator, Seg};
-use raw::{RawAdmin, RawLog, RawRegion, RawRoute, RawServer, RawUpstream};
+use raw::{
+    RawAdmin, RawConsistency, RawLog, RawRegion, RawRoute, RawServer, RawTables, RawUpstream,
+};
 
 /// A validated configuration for one proxy.
 #[derive(Debug, Clone)]
@@ -38,6 +40,48 @@ pub struct Config {
     pub routes: Vec<RouteConfig>,
     /// `[log]`
     pub log: LogConfig,
+    /// `[tables]`
+    pub tables: TablesConfig,
+    /// `[consistency]`
+    pub consistency: ConsistencyConfig,
+}
+
+/// Which replicated table backs this proxy.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum TableBackend {
+    /// In-process (one region, or the demo's simulated global table).
+    Embedded,
+    /// This region's replica of a DynamoDB global table.
+    DynamoDb {
+        /// Table name.
+        table: String,
+        /// Endpoint URL override (a local DynamoDB-compatible server).
+        endpoint: Option<String>,
+        /// AWS region of the replica (defaults to `server.region`).
+        aws_region: String,
+        /// Create the table when missing (development only).
+        create_if_missing: bool,
+    },
+}
+
+/// `[tables]`, validated.
+#[derive(Debug, Clone)]
+pub struct TablesConfig {
+    /// The backend.
+    pub backend: TableBackend,
+    /// Heartbeat write/read interval.
+    pub heartbeat_interval: Duration,
+    /// Heartbeat partitions per region.
+    pub heartbeat_shards: u32,
+}
+
+/// `[consistency]`, validated.
+#[derive(Debug, Clone, Copy)]
+pub struct ConsistencyConfig {
+    /// Token lifetime.
+    pub token_ttl: Duration,
+    /// Clock-skew margin.
+    pub clock_margin: Duration,
 }
 
 /// `[log]`, validated.
@@ -210,8 +254,10 @@ pub struct RouteConfig {
     pub path_prefix: String,
     /// Index into `Config::upstreams`.
     pub upstream: usize,
-    /// Consistency policy.
+    /// Consistency policy with its parameters.
     pub policy: Policy,
+    /// Data residency: regions (indexes into `Config::regions`) that may serve the route.
+    pub allowed: RegionSet,
 }
 
 /// Read and validate a config file. `region_override` is `EDGE_REGION`.
@@ -268,9 +314,11 @@ struct Sections {
     upstreams: Vec<(String, RawUpstream)>,
     routes: Vec<Option<RawRoute>>,
     log: RawLog,
+    tables: RawTables,
+    consistency: RawConsistency,
 }
 
-const SECTIONS: &str = "server, admin, log, regions, upstreams, routes";
+const SECTIONS: &str = "server, admin, log, tables, consistency, regions, upstreams, routes";
 
 /// Deserialize each section (and each region, upstream and route) on its own,
 /// so that one mistake does not hide the next.
@@ -301,6 +349,16 @@ fn read_sections(
             "log" => {
                 if let Some(l) = typed(loc, &path, value, errors) {
                     s.log = l;
+                }
+            }
+            "tables" => {
+                if let Some(t) = typed(loc, &path, value, errors) {
+                    s.tables = t;
+                }
+            }
+            "consistency" => {
+                if let Some(c) = typed(loc, &path, value, errors) {
+                    s.consistency = c;
                 }
             }
             "regions" => s.regions = typed_entries(loc, &path, value, errors),
@@ -387,6 +445,13 @@ fn validate(
     let server = validate_server(loc, raw_server, region_override, errors);
     let admin = validate_admin(loc, &s.admin, errors);
     let regions = validate_regions(loc, &server.region, s.regions, errors);
+    if regions.len() > 64 {
+        errors.push(loc.at_offset(
+            0,
+            &[Seg::from("regions")],
+            "at most 64 regions are supported",
+        ));
+    }
     let region_names: HashSet<&str> = regions.iter().map(|r| r.name.as_str()).collect();
     let upstreams: Vec<UpstreamConfig> = s
         .upstreams
@@ -397,7 +462,7 @@ fn validate(
     let mut seen = HashSet::new();
     for (i, raw) in s.routes.into_iter().enumerate() {
         let Some(raw) = raw else { continue };
-        if let Some(r) = validate_route(loc, i, raw, &upstreams, errors) {
+        if let Some(r) = validate_route(loc, i, raw, &upstreams, &regions, errors) {
             if !seen.insert((r.host.clone(), r.path_prefix.clone())) {
                 errors.push(loc.at_path(
                     &["routes".into(), i.into()],
@@ -428,6 +493,8 @@ fn validate(
     if s.log.queue_lines == 0 {
         errors.push(loc.at_path(&["log".into(), "queue_lines".into()], "must be at least 1"));
     }
+    let tables = validate_tables(loc, s.tables, &server.region, errors);
+    let consistency = validate_consistency(loc, s.consistency, errors);
     Some(Config {
         server,
         admin,
@@ -438,7 +505,105 @@ fn validate(
             block_when_full,
             queue_lines: s.log.queue_lines.max(1),
         },
+        tables,
+        consistency,
     })
+}
+
+fn validate_tables(
+    loc: &Locator<'_>,
+    raw: RawTables,
+    region: &str,
+    errors: &mut Vec<ConfigError>,
+) -> TablesConfig {
+    let at = |k: &str| vec![Seg::from("tables"), Seg::from(k)];
+    let dynamo_only = [
+        ("endpoint", raw.endpoint.is_some()),
+        ("aws_region", raw.aws_region.is_some()),
+        ("create_if_missing", raw.create_if_missing),
+    ];
+    let backend = match raw.backend.as_str() {
+        "embedded" => {
+            for (key, set) in dynamo_only {
+                if set {
+                    errors.push(loc.at_path(
+                        &at(key),
+                        format!("`{key}` applies to backend = \"dynamodb\" only"),
+                    ));
+                }
+            }
+            TableBackend::Embedded
+        }
+        "dynamodb" => {
+            if raw.table.is_empty() {
+                errors.push(loc.at_path(&at("table"), "table name must not be empty"));
+            }
+            if let Some(e) = &raw.endpoint {
+                if !(e.starts_with("http://") || e.starts_with("https://")) {
+                    errors.push(loc.at_path(
+                        &at("endpoint"),
+                        format!("`{e}` is not an http:// or https:// URL"),
+                    ));
+                }
+            }
+            if !cfg!(feature = "dynamodb") {
+                errors.push(loc.at_path(
+                    &at("backend"),
+                    "this build has no DynamoDB support: build with `--features dynamodb` (the Docker image has it)",
+                ));
+            }
+            TableBackend::DynamoDb {
+                table: raw.table,
+                endpoint: raw.endpoint,
+                aws_region: raw.aws_region.unwrap_or_else(|| region.to_string()),
+                create_if_missing: raw.create_if_missing,
+            }
+        }
+        other => {
+            errors.push(loc.at_path(
+                &at("backend"),
+                format!("unknown backend `{other}` (expected `embedded` or `dynamodb`)"),
+            ));
+            TableBackend::Embedded
+        }
+    };
+    if raw.heartbeat_interval < Duration::from_millis(10) {
+        errors.push(loc.at_path(
+            &at("heartbeat_interval"),
+            "heartbeat_interval must be at least 10ms",
+        ));
+    }
+    if !(1..=64).contains(&raw.heartbeat_shards) {
+        errors.push(loc.at_path(&at("heartbeat_shards"), "heartbeat_shards must be 1 to 64"));
+    }
+    TablesConfig {
+        backend,
+        heartbeat_interval: raw.heartbeat_interval.max(Duration::from_millis(10)),
+        heartbeat_shards: raw.heartbeat_shards.clamp(1, 64),
+    }
+}
+
+fn validate_consistency(
+    loc: &Locator<'_>,
+    raw: RawConsistency,
+    errors: &mut Vec<ConfigError>,
+) -> ConsistencyConfig {
+    if raw.token_ttl < Duration::from_secs(1) {
+        errors.push(loc.at_path(
+            &[Seg::from("consistency"), Seg::from("token_ttl")],
+            "token_ttl must be at least 1s",
+        ));
+    }
+    if raw.clock_margin > Duration::from_secs(60) {
+        errors.push(loc.at_path(
+            &[Seg::from("consistency"), Seg::from("clock_margin")],
+            "clock_margin above 60s: clocks that far apart need fixing, not a margin",
+        ));
+    }
+    ConsistencyConfig {
+        token_ttl: raw.token_ttl,
+        clock_margin: raw.clock_margin,
+    }
 }
 
 fn validate_server(
@@ -772,6 +937,7 @@ fn validate_route(
     i: usize,
     raw: RawRoute,
     upstreams: &[UpstreamConfig],
+    regions: &[RegionConfig],
     errors: &mut Vec<ConfigError>,
 ) -> Option<RouteConfig> {
     let at = |k: &str| vec![Seg::from("routes"), Seg::from(i), Seg::from(k)];
@@ -815,13 +981,9 @@ fn validate_route(
             ),
         ));
     }
-    let policy = match raw.policy.parse::<Policy>() {
-        Ok(p) => Some(p),
-        Err(e) => {
-            errors.push(loc.at_path(&at("policy"), e.to_string()));
-            None
-        }
-    };
+    let primary = upstream.and_then(|u| upstreams[u].primary_region.as_deref());
+    let policy = route_policy(loc, i, &raw, primary, errors);
+    let allowed = allowed_regions(loc, i, &raw, regions, errors);
     if errors.len() > before {
         return None;
     }
@@ -833,7 +995,171 @@ fn validate_route(
         path_prefix: path_prefix?,
         upstream: upstream?,
         policy: policy?,
+        allowed,
     })
+}
+
+/// The route's policy with its keys; a key that its policy does not read
+/// is an error, so a config cannot look stricter than it is.
+fn route_policy(
+    loc: &Locator<'_>,
+    i: usize,
+    raw: &RawRoute,
+    primary: Option<&str>,
+    errors: &mut Vec<ConfigError>,
+) -> Option<Policy> {
+    let at = |k: &str| vec![Seg::from("routes"), Seg::from(i), Seg::from(k)];
+    let name = match raw.policy.parse::<PolicyName>() {
+        Ok(p) => p,
+        Err(e) => {
+            errors.push(loc.at_path(&at("policy"), e.to_string()));
+            return None;
+        }
+    };
+    let before = errors.len();
+    let writes = match raw.writes.as_deref().map(str::parse::<Writes>) {
+        None => Writes::default(),
+        Some(Ok(w)) => w,
+        Some(Err(e)) => {
+            errors.push(loc.at_path(&at("writes"), e.to_string()));
+            Writes::default()
+        }
+    };
+    let primary_down_applies = match name {
+        PolicyName::Local | PolicyName::LocalFirst => false,
+        PolicyName::Primary | PolicyName::BoundedStaleness => true,
+        PolicyName::ReadYourWrites => writes == Writes::Primary,
+    };
+    let needs_primary = primary_down_applies;
+    for (key, set) in [
+        (
+            "on_primary_down",
+            raw.on_primary_down.is_some() && !primary_down_applies,
+        ),
+        (
+            "writes",
+            raw.writes.is_some() && name != PolicyName::ReadYourWrites,
+        ),
+        (
+            "max_staleness",
+            raw.max_staleness.is_some() && name != PolicyName::BoundedStaleness,
+        ),
+    ] {
+        if set {
+            errors.push(loc.at_path(
+                &at(key),
+                format!(
+                    "`{key}` does not apply to policy `{}`{}",
+                    name.as_str(),
+                    if key == "on_primary_down" && name == PolicyName::ReadYourWrites {
+                        " with writes = \"local\""
+                    } else {
+                        ""
+                    }
+                ),
+            ));
+        }
+    }
+    let on_primary_down = match raw
+        .on_primary_down
+        .as_deref()
+        .map(str::parse::<OnPrimaryDown>)
+    {
+        None => OnPrimaryDown::default(),
+        Some(Ok(o)) => o,
+        Some(Err(e)) => {
+            errors.push(loc.at_path(&at("on_primary_down"), e.to_string()));
+            OnPrimaryDown::default()
+        }
+    };
+    if needs_primary && primary.is_none() {
+        errors.push(loc.at_path(
+            &at("policy"),
+            format!(
+                "policy `{}`{} needs `primary_region` on upstream `{}`",
+                name.as_str(),
+                if name == PolicyName::ReadYourWrites {
+                    " with writes = \"primary\""
+                } else {
+                    ""
+                },
+                raw.upstream
+            ),
+        ));
+    }
+    let policy = match name {
+        PolicyName::Local => Policy::Local,
+        PolicyName::LocalFirst => Policy::LocalFirst,
+        PolicyName::Primary => Policy::Primary { on_primary_down },
+        PolicyName::ReadYourWrites => Policy::ReadYourWrites {
+            writes,
+            on_primary_down,
+        },
+        PolicyName::BoundedStaleness => match raw.max_staleness {
+            Some(max_staleness) if !max_staleness.is_zero() => Policy::BoundedStaleness {
+                max_staleness,
+                on_primary_down,
+            },
+            Some(_) => {
+                errors.push(loc.at_path(&at("max_staleness"), "max_staleness must be above 0"));
+                return None;
+            }
+            None => {
+                errors.push(loc.at_path(
+                    &at("max_staleness"),
+                    "policy `bounded-staleness` needs `max_staleness` (e.g. \"2s\")",
+                ));
+                return None;
+            }
+        },
+    };
+    (errors.len() == before).then_some(policy)
+}
+
+/// `allowed_regions` as a set of region indexes; default: every region.
+fn allowed_regions(
+    loc: &Locator<'_>,
+    i: usize,
+    raw: &RawRoute,
+    regions: &[RegionConfig],
+    errors: &mut Vec<ConfigError>,
+) -> RegionSet {
+    let Some(names) = &raw.allowed_regions else {
+        return RegionSet::ALL;
+    };
+    let at = |j: usize| {
+        vec![
+            Seg::from("routes"),
+            Seg::from(i),
+            Seg::from("allowed_regions"),
+            Seg::from(j),
+        ]
+    };
+    if names.is_empty() {
+        errors.push(loc.at_path(
+            &[
+                Seg::from("routes"),
+                Seg::from(i),
+                Seg::from("allowed_regions"),
+            ],
+            "allowed_regions is empty: no region could serve the route",
+        ));
+    }
+    let mut set = RegionSet::empty();
+    for (j, name) in names.iter().enumerate() {
+        match regions.iter().position(|r| &r.name == name) {
+            Some(index) if index < 64 => set = set.with(index),
+            Some(_) => errors.push(loc.at_path(&at(j), "at most 64 regions are supported")),
+            None => {
+                let known: Vec<&str> = regions.iter().map(|r| r.name.as_str()).collect();
+                errors.push(loc.at_path(
+                    &at(j),
+                    format!("unknown region `{name}` (defined: {})", known.join(", ")),
+                ));
+            }
+        }
+    }
+    set
 }
 
 /// `::ffff:a.b.c.d/n` (n ≥ 96) as `a.b.c.d/(n − 96)`; other networks unchanged.

@@ -355,9 +355,98 @@ pub struct RawRoute {
     pub path_prefix: String,
     /// Name of an `[upstreams.NAME]`.
     pub upstream: String,
-    /// `local` or `local-first` in this release.
+    /// `local`, `local-first`, `primary`, `read-your-writes` or `bounded-staleness`.
     #[serde(default = "default_policy")]
     pub policy: String,
+    /// `primary` (and writes to the primary): `fail` or `nearest` when the primary cannot serve.
+    pub on_primary_down: Option<String>,
+    /// `read-your-writes`: where writes go, `local` or `primary`.
+    pub writes: Option<String>,
+    /// `bounded-staleness`: the most lag from the primary a local read may have.
+    #[serde(default, with = "humantime_serde")]
+    pub max_staleness: Option<Duration>,
+    /// Data residency: the only regions that may serve this route (default: all).
+    pub allowed_regions: Option<Vec<String>>,
+}
+
+/// `[tables]`
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawTables {
+    /// `embedded` or `dynamodb`.
+    #[serde(default = "default_tables_backend")]
+    pub backend: String,
+    /// DynamoDB table name.
+    #[serde(default = "default_table_name")]
+    pub table: String,
+    /// DynamoDB endpoint URL (a local DynamoDB-compatible server); default: AWS.
+    pub endpoint: Option<String>,
+    /// AWS region of the replica this proxy uses; default: `server.region`.
+    pub aws_region: Option<String>,
+    /// Create the table when missing (development only).
+    #[serde(default)]
+    pub create_if_missing: bool,
+    /// How often each region writes (and reads) heartbeats.
+    #[serde(default = "default_heartbeat_interval", with = "humantime_serde")]
+    pub heartbeat_interval: Duration,
+    /// Partitions each region writes its heartbeat into.
+    #[serde(default = "default_heartbeat_shards")]
+    pub heartbeat_shards: u32,
+}
+
+impl Default for RawTables {
+    fn default() -> Self {
+        RawTables {
+            backend: default_tables_backend(),
+            table: default_table_name(),
+            endpoint: None,
+            aws_region: None,
+            create_if_missing: false,
+            heartbeat_interval: default_heartbeat_interval(),
+            heartbeat_shards: default_heartbeat_shards(),
+        }
+    }
+}
+
+fn default_tables_backend() -> String {
+    "embedded".to_string()
+}
+fn default_table_name() -> String {
+    "edge-router".to_string()
+}
+fn default_heartbeat_interval() -> Duration {
+    Duration::from_millis(250)
+}
+fn default_heartbeat_shards() -> u32 {
+    4
+}
+
+/// `[consistency]`
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawConsistency {
+    /// How long a consistency token is honoured.
+    #[serde(default = "default_token_ttl", with = "humantime_serde")]
+    pub token_ttl: Duration,
+    /// Clock-skew margin between regions: a token (W, t) is satisfied when watermark(W) >= t + margin.
+    #[serde(default = "default_clock_margin", with = "humantime_serde")]
+    pub clock_margin: Duration,
+}
+
+impl Default for RawConsistency {
+    fn default() -> Self {
+        RawConsistency {
+            token_ttl: default_token_ttl(),
+            clock_margin: default_clock_margin(),
+        }
+    }
+}
+
+fn default_token_ttl() -> Duration {
+    Duration::from_secs(300)
+}
+fn default_clock_margin() -> Duration {
+    Duration::from_millis(100)
 }
 
 fn default_path_prefix() -> String {

@@ -135,11 +135,152 @@ fn backends_in_an_unknown_region_are_rejected() {
 }
 
 #[test]
-fn later_policies_are_named_as_not_yet_available() {
-    let text = THREE.replace("policy = \"local\"", "policy = \"read-your-writes\"");
+fn every_policy_parses_with_its_keys() {
+    let text = THREE
+        .replace(
+            "policy = \"local\"",
+            "policy = \"bounded-staleness\"\nmax_staleness = \"2s\"\non_primary_down = \"nearest\"\nallowed_regions = [\"eu-west-1\", \"us-east-1\"]",
+        )
+        .replace(
+            "path_prefix = \"/\"\nupstream = \"api\"",
+            "path_prefix = \"/\"\nupstream = \"api\"\npolicy = \"read-your-writes\"\nwrites = \"primary\"",
+        );
+    let c = parse("t.toml", &text, None).unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(
+        c.routes[0].policy,
+        Policy::BoundedStaleness {
+            max_staleness: Duration::from_secs(2),
+            on_primary_down: OnPrimaryDown::Nearest
+        }
+    );
+    // Indexes into `regions`: us-east-1 is 0, eu-west-1 is 1.
+    assert_eq!(c.routes[0].allowed, RegionSet::empty().with(0).with(1));
+    assert!(!c.routes[0].allowed.contains(2));
+    assert_eq!(c.routes[1].allowed, RegionSet::ALL);
+    assert_eq!(
+        c.routes[1].policy,
+        Policy::ReadYourWrites {
+            writes: Writes::Primary,
+            on_primary_down: OnPrimaryDown::Fail
+        }
+    );
+    assert_eq!(c.tables.backend, TableBackend::Embedded);
+    assert_eq!(c.tables.heartbeat_interval, Duration::from_millis(250));
+    assert_eq!(c.tables.heartbeat_shards, 4);
+    assert_eq!(c.consistency.token_ttl, Duration::from_secs(300));
+}
+
+#[test]
+fn policy_keys_that_would_do_nothing_are_refused() {
+    let cases = [
+        (
+            "policy = \"local\"\nmax_staleness = \"1s\"",
+            "routes[0].max_staleness",
+            "does not apply",
+        ),
+        (
+            "policy = \"local-first\"\nwrites = \"primary\"",
+            "routes[0].writes",
+            "does not apply",
+        ),
+        (
+            "policy = \"read-your-writes\"\non_primary_down = \"nearest\"",
+            "routes[0].on_primary_down",
+            "writes = \"local\"",
+        ),
+        (
+            "policy = \"bounded-staleness\"",
+            "routes[0].max_staleness",
+            "needs `max_staleness`",
+        ),
+        (
+            "policy = \"bounded-staleness\"\nmax_staleness = \"0s\"",
+            "routes[0].max_staleness",
+            "above 0",
+        ),
+        (
+            "policy = \"primary\"\non_primary_down = \"maybe\"",
+            "routes[0].on_primary_down",
+            "maybe",
+        ),
+        (
+            "policy = \"read-your-writes\"\nwrites = \"elsewhere\"",
+            "routes[0].writes",
+            "elsewhere",
+        ),
+        ("policy = \"eventual\"", "routes[0].policy", "eventual"),
+        (
+            "allowed_regions = [\"mars-1\"]",
+            "routes[0].allowed_regions[0]",
+            "unknown region `mars-1`",
+        ),
+        ("allowed_regions = []", "routes[0].allowed_regions", "empty"),
+    ];
+    for (lines, key_path, needle) in cases {
+        let text = THREE.replace("policy = \"local\"", lines);
+        let e = errors(&text);
+        assert!(
+            e.iter()
+                .any(|e| e.key_path == key_path && e.message.contains(needle)),
+            "{lines}: {e:?}"
+        );
+    }
+    // A policy that needs a primary, on an upstream without one.
+    let text = THREE
+        .replace("primary_region = \"us-east-1\"\n", "")
+        .replace("policy = \"local\"", "policy = \"primary\"");
     let e = errors(&text);
-    assert_eq!(e[0].key_path, "routes[0].policy");
-    assert!(e[0].message.contains("not available in this release"));
+    assert!(
+        e.iter()
+            .any(|e| e.key_path == "routes[0].policy" && e.message.contains("primary_region")),
+        "{e:?}"
+    );
+}
+
+#[test]
+fn tables_and_consistency_sections_are_checked() {
+    let e = errors(&format!("{THREE}\n[tables]\nbackend = \"etcd\"\n"));
+    assert!(e.iter().any(|e| e.key_path == "tables.backend"), "{e:?}");
+    let e = errors(&format!("{THREE}\n[tables]\nendpoint = \"http://x\"\n"));
+    assert!(
+        e.iter()
+            .any(|e| e.key_path == "tables.endpoint" && e.message.contains("dynamodb")),
+        "{e:?}"
+    );
+    let e = errors(&format!("{THREE}\n[tables]\nheartbeat_shards = 0\n"));
+    assert!(
+        e.iter().any(|e| e.key_path == "tables.heartbeat_shards"),
+        "{e:?}"
+    );
+    let e = errors(&format!("{THREE}\n[consistency]\ntoken_ttl = \"0s\"\n"));
+    assert!(
+        e.iter().any(|e| e.key_path == "consistency.token_ttl"),
+        "{e:?}"
+    );
+    let e = errors(&format!("{THREE}\n[tables]\nbogus = 1\n"));
+    assert!(e.iter().any(|e| e.key_path.starts_with("tables")), "{e:?}");
+}
+
+#[cfg(feature = "dynamodb")]
+#[test]
+fn dynamodb_defaults_to_the_proxys_own_region() {
+    let c = parse(
+        "t.toml",
+        &format!(
+            "{THREE}\n[tables]\nbackend = \"dynamodb\"\nendpoint = \"http://127.0.0.1:4566\"\n"
+        ),
+        Some("eu-west-1"),
+    )
+    .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(
+        c.tables.backend,
+        TableBackend::DynamoDb {
+            table: "edge-router".into(),
+            endpoint: Some("http://127.0.0.1:4566".into()),
+            aws_region: "eu-west-1".into(),
+            create_if_missing: false,
+        }
+    );
 }
 
 #[test]

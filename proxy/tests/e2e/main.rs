@@ -5,7 +5,10 @@ mod support;
 mod access_log;
 mod admin;
 mod check_cli;
+mod consistency;
 mod drain;
+#[cfg(feature = "dynamodb")]
+mod dynamodb;
 mod failover;
 mod hop;
 mod outlier;

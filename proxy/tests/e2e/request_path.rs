@@ -239,7 +239,7 @@ async fn via_names_this_region_and_loops_are_refused() {
 
     // Our own name: the request was here before. A hop signed with this
     // edge's key changes nothing.
-    let signer = HopSigner::new(HOP_SECRET.as_bytes(), Duration::from_secs(60));
+    let signer = HopSigner::new(HOP_SECRET.as_bytes(), None, Duration::from_secs(60));
     let hop = signer.sign(
         "eu-west-1",
         now_ms(),

@@ -96,6 +96,10 @@ pub struct Tweaks {
     pub tail: &'static str,
     /// Raw TOML lines added to `[server]`.
     pub server_extra: &'static str,
+    /// The route's policy.
+    pub policy: &'static str,
+    /// Raw TOML lines added to the route (e.g. `allowed_regions = [...]`).
+    pub route_extra: &'static str,
 }
 
 impl Default for Tweaks {
@@ -108,6 +112,8 @@ impl Default for Tweaks {
             upstream_extra: "",
             tail: "",
             server_extra: "",
+            policy: "local-first",
+            route_extra: "",
         }
     }
 }
@@ -144,8 +150,8 @@ pub fn config_for(regions: &[RegionSpec], me: usize, t: &Tweaks) -> String {
     }
     let _ = writeln!(
         s,
-        "\n[[routes]]\nname = \"api\"\nhost = \"{}\"\nupstream = \"api\"\npolicy = \"local-first\"",
-        t.host
+        "\n[[routes]]\nname = \"api\"\nhost = \"{}\"\nupstream = \"api\"\npolicy = \"{}\"\n{}",
+        t.host, t.policy, t.route_extra
     );
     s.push_str(t.tail);
     s

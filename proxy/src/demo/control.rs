@@ -1,0 +1,187 @@
+//! The demo's control listener (loopback only): read and change the
+//! simulated global table's replication delay while the demo runs, to watch
+//! read-your-writes and bounded staleness react. Reads are open; a change
+//! needs the admin token the demo prints, like the admin API's mutations.
+//!
+//! - `GET /replication-delay` => `{"delay_ms": 1000}`
+//! - `PUT /replication-delay` with a body such as `2s` or `500ms` => the new
+//!   value; 400 with a message when the body is not a duration.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use http::{header, HeaderValue, Method, Request, Response, StatusCode};
+use hyper::body::Incoming;
+use serde_json::json;
+
+use super::{
+    json_response, method_not_allowed, read_body, spawn_server, text_response, Body, BodyError,
+};
+use crate::tables::embedded::SimulatedGlobal;
+
+const PATH: &str = "/replication-delay";
+
+/// Longest delay accepted. The table adds the delay to an `Instant`, which
+/// must not overflow, and no demo needs more.
+const MAX_DELAY: Duration = Duration::from_secs(3600);
+
+/// A duration is a few characters; anything longer is not one.
+const MAX_BODY: usize = 1024;
+
+struct Control {
+    global: Arc<SimulatedGlobal>,
+    token: String,
+}
+
+/// Bind the control listener and serve it on the current runtime.
+pub(super) async fn start(
+    addr: SocketAddr,
+    global: Arc<SimulatedGlobal>,
+    token: String,
+) -> std::io::Result<()> {
+    let listener = tokio::net::TcpListener::bind(addr).await?;
+    let control = Arc::new(Control { global, token });
+    spawn_server(listener, move |req| handle(control.clone(), req));
+    Ok(())
+}
+
+async fn handle(control: Arc<Control>, req: Request<Incoming>) -> Response<Body> {
+    let (parts, body) = req.into_parts();
+    if parts.uri.path() != PATH {
+        return text_response(
+            StatusCode::NOT_FOUND,
+            format!("not found: the control listener has GET and PUT {PATH}\n"),
+        );
+    }
+    if parts.method == Method::GET || parts.method == Method::HEAD {
+        return delay_response(control.global.delay());
+    }
+    if parts.method != Method::PUT {
+        return method_not_allowed("GET, HEAD, PUT");
+    }
+    if !authorized(parts.headers.get(header::AUTHORIZATION), &control.token) {
+        let mut resp = text_response(
+            StatusCode::UNAUTHORIZED,
+            "a valid `Authorization: Bearer <token>` is required (the admin token the demo printed)\n",
+        );
+        resp.headers_mut().insert(
+            header::WWW_AUTHENTICATE,
+            HeaderValue::from_static("Bearer realm=\"edge-router demo\""),
+        );
+        return resp;
+    }
+    let bytes = match read_body(&parts, body, MAX_BODY).await {
+        Ok(b) => b,
+        Err(BodyError::TooLarge) => {
+            return text_response(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "expected a duration such as 2s or 500ms\n",
+            )
+        }
+        Err(BodyError::Read(e)) => {
+            return text_response(StatusCode::BAD_REQUEST, format!("reading the body: {e}\n"))
+        }
+    };
+    let parsed = std::str::from_utf8(&bytes)
+        .map_err(|_| {
+            "expected a duration such as 2s or 500ms, got bytes that are not UTF-8".to_string()
+        })
+        .and_then(parse_delay);
+    match parsed {
+        Ok(delay) => {
+            control.global.set_delay(delay);
+            tracing::info!(
+                delay = %humantime::format_duration(delay),
+                "demo: replication delay changed"
+            );
+            delay_response(delay)
+        }
+        Err(message) => text_response(StatusCode::BAD_REQUEST, message + "\n"),
+    }
+}
+
+fn delay_response(delay: Duration) -> Response<Body> {
+    let ms = u64::try_from(delay.as_millis()).unwrap_or(u64::MAX);
+    json_response(StatusCode::OK, &json!({ "delay_ms": ms }))
+}
+
+/// A replication delay as written on the command line or sent to the
+/// control listener: a human duration (`2s`, `500ms`, `1m 30s`; surrounding
+/// whitespace ignored), at most an hour.
+pub(super) fn parse_delay(text: &str) -> Result<Duration, String> {
+    let text = text.trim();
+    if text.is_empty() {
+        return Err("expected a duration such as 2s or 500ms, got nothing".to_string());
+    }
+    let delay = humantime::parse_duration(text)
+        .map_err(|e| format!("`{text}` is not a duration such as 2s or 500ms: {e}"))?;
+    if delay > MAX_DELAY {
+        return Err(format!(
+            "`{text}` is longer than the {} the demo allows",
+            humantime::format_duration(MAX_DELAY)
+        ));
+    }
+    Ok(delay)
+}
+
+/// True when the header is `Bearer <token>` with the demo's token.
+fn authorized(header: Option<&HeaderValue>, token: &str) -> bool {
+    let Some(given) = header.and_then(|h| h.as_bytes().strip_prefix(b"Bearer ")) else {
+        return false;
+    };
+    !token.is_empty() && same_bytes(given, token.as_bytes())
+}
+
+/// Compares every byte, so the time taken does not tell how much of a
+/// guessed token was right.
+fn same_bytes(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |diff, (x, y)| diff | (x ^ y)) == 0
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn delays_are_human_durations() {
+        assert_eq!(parse_delay("2s"), Ok(Duration::from_secs(2)));
+        assert_eq!(parse_delay("500ms"), Ok(Duration::from_millis(500)));
+        assert_eq!(parse_delay("1m 30s"), Ok(Duration::from_secs(90)));
+        assert_eq!(parse_delay("0s"), Ok(Duration::ZERO));
+    }
+
+    #[test]
+    fn delay_whitespace_from_curl_or_echo_is_ignored() {
+        assert_eq!(parse_delay(" 2s\n"), Ok(Duration::from_secs(2)));
+        assert_eq!(parse_delay("1s\r\n"), Ok(Duration::from_secs(1)));
+    }
+
+    #[test]
+    fn garbage_empty_and_unitless_delays_are_refused() {
+        for bad in ["", "   ", "fast", "2", "-1s", "2 parsecs"] {
+            let err = parse_delay(bad).unwrap_err();
+            assert!(err.contains("duration"), "{bad:?}: {err}");
+        }
+    }
+
+    #[test]
+    fn delays_over_an_hour_are_refused_so_the_table_cannot_overflow() {
+        assert_eq!(parse_delay("1h"), Ok(MAX_DELAY));
+        assert!(parse_delay("61m").is_err());
+        assert!(parse_delay("1000000years").is_err());
+    }
+
+    #[test]
+    fn only_the_exact_bearer_token_is_authorized() {
+        let h = |s: &'static str| HeaderValue::from_static(s);
+        assert!(authorized(Some(&h("Bearer s3cret")), "s3cret"));
+        assert!(!authorized(Some(&h("Bearer s3cre")), "s3cret"));
+        assert!(!authorized(Some(&h("Bearer s3cretx")), "s3cret"));
+        assert!(!authorized(Some(&h("bearer s3cret")), "s3cret"));
+        assert!(!authorized(Some(&h("s3cret")), "s3cret"));
+        assert!(!authorized(None, "s3cret"));
+        // An empty configured token never matches, not even an empty bearer.
+        assert!(!authorized(Some(&h("Bearer ")), ""));
+    }
+}

@@ -1,0 +1,123 @@
+//! The static shape of the deployment: regions, upstreams and their backends
+//! laid out by region, and each route's policy.
+//!
+//! Built once from a validated config and never changed afterwards; the only
+//! mutable thing here is the round-robin cursor `HealthState::pick_local`
+//! advances. No health, no locks, no I/O.
+
+use std::net::SocketAddr;
+use std::sync::atomic::AtomicUsize;
+use std::time::Duration;
+
+use edge_policies::{Policy, RegionSet};
+
+use crate::config::{Config, RegionConfig, UpstreamConfig};
+
+/// One backend of an upstream.
+#[derive(Debug, Clone)]
+pub struct Backend {
+    /// Address.
+    pub addr: SocketAddr,
+    /// Index of its region in `Topology::regions`.
+    pub region: usize,
+    /// `ip:port`, for labels.
+    pub label: String,
+}
+
+/// One upstream, as the proxy uses it: its validated config plus the
+/// backends laid out by region.
+#[derive(Debug)]
+pub struct UpstreamTopology {
+    /// The validated `[upstreams.NAME]` (name, health, outlier, timeouts, …).
+    pub config: UpstreamConfig,
+    /// Every backend, all regions.
+    pub backends: Vec<Backend>,
+    /// Backend indexes per region index.
+    pub by_region: Vec<Vec<usize>>,
+    /// Round-robin cursor over the local backends (`HealthState::pick_local`).
+    pub(super) rr: AtomicUsize,
+}
+
+/// One route's upstream, policy and residency, to judge whether the region
+/// can serve.
+#[derive(Debug, Clone, Copy)]
+pub struct RoutePolicy {
+    /// Index into `Topology::upstreams`.
+    pub upstream: usize,
+    /// The route's consistency policy.
+    pub policy: Policy,
+    /// Data residency: regions (indexes into `Topology::regions`) this route
+    /// may be served from; `RegionSet::ALL` when unrestricted.
+    pub allowed: RegionSet,
+}
+
+/// The static shape of the deployment, from config.
+#[derive(Debug)]
+pub struct Topology {
+    /// Index of the local region.
+    pub local: usize,
+    /// Every region, in preference order.
+    pub regions: Vec<RegionConfig>,
+    /// Every upstream.
+    pub upstreams: Vec<UpstreamTopology>,
+    /// Each route's upstream, policy and residency, to judge whether the region can serve.
+    pub route_policies: Vec<RoutePolicy>,
+    /// RTTs closer than this are ties, so jitter does not flap the choice.
+    pub rtt_tolerance: Duration,
+}
+
+impl Topology {
+    /// Build from a validated config.
+    pub fn from_config(config: &Config) -> Topology {
+        let regions = config.regions.clone();
+        let local = regions
+            .iter()
+            .position(|r| r.name == config.server.region)
+            .unwrap_or(0);
+        let upstreams = config
+            .upstreams
+            .iter()
+            .map(|cfg| {
+                let mut backends = Vec::new();
+                let mut by_region = vec![Vec::new(); regions.len()];
+                for (ri, region) in regions.iter().enumerate() {
+                    for addr in cfg.backends.get(&region.name).into_iter().flatten() {
+                        by_region[ri].push(backends.len());
+                        backends.push(Backend {
+                            addr: *addr,
+                            region: ri,
+                            label: addr.to_string(),
+                        });
+                    }
+                }
+                UpstreamTopology {
+                    config: cfg.clone(),
+                    backends,
+                    by_region,
+                    rr: AtomicUsize::new(0),
+                }
+            })
+            .collect();
+        let route_policies = config
+            .routes
+            .iter()
+            .map(|r| RoutePolicy {
+                upstream: r.upstream,
+                policy: r.policy,
+                allowed: r.allowed,
+            })
+            .collect();
+        Topology {
+            local,
+            regions,
+            upstreams,
+            route_policies,
+            rtt_tolerance: config.server.rtt_tolerance,
+        }
+    }
+
+    /// The local region's name.
+    pub fn local_name(&self) -> &str {
+        &self.regions[self.local].name
+    }
+}

@@ -1,0 +1,447 @@
+//! Consistency policies end to end: tokens issued and honoured, residency,
+//! primary, and read-your-writes / bounded staleness over the demo's
+//! simulated global table with a real replication delay.
+
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use crate::support::*;
+
+/// Generous bound that only catches a hang.
+const HANG: Duration = Duration::from_secs(20);
+
+/// A response's header, or "".
+fn header(resp: &reqwest::Response, name: &str) -> String {
+    resp.headers()
+        .get(name)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("")
+        .to_string()
+}
+
+/// The value of the sample of `metric` whose labels contain `label`.
+fn sample(text: &str, metric: &str, label: &str) -> f64 {
+    text.lines()
+        .filter(|l| l.starts_with(metric) && l.contains(label))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+/// The `x-edge-consistency` token of a successful write through `url`.
+async fn write(c: &reqwest::Client, url: &str, body: &str) -> (String, String) {
+    let resp = c
+        .put(url)
+        .body(body.to_string())
+        .send()
+        .await
+        .unwrap_or_else(|e| panic!("PUT {url}: {e}"));
+    assert!(resp.status().is_success(), "PUT {url}: {}", resp.status());
+    let token = header(&resp, "x-edge-consistency");
+    let cookie = header(&resp, "set-cookie");
+    assert!(!token.is_empty(), "a successful write carries a token");
+    (token, cookie)
+}
+
+#[tokio::test]
+async fn a_write_gets_a_token_and_the_token_never_reaches_the_backend() {
+    let a = origin("us-east-1", "a").await;
+    let regions = [RegionSpec::new("us-east-1", vec![a.addr()])];
+    let t = Tweaks {
+        policy: "read-your-writes",
+        ..Tweaks::default()
+    };
+    let edge = start_region(&regions, 0, &t).await;
+    let c = client();
+    let (token, cookie) = write(&c, &edge.url("/doc?echo=1"), "v1").await;
+    assert!(token.starts_with("v1."), "{token}");
+    assert!(cookie.starts_with(&format!("edge_ct={token};")), "{cookie}");
+    for attr in ["HttpOnly", "SameSite=Lax", "Path=/", "Max-Age=300"] {
+        assert!(cookie.contains(attr), "{attr} missing: {cookie}");
+    }
+    // A failed write gets no token.
+    let resp = c
+        .put(edge.url("/doc?status=500"))
+        .send()
+        .await
+        .expect("PUT");
+    assert_eq!(resp.status().as_u16(), 500);
+    assert_eq!(header(&resp, "x-edge-consistency"), "");
+    assert_eq!(header(&resp, "set-cookie"), "");
+
+    // Presented back: read by the proxy, never forwarded (header or cookie).
+    let resp = c
+        .get(edge.url("/doc?echo=1"))
+        .header("x-edge-consistency", &token)
+        .header("cookie", format!("a=1; edge_ct={token}; b=2"))
+        .send()
+        .await
+        .expect("GET");
+    assert_eq!(resp.status().as_u16(), 200);
+    let body: serde_json::Value = resp.json().await.expect("json");
+    let headers = &body["headers"];
+    assert!(headers.get("x-edge-consistency").is_none(), "{headers}");
+    assert_eq!(headers["cookie"], "a=1; b=2", "{headers}");
+    // Only the token cookie: the Cookie header goes away entirely.
+    let resp = c
+        .get(edge.url("/doc?echo=1"))
+        .header("cookie", format!("edge_ct={token}"))
+        .send()
+        .await
+        .expect("GET");
+    let body: serde_json::Value = resp.json().await.expect("json");
+    assert!(body["headers"].get("cookie").is_none(), "{body}");
+
+    // Forged, expired-looking and garbage tokens are ignored and counted, never an error.
+    let mut forged: Vec<String> = token.split('.').map(str::to_string).collect();
+    forged[3] = "AAAA".into();
+    for bad in [
+        forged.join("."),
+        "garbage".to_string(),
+        "v1.x.y.z".to_string(),
+    ] {
+        let s = get(&c, &edge.url("/doc"), &[("x-edge-consistency", &bad)]).await;
+        assert_eq!(s.status, 200, "{bad}: {s:?}");
+        assert_eq!(s.upstream_region, "us-east-1");
+    }
+    let m = metrics(&c, &edge).await;
+    let tokens = |result: &str| {
+        sample(
+            &m,
+            "edge_consistency_tokens_total",
+            &format!("result=\"{result}\""),
+        )
+    };
+    // The altered signature is forged; "garbage" and "v1.x.y.z" (no
+    // signature bytes) are not tokens at all.
+    assert_eq!(tokens("forged"), 1.0, "{m}");
+    assert_eq!(tokens("malformed"), 2.0, "{m}");
+    assert_eq!(tokens("issued"), 1.0, "{m}");
+    // The header read, then the cookie alone.
+    assert_eq!(tokens("valid"), 2.0, "{m}");
+}
+
+#[tokio::test]
+async fn residency_never_leaves_the_allowed_regions() {
+    let a = origin("us-east-1", "a").await;
+    let b = origin("eu-west-1", "b").await;
+    let regions = [
+        RegionSpec::new("us-east-1", vec![a.addr()]),
+        RegionSpec::new("eu-west-1", vec![b.addr()]),
+    ];
+    let t = Tweaks {
+        route_extra: "allowed_regions = [\"eu-west-1\"]",
+        ..Tweaks::default()
+    };
+    let edges = start_all(&regions, &t).await;
+    let c = client();
+    // us-east-1 may not serve it: forwarded to the allowed region.
+    let s = get(&c, &edges[0].url("/x"), &[]).await;
+    assert_eq!(s.status, 200, "{s:?}");
+    assert_eq!(s.upstream_region, "eu-west-1");
+    assert_eq!(s.decision, "residency");
+    // The allowed region's backend fails: never served from us-east-1,
+    // however healthy it is; a clear 503 instead.
+    b.stop().await;
+    let refused = eventually(HANG, || async {
+        let s = try_get(&c, &edges[1].url("/x")).await;
+        s.status == 503 && s.decision.starts_with("unavailable")
+    })
+    .await;
+    assert!(
+        refused.is_some(),
+        "eu-west-1 never refused once its backend died"
+    );
+    for edge in &edges {
+        let s = try_get(&c, &edge.url("/x")).await;
+        assert_ne!(s.upstream_region, "us-east-1", "{s:?}");
+        assert_ne!(s.status, 200, "{s:?}");
+    }
+    let m = metrics(&c, &edges[1]).await;
+    assert!(
+        sample(
+            &m,
+            "edge_requests_total",
+            "decision=\"unavailable:residency\""
+        ) >= 1.0,
+        "{m}"
+    );
+    // The body says nothing about internals; the reason is in the header (debug on).
+    let s = try_get(&c, &edges[1].url("/x")).await;
+    assert!(!s.body.contains("residency"), "{}", s.body);
+}
+
+#[tokio::test]
+async fn primary_routes_reads_and_writes_to_the_primary_and_fails_when_it_is_down() {
+    let a = origin("us-east-1", "a").await;
+    let b = origin("eu-west-1", "b").await;
+    let regions = [
+        RegionSpec::new("us-east-1", vec![a.addr()]),
+        RegionSpec::new("eu-west-1", vec![b.addr()]),
+    ];
+    let t = Tweaks {
+        policy: "primary",
+        upstream_extra: "primary_region = \"us-east-1\"",
+        ..Tweaks::default()
+    };
+    let edges = start_all(&regions, &t).await;
+    let c = client();
+    let s = get(&c, &edges[1].url("/x"), &[]).await;
+    assert_eq!(
+        (s.status, s.upstream_region.as_str()),
+        (200, "us-east-1"),
+        "{s:?}"
+    );
+    assert_eq!(s.decision, "primary");
+    let resp = c.post(edges[1].url("/x")).send().await.expect("POST");
+    assert_eq!(header(&resp, "x-edge-upstream-region"), "us-east-1");
+    // on_primary_down defaults to "fail": no write lands elsewhere.
+    a.stop().await;
+    let failed = eventually(HANG, || async {
+        let s = try_get(&c, &edges[1].url("/x")).await;
+        s.status == 503 && s.decision == "unavailable:primary-down"
+    })
+    .await;
+    assert!(
+        failed.is_some(),
+        "eu-west-1 kept serving with the primary down"
+    );
+}
+
+// ---------------------------------------------------------------- demo
+
+/// `edge-router demo` on a free block of ports, killed on drop.
+struct Demo {
+    child: Child,
+    base: u16,
+    admin_base: u16,
+}
+
+const DEMO_TOKEN: &str = "demo-e2e-token";
+
+impl Demo {
+    async fn start(delay: &str) -> Demo {
+        let (base, admin_base) = free_demo_ports();
+        let child = Command::new(edge_binary())
+            .args([
+                "demo",
+                "--regions",
+                "3",
+                "--base-port",
+                &base.to_string(),
+                "--admin-base-port",
+                &admin_base.to_string(),
+                "--replication-delay",
+                delay,
+            ])
+            .env("EDGE_ADMIN_TOKEN", DEMO_TOKEN)
+            .env("EDGE_LOG", "warn")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("demo starts");
+        let demo = Demo {
+            child,
+            base,
+            admin_base,
+        };
+        let c = client();
+        let ready = eventually(HANG, || async {
+            let mut ok = true;
+            for i in 0..3 {
+                ok &= c
+                    .get(demo.url(i, "/.edge/health"))
+                    .send()
+                    .await
+                    .is_ok_and(|r| r.status().is_success());
+            }
+            ok
+        })
+        .await;
+        assert!(ready.is_some(), "demo did not start");
+        demo
+    }
+
+    fn url(&self, region: u16, path: &str) -> String {
+        format!("http://127.0.0.1:{}{path}", self.base + region)
+    }
+
+    fn admin(&self, region: u16, path: &str) -> String {
+        format!("http://127.0.0.1:{}{path}", self.admin_base + region)
+    }
+
+    async fn set_delay(&self, delay: &str) {
+        let resp = client()
+            .put(format!(
+                "http://127.0.0.1:{}/replication-delay",
+                self.base + 99
+            ))
+            .bearer_auth(DEMO_TOKEN)
+            .body(delay.to_string())
+            .send()
+            .await
+            .expect("control listener");
+        assert!(resp.status().is_success(), "{}", resp.status());
+    }
+
+    /// Wait until region `region` knows every region's replication lag.
+    async fn wait_lag_known(&self, region: u16) {
+        let c = client();
+        let known = eventually(HANG, || async {
+            let Ok(resp) = c.get(self.admin(region, "/status")).send().await else {
+                return false;
+            };
+            let doc: serde_json::Value = resp.json().await.unwrap_or_default();
+            doc["tables"]["lag"]
+                .as_object()
+                .is_some_and(|m| m.values().all(|v| v["watermark_ms"].is_u64()))
+        })
+        .await;
+        assert!(known.is_some(), "lag never became known in region {region}");
+    }
+}
+
+impl Drop for Demo {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A traffic base with BASE..BASE+105 free, and an admin base with 3 free.
+fn free_demo_ports() -> (u16, u16) {
+    let free = |p: u16| std::net::TcpListener::bind(("127.0.0.1", p)).is_ok();
+    for attempt in 0..200u32 {
+        let base = 20_000 + ((std::process::id() * 131 + attempt * 211) % 8_000) as u16;
+        let admin = base + 200;
+        if (0..106).all(|i| free(base + i)) && (0..3).all(|i| free(admin + i)) {
+            return (base, admin);
+        }
+    }
+    panic!("no free block of ports for the demo");
+}
+
+#[tokio::test]
+async fn read_your_writes_across_three_regions_with_a_two_second_delay() {
+    let demo = Demo::start("2s").await;
+    demo.wait_lag_known(1).await;
+    let c = client();
+    let key = format!("k{}", std::process::id());
+    let written = Instant::now();
+    let (token, _) = write(&c, &demo.url(0, &format!("/kv/{key}")), "v1").await;
+
+    // At once through eu-west-1 with the token: its replica has not seen
+    // the write, so us-east-1 serves it, with the new value.
+    let with_token = get(
+        &c,
+        &demo.url(1, &format!("/kv/{key}")),
+        &[("x-edge-consistency", &token)],
+    )
+    .await;
+    let fresh = written.elapsed() < Duration::from_millis(1500);
+    assert!(fresh, "the test machine is too slow to observe a 2 s delay");
+    assert_eq!(with_token.status, 200, "{with_token:?}");
+    assert_eq!(with_token.upstream_region, "us-east-1", "{with_token:?}");
+    assert_eq!(with_token.decision, "ryw:lagging:us-east-1");
+    let body: serde_json::Value = serde_json::from_str(&with_token.body).expect("json");
+    assert_eq!(body["value"], "v1");
+
+    // The cookie works the same, through the third region.
+    let cookie = format!("edge_ct={token}");
+    let via_cookie = get(
+        &c,
+        &demo.url(2, &format!("/kv/{key}")),
+        &[("cookie", &cookie)],
+    )
+    .await;
+    assert_eq!(via_cookie.upstream_region, "us-east-1", "{via_cookie:?}");
+
+    // Without the token, eu-west-1 serves from its own replica: stale is allowed.
+    let without = get(&c, &demo.url(1, &format!("/kv/{key}")), &[]).await;
+    assert_eq!(without.upstream_region, "eu-west-1", "{without:?}");
+    assert_eq!(without.decision, "local");
+    if written.elapsed() < Duration::from_millis(1500) {
+        assert_eq!(without.status, 404, "not replicated yet: {without:?}");
+    }
+
+    // Once replication catches up, eu-west-1 serves the token itself.
+    let caught_up = eventually(HANG, || async {
+        let s = get(
+            &c,
+            &demo.url(1, &format!("/kv/{key}")),
+            &[("x-edge-consistency", &token)],
+        )
+        .await;
+        s.upstream_region == "eu-west-1" && s.status == 200
+    })
+    .await
+    .map(|_| written.elapsed());
+    let after = caught_up.expect("eu-west-1 never caught up");
+    assert!(
+        after >= Duration::from_secs(2),
+        "served locally before the replication delay: {after:?}"
+    );
+    let s = get(
+        &c,
+        &demo.url(1, &format!("/kv/{key}")),
+        &[("x-edge-consistency", &token)],
+    )
+    .await;
+    let body: serde_json::Value = serde_json::from_str(&s.body).expect("json");
+    assert_eq!(body["value"], "v1", "{s:?}");
+    assert_eq!(s.decision, "ryw:caught-up:us-east-1");
+}
+
+#[tokio::test]
+async fn bounded_staleness_follows_the_replication_delay() {
+    let demo = Demo::start("500ms").await;
+    demo.wait_lag_known(1).await;
+    let c = client();
+    let url = demo.url(1, "/bounded/kv/x");
+    let local = eventually(HANG, || async {
+        get(&c, &url, &[]).await.upstream_region == "eu-west-1"
+    })
+    .await;
+    assert!(
+        local.is_some(),
+        "lag under max_staleness (3s) but not served locally"
+    );
+    assert!(get(&c, &url, &[])
+        .await
+        .decision
+        .starts_with("staleness:ok"));
+
+    // Above max_staleness: the primary serves.
+    demo.set_delay("6s").await;
+    let primary = eventually(HANG, || async {
+        let s = get(&c, &url, &[]).await;
+        s.upstream_region == "us-east-1" && s.decision.starts_with("staleness:lag=")
+    })
+    .await;
+    assert!(
+        primary.is_some(),
+        "lag over max_staleness but still served locally"
+    );
+
+    // Lowered again: writes in flight are released and reads go local.
+    demo.set_delay("200ms").await;
+    let back = eventually(HANG, || async {
+        get(&c, &url, &[]).await.upstream_region == "eu-west-1"
+    })
+    .await;
+    assert!(
+        back.is_some(),
+        "never local again after the delay was lowered"
+    );
+    let m = c
+        .get(demo.admin(1, "/metrics"))
+        .send()
+        .await
+        .expect("metrics")
+        .text()
+        .await
+        .expect("text");
+    assert!(
+        m.contains("edge_replication_lag_seconds{from=\"us-east-1\""),
+        "{m}"
+    );
+}
