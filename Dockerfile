@@ -6,7 +6,8 @@ RUN apt-get update \
  && rm -rf /var/lib/apt/lists/*
 WORKDIR /src
 COPY . .
-RUN cargo build --release --locked -p edge-router \
+# The image is the production build: it carries the DynamoDB table backend.
+RUN cargo build --release --locked -p edge-router --features dynamodb \
  && cp target/release/edge-router /usr/local/bin/edge-router
 
 FROM debian:bookworm-slim

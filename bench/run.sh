@@ -92,6 +92,13 @@ backends.bench = ["127.0.0.1:$O_PORT"]
 host = "*"
 upstream = "origin"
 policy = "local-first"
+# The same origin behind read-your-writes: the row "edge-router-ryw" sends a
+# valid consistency token with every request (verified, then decided).
+[[routes]]
+host = "*"
+path_prefix = "/ryw"
+upstream = "origin"
+policy = "read-your-writes"
 EDGE
 # The access log is on (info), as nginx's is: both write a line per request to a file.
 env ${EDGE_ENV:-} EDGE_LOG=info taskset -c "$PROXY_CORE" "${EDGE_BIN:-$BIN/edge-router}" run -c "$WORK/edge.toml" 2>"$WORK/edge.log" &
@@ -110,10 +117,17 @@ wait_http "http://127.0.0.1:$N_PORT$PATHQ"
 wait_http "http://127.0.0.1:$E_PORT$PATHQ"
 [ -n "$EDGE_B_PID" ] && wait_http "http://127.0.0.1:$EB_PORT$PATHQ"
 NGINX_WORKER=$(pgrep -P "$NGINX_MASTER" | head -1)
+# A write through the read-your-writes route hands out the token the ryw row presents.
+TOKEN=$(curl -s -D - -o /dev/null -X PUT "http://127.0.0.1:$E_PORT/ryw/write" \
+  | awk -F': ' 'tolower($1) == "x-edge-consistency" { print $2 }' | tr -d '\r')
+[ -n "$TOKEN" ] || { echo "bench: no consistency token from the read-your-writes route" >&2; exit 1; }
 
 declare -A URL=( [direct]="http://127.0.0.1:$O_PORT$PATHQ" [nginx]="http://127.0.0.1:$N_PORT$PATHQ" [edge-router]="http://127.0.0.1:$E_PORT$PATHQ" )
 declare -A PIDS_OF=( [direct]="" [nginx]="$NGINX_MASTER $NGINX_WORKER" [edge-router]="$EDGE_PID" )
-TARGETS=(direct nginx edge-router)
+TARGETS=(direct nginx edge-router edge-router-ryw)
+URL[edge-router-ryw]="http://127.0.0.1:$E_PORT/ryw$PATHQ"
+PIDS_OF[edge-router-ryw]="$EDGE_PID"
+declare -A HEADER_OF=( [edge-router-ryw]="x-edge-consistency: $TOKEN" )
 if [ -n "$EDGE_B_PID" ]; then
   URL[edge-router-b]="http://127.0.0.1:$EB_PORT$PATHQ"
   PIDS_OF[edge-router-b]="$EDGE_B_PID"
@@ -122,19 +136,25 @@ fi
 
 cpu_ticks() { local t=0; for p in $1; do t=$(( t + $(awk '{print $14 + $15}' "/proc/$p/stat") )); done; echo "$t"; }
 load() { taskset -c "$LOAD_CORE" "$BIN/edge-loadtest" run "$@" >/dev/null; }
+# Extra request headers of target $1, as edge-loadtest arguments.
+headers_of() { if [ -n "${HEADER_OF[$1]:-}" ]; then printf '%s\n' -H "${HEADER_OF[$1]}"; fi; }
 
 echo "bench: warm-up" >&2
-for t in "${TARGETS[@]}"; do load "${URL[$t]}" -c "$CONNS" -d 1s --warmup 0s --json "$WORK/warm.json"; done
+for t in "${TARGETS[@]}"; do
+  mapfile -t H < <(headers_of "$t")
+  load "${URL[$t]}" "${H[@]}" -c "$CONNS" -d 1s --warmup 0s --json "$WORK/warm.json"
+done
 
 for r in $(seq 1 "$ROUNDS"); do
   for t in "${TARGETS[@]}"; do
     echo "bench: round $r/$ROUNDS $t" >&2
     pids=${PIDS_OF[$t]}
+    mapfile -t H < <(headers_of "$t")
     before=0; [ -n "$pids" ] && before=$(cpu_ticks "$pids")
-    load "${URL[$t]}" -c "$CONNS" -d "$DURATION" --warmup 0s --json "$WORK/closed-$t-$r.json"
+    load "${URL[$t]}" "${H[@]}" -c "$CONNS" -d "$DURATION" --warmup 0s --json "$WORK/closed-$t-$r.json"
     after=0; [ -n "$pids" ] && after=$(cpu_ticks "$pids")
     echo "$(( after - before ))" > "$WORK/cpu-$t-$r.ticks"
-    load "${URL[$t]}" --rate "$RATE" -c 64 -d "$DURATION" --warmup "$WARMUP" --json "$WORK/rate-$t-$r.json"
+    load "${URL[$t]}" "${H[@]}" --rate "$RATE" -c 64 -d "$DURATION" --warmup "$WARMUP" --json "$WORK/rate-$t-$r.json"
     rss=0; [ -n "$pids" ] && rss=$(rss_kib "$pids")
     echo "$rss" > "$WORK/rss-$t-$r.kib"
   done

@@ -82,10 +82,11 @@ impl Decision {
 ///    `backend: None` or [`AttemptFailure::NoBackend`]) and, for a
 ///    same-region retry, the last attempt's region. Every rule picks from the
 ///    candidates, which is why no target ever leaves `allowed`.
-/// 2. *Hop, then policy.* A valid hop is served locally or not at all, before
-///    any token or policy rule (the token header is never forwarded, so a real
-///    hop carries none). A same-region retry whose region is used up is
-///    unavailable. Otherwise the policy's rule for reads or writes picks a
+/// 2. *Hop, then policy.* A valid hop is served locally or not at all. The
+///    one policy rule that applies to it: a `read-your-writes` read whose
+///    token (forwarded by the peer) the local replica has not caught up with
+///    is refused (`unavailable:ryw-behind`), never answered stale. A
+///    same-region retry whose region is used up is unavailable. Otherwise the policy's rule for reads or writes picks a
 ///    target and a kind; `read-your-writes` writes with `writes = local` follow
 ///    `local-first`, and the token is read only for `read-your-writes` reads.
 /// 3. *Retry labels.* On a retry, the health kinds (`local`,
@@ -99,9 +100,16 @@ impl Decision {
 ///
 /// # Choices the contract leaves open
 ///
-/// - *Panic on a consistency target.* The primary, the token's writer W, or
-///   the local region of a fresh-enough `bounded-staleness` read is used in
-///   panic mode only when no candidate serves normally, as for `local-first`.
+/// - *Panic on a consistency target.* The primary (with `on_primary_down =
+///   fail`) and the token's writer W are used in panic mode rather than
+///   refuse the request; the primary with `nearest`, and the local region of
+///   a fresh-enough `bounded-staleness` read, only when no candidate serves
+///   normally, as for `local-first`.
+/// - *Writer down.* A `read-your-writes` read behind its token whose writer W
+///   cannot serve goes to the nearest other region that serves
+///   (`ryw:writer-down`), never the local replica; the proxy forwards the
+///   token and that region's edge-router serves it only once its own replica
+///   has caught up.
 /// - *Fresh but local down.* A `bounded-staleness` read within the bound whose
 ///   local region cannot serve goes to the primary (the one region known to
 ///   be fresh) labelled by its cause, `failover:no-healthy-local` (or
@@ -182,6 +190,14 @@ impl<'a, 'b> Rules<'a, 'b> {
     fn policy_decision(&self) -> Decision {
         let req = self.req;
         if req.valid_hop {
+            // A peer forwards the client's token with a read-your-writes
+            // read, so this replica never answers from behind it.
+            if let Some(w) = self.ryw_read_behind() {
+                return Decision::unavailable(Reason {
+                    kind: ReasonKind::UnavailableRywBehind,
+                    detail: Detail::Region(w),
+                });
+            }
             return self.local_only(ReasonKind::Hop);
         }
         // A same-region retry whose region is used up has nowhere to go. The
@@ -278,7 +294,10 @@ impl<'a, 'b> Rules<'a, 'b> {
             if self.candidates.contains(p) && serves(self.view, r) {
                 return Decision::region(p, Reason::plain(ReasonKind::Primary));
             }
-            if self.candidates.contains(p) && in_panic(self.view, r) && !self.any_serves() {
+            // With `fail` the only alternative is a 503: ignore health in
+            // the primary first. With `nearest`, only when nothing else serves.
+            let no_alternative = on_down == OnPrimaryDown::Fail || !self.any_serves();
+            if self.candidates.contains(p) && in_panic(self.view, r) && no_alternative {
                 return Decision::panic(p);
             }
         }
@@ -305,47 +324,79 @@ impl<'a, 'b> Rules<'a, 'b> {
         }
     }
 
+    /// The token's region W when this is a read-your-writes read whose
+    /// token the local replica has not caught up with.
+    fn ryw_read_behind(&self) -> Option<usize> {
+        if self.req.write || !matches!(self.req.policy, Policy::ReadYourWrites { .. }) {
+            return None;
+        }
+        let token = self.req.token?;
+        let w = token.region;
+        // u128: t + margin must not wrap into "already visible".
+        let satisfied = w == self.local
+            || self.lag.watermark(w).is_some_and(|seen| {
+                u128::from(seen) >= u128::from(token.written_ms) + u128::from(self.lag.margin_ms)
+            });
+        (!satisfied).then_some(w)
+    }
+
     /// `read-your-writes` reads: local unless the token is ahead of the local replica.
+    ///
+    /// Whatever region the read is sent to, the proxy forwards the token with
+    /// it, and that region's edge-router serves it only if its own replica
+    /// has caught up (`unavailable:ryw-behind` otherwise): so failing over
+    /// to a third region is safe, and keeps reads available while the
+    /// writer's region is down once replication has caught up elsewhere.
     fn read_your_writes(&self) -> Decision {
         let local = self.local;
-        let Some(token) = self.req.token else {
-            return self.local_first(self.candidates);
-        };
-        let w = token.region;
-        if w == local {
-            return self.local_first(self.candidates);
-        }
-        // u128: t + margin must not wrap into "already visible".
-        let satisfied = self.lag.watermark(w).is_some_and(|seen| {
-            u128::from(seen) >= u128::from(token.written_ms) + u128::from(self.lag.margin_ms)
-        });
-        if satisfied {
-            // The local replica has the write. Should local fail, only W is
-            // known to have it too: another region's replica may be behind.
-            let caught_up = Reason {
-                kind: ReasonKind::RywCaughtUp,
-                detail: Detail::Region(w),
+        let Some(w) = self.ryw_read_behind() else {
+            let decision = self.local_first(self.candidates);
+            return match self.req.token {
+                Some(t) if t.region != local => decision.rename(
+                    ReasonKind::Local,
+                    Reason {
+                        kind: ReasonKind::RywCaughtUp,
+                        detail: Detail::Region(t.region),
+                    },
+                ),
+                _ => decision,
             };
-            let local_or_writer =
-                RegionSet(self.candidates.0 & RegionSet::empty().with(local).with(w).0);
-            return self
-                .local_first(local_or_writer)
-                .rename(ReasonKind::Local, caught_up);
-        }
-        // The local replica may be behind the write: only W itself will do.
+        };
+        // The local replica may be behind the write: W has it for certain.
         if self.candidates.contains(w) {
             if let Some(r) = self.view.regions.get(w) {
                 if serves(self.view, r) {
-                    let lagging = Reason {
-                        kind: ReasonKind::RywLagging,
-                        detail: Detail::Region(w),
-                    };
-                    return Decision::region(w, lagging);
-                }
-                if in_panic(self.view, r) && !self.any_serves() {
-                    return Decision::panic(w);
+                    return Decision::region(
+                        w,
+                        Reason {
+                            kind: ReasonKind::RywLagging,
+                            detail: Detail::Region(w),
+                        },
+                    );
                 }
             }
+        }
+        // W cannot serve: another region may have caught up (it checks the
+        // forwarded token itself); never the local replica, which is behind.
+        let others = RegionSet(self.candidates.0 & !RegionSet::empty().with(local).0);
+        let writer_down = Reason {
+            kind: ReasonKind::RywWriterDown,
+            detail: Detail::Region(w),
+        };
+        if let Some(i) = nearest(self.view, |i, r| others.contains(i) && serves(self.view, r)) {
+            return Decision::region(i, writer_down);
+        }
+        // Nothing serves normally: ignore health in W rather than refuse
+        // (the alternative is a 503), then in the nearest other region.
+        if let Some(r) = self.view.regions.get(w) {
+            if self.candidates.contains(w) && in_panic(self.view, r) {
+                return Decision::panic(w);
+            }
+        }
+        if let Some(i) = nearest(self.view, |i, r| {
+            others.contains(i) && in_panic(self.view, r)
+        }) {
+            return Decision::panic(i);
         }
         Decision::unavailable(Reason {
             kind: ReasonKind::UnavailableRywWriterDown,

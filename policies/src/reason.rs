@@ -36,8 +36,14 @@ pub enum ReasonKind {
     RywCaughtUp,
     /// The local replica is behind the token: sent to the token's region W; detail `Region(W)`.
     RywLagging,
-    /// The local replica is behind the token and W cannot serve; detail `Region(W)`.
+    /// The local replica is behind the token and W cannot serve: the nearest
+    /// other region serves if its own replica has caught up; detail `Region(W)`.
+    RywWriterDown,
+    /// The local replica is behind the token and no region can serve; detail `Region(W)`.
     UnavailableRywWriterDown,
+    /// A forwarded read-your-writes read whose token this replica has not
+    /// caught up with: refused rather than answered stale; detail `Region(W)`.
+    UnavailableRywBehind,
     /// Served locally, replication lag within the bound; detail `LagMs`.
     StalenessOk,
     /// Lag over the bound (or unknown): sent to the primary; detail `LagMs` or `LagUnknown`.
@@ -51,7 +57,7 @@ pub enum ReasonKind {
 
 impl ReasonKind {
     /// Every kind, for priming metrics.
-    pub const ALL: [ReasonKind; 18] = [
+    pub const ALL: [ReasonKind; 20] = [
         ReasonKind::Local,
         ReasonKind::Hop,
         ReasonKind::Panic,
@@ -65,7 +71,9 @@ impl ReasonKind {
         ReasonKind::UnavailablePrimaryDown,
         ReasonKind::RywCaughtUp,
         ReasonKind::RywLagging,
+        ReasonKind::RywWriterDown,
         ReasonKind::UnavailableRywWriterDown,
+        ReasonKind::UnavailableRywBehind,
         ReasonKind::StalenessOk,
         ReasonKind::StalenessExceeded,
         ReasonKind::Residency,
@@ -88,7 +96,9 @@ impl ReasonKind {
             ReasonKind::UnavailablePrimaryDown => "unavailable:primary-down",
             ReasonKind::RywCaughtUp => "ryw:caught-up",
             ReasonKind::RywLagging => "ryw:lagging",
+            ReasonKind::RywWriterDown => "ryw:writer-down",
             ReasonKind::UnavailableRywWriterDown => "unavailable:ryw-writer-down",
+            ReasonKind::UnavailableRywBehind => "unavailable:ryw-behind",
             ReasonKind::StalenessOk => "staleness:ok",
             ReasonKind::StalenessExceeded => "staleness",
             ReasonKind::Residency => "residency",

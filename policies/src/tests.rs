@@ -775,11 +775,12 @@ fn primary_rows() -> Vec<Row> {
             "panic",
         ),
         Row::new(
-            "primary_in_panic_while_another_region_serves_is_down",
+            // With `fail` the alternative is a 503: ignore health in the primary instead.
+            "primary_in_panic_with_fail_ignores_health_there_rather_than_refuse",
             primary_in_panic_others_serve,
             facts(PRIMARY_FAIL),
-            unavailable(UnavailablePrimaryDown),
-            "unavailable:primary-down",
+            panic_at(1),
+            "panic",
         ),
         Row::new(
             "primary_missing_from_the_view_is_down",
@@ -873,41 +874,61 @@ fn ryw_rows() -> Vec<Row> {
         )
         .repl(Repl::caught_up().seen(2, None)),
         Row::new(
-            "ryw_lagging_with_writer_down_is_unavailable_never_local",
+            // The third region checks the forwarded token against its own replica.
+            "ryw_lagging_with_writer_down_goes_to_another_region_never_local",
             three(2, 0, 2),
             with_token(TOKEN_B),
-            unavailable_d(UnavailableRywWriterDown, Detail::Region(1)),
-            "unavailable:ryw-writer-down:b",
+            to_d(2, RywWriterDown, Detail::Region(1)),
+            "ryw:writer-down:b",
         )
         .repl(lagging_b()),
         Row::new(
-            "ryw_lagging_with_writer_unreachable_is_unavailable",
-            b_unreachable,
+            "ryw_lagging_with_writer_and_every_other_region_down_is_unavailable",
+            three(2, 0, 0),
             with_token(TOKEN_B),
             unavailable_d(UnavailableRywWriterDown, Detail::Region(1)),
             "unavailable:ryw-writer-down:b",
         )
         .repl(lagging_b()),
         Row::new(
-            "ryw_lagging_with_writer_not_allowed_is_unavailable",
+            "ryw_lagging_with_writer_unreachable_goes_to_another_region",
+            b_unreachable,
+            with_token(TOKEN_B),
+            to_d(2, RywWriterDown, Detail::Region(1)),
+            "ryw:writer-down:b",
+        )
+        .repl(lagging_b()),
+        Row::new(
+            "ryw_lagging_with_writer_not_allowed_goes_to_an_allowed_region",
             three(2, 2, 2),
             RequestFacts {
                 allowed: allowed(&[0, 2]),
                 ..with_token(TOKEN_B)
             },
+            to_d(2, RywWriterDown, Detail::Region(1)),
+            "ryw:writer-down:b",
+        )
+        .repl(lagging_b()),
+        Row::new(
+            "ryw_lagging_with_only_local_allowed_is_unavailable",
+            three(2, 2, 2),
+            RequestFacts {
+                allowed: allowed(&[0]),
+                ..with_token(TOKEN_B)
+            },
             unavailable_d(UnavailableRywWriterDown, Detail::Region(1)),
             "unavailable:ryw-writer-down:b",
         )
         .repl(lagging_b()),
         Row::new(
-            "ryw_lagging_retry_with_writer_used_up_is_unavailable",
+            "ryw_lagging_retry_with_writer_used_up_tries_another_region",
             three(2, 2, 2),
             RequestFacts {
                 attempts: &[PEER_B],
                 ..with_token(TOKEN_B)
             },
-            unavailable_d(UnavailableRywWriterDown, Detail::Region(1)),
-            "unavailable:ryw-writer-down:b",
+            to_d(2, RywWriterDown, Detail::Region(1)),
+            "ryw:writer-down:b",
         )
         .repl(lagging_b()),
         Row::new(
@@ -925,16 +946,16 @@ fn ryw_rows() -> Vec<Row> {
                 region: 7,
                 written_ms: NOW - 1000,
             }),
-            unavailable_d(UnavailableRywWriterDown, Detail::Region(7)),
-            "unavailable:ryw-writer-down:#7",
+            to_d(1, RywWriterDown, Detail::Region(7)),
+            "ryw:writer-down:#7",
         ),
-        // Satisfied locally but local is down: only the writer is known to
-        // have the write (another replica may be behind), so the writer, not the nearest.
+        // Satisfied locally but local is down: ordinary failover; the token
+        // goes along and the region it reaches checks it against its own replica.
         Row::new(
-            "ryw_caught_up_with_local_down_fails_over_to_the_writer_not_nearest",
+            "ryw_caught_up_with_local_down_fails_over_to_the_nearest",
             three(0, 2, 2),
             with_token(TOKEN_C),
-            to(2, FailoverNoHealthyLocal),
+            to(1, FailoverNoHealthyLocal),
             "failover:no-healthy-local",
         ),
         Row::new(
@@ -948,21 +969,30 @@ fn ryw_rows() -> Vec<Row> {
             "ryw:caught-up:b",
         ),
         Row::new(
-            // Neither the local replica nor the writer may serve; a third
-            // region's replica may be behind the token: refused, not guessed.
-            "ryw_caught_up_with_neither_local_nor_writer_allowed_is_refused",
+            "ryw_caught_up_with_local_not_allowed_goes_by_residency",
             three(2, 2, 2),
             RequestFacts {
                 allowed: allowed(&[2]),
                 ..with_token(TOKEN_B)
             },
-            unavailable(UnavailableResidency),
-            "unavailable:residency",
+            to(2, Residency),
+            "residency",
         ),
-        // Rule 1 before the token: a hop is served where it arrived. (The token
-        // header is never forwarded, so a real hop carries none.)
+        // A peer forwards the token with the read: a hop this replica is
+        // behind is refused, never answered stale.
         Row::new(
-            "ryw_hop_is_served_locally_before_any_token_check",
+            "ryw_hop_behind_the_token_is_refused",
+            three(2, 2, 2),
+            RequestFacts {
+                valid_hop: true,
+                ..with_token(TOKEN_B)
+            },
+            unavailable_d(UnavailableRywBehind, Detail::Region(1)),
+            "unavailable:ryw-behind:b",
+        )
+        .repl(lagging_b()),
+        Row::new(
+            "ryw_hop_caught_up_with_the_token_is_served_locally",
             three(2, 2, 2),
             RequestFacts {
                 valid_hop: true,
@@ -971,7 +1001,7 @@ fn ryw_rows() -> Vec<Row> {
             to(0, Hop),
             "hop:local",
         )
-        .repl(lagging_b()),
+        .repl(Repl::caught_up().seen(1, Some(NOW - MARGIN))),
         Row::new(
             "ryw_writes_local_ignore_the_token",
             three(2, 2, 2),
@@ -1192,7 +1222,9 @@ fn reason_labels_are_stable() {
         (UnavailablePrimaryDown, "unavailable:primary-down"),
         (RywCaughtUp, "ryw:caught-up"),
         (RywLagging, "ryw:lagging"),
+        (RywWriterDown, "ryw:writer-down"),
         (UnavailableRywWriterDown, "unavailable:ryw-writer-down"),
+        (UnavailableRywBehind, "unavailable:ryw-behind"),
         (StalenessOk, "staleness:ok"),
         (StalenessExceeded, "staleness"),
         (Residency, "residency"),
@@ -1555,7 +1587,7 @@ proptest! {
         prop_assume!(w != local);
         case.policy = Policy::ReadYourWrites { writes, on_primary_down };
         case.write = false;
-        case.valid_hop = false;
+        // Hops included: a peer forwards the token with the read.
         case.token = Some(Token { region: w, written_ms });
         let d = case.decide();
         if let Target::Region { index, .. } = d.target {

@@ -24,6 +24,7 @@ use crate::metrics::Metrics;
 use crate::retry::RetryBudget;
 use crate::routing::RouteTable;
 use crate::service::EdgeProxy;
+use crate::snapshot::Snapshots;
 use crate::tables::heartbeat::{HeartbeatSettings, Heartbeats, LagState};
 use crate::tables::SharedTable;
 use crate::telemetry::WarnLimiter;
@@ -37,6 +38,10 @@ const WARN_INTERVAL: Duration = Duration::from_secs(10);
 
 /// How far a hop's timestamp may be from our clock (NTP-bounded skew plus transit).
 const HOP_WINDOW: Duration = Duration::from_secs(60);
+
+/// How far in the future a token's time may be: another region's clock
+/// ahead of ours (NTP keeps it to milliseconds; this only absorbs a bad step).
+const TOKEN_FUTURE_SKEW: Duration = Duration::from_secs(5);
 
 /// Secrets that come from the environment, not the file.
 pub struct Secrets {
@@ -154,7 +159,8 @@ pub fn add_region(
             &secrets.hop_key,
             secrets.previous_hop_key.as_deref(),
             HOP_WINDOW,
-        ),
+        )
+        .signing_legacy(config.server.hop_format_v1),
         metrics: metrics.clone(),
         lifecycle: lifecycle.clone(),
         health_path: config.server.health_path.clone(),
@@ -170,14 +176,17 @@ pub fn add_region(
         hop_warnings: WarnLimiter::new(WARN_INTERVAL),
         loop_warnings: WarnLimiter::new(WARN_INTERVAL),
         send_timeout: config.server.send_timeout,
-        lag: lag.clone(),
+        snapshots: Snapshots {
+            health: health.clone(),
+            lag: lag.clone(),
+            margin_ms: config.consistency.clock_margin.as_millis() as u64,
+        },
         tokens: TokenSigner::new(
             &secrets.hop_key,
             secrets.previous_hop_key.as_deref(),
             config.consistency.token_ttl,
-            HOP_WINDOW,
+            TOKEN_FUTURE_SKEW,
         ),
-        clock_margin_ms: config.consistency.clock_margin.as_millis() as u64,
     };
     let mut http = pingora::proxy::HttpProxy::new(proxy, server.configuration.clone());
     http.handle_init_modules();

@@ -23,6 +23,12 @@ pub const HOP_HEADER: &str = "x-edge-hop";
 #[derive(Clone)]
 pub struct HopSigner {
     keys: KeyRing,
+    /// The raw secrets, only to verify `v1` hops from peers still on the
+    /// release before per-purpose keys, during a rolling upgrade. Never used
+    /// to sign; goes away with `v1` in the next release.
+    legacy: Vec<Vec<u8>>,
+    /// Sign `v1` hops (peers not upgraded yet can verify only those).
+    sign_legacy: bool,
     window: Duration,
 }
 
@@ -51,12 +57,27 @@ impl HopSigner {
     pub fn new(secret: &[u8], previous: Option<&[u8]>, window: Duration) -> Self {
         HopSigner {
             keys: KeyRing::new(Purpose::Hop, secret, previous),
+            legacy: std::iter::once(secret)
+                .chain(previous)
+                .map(<[u8]>::to_vec)
+                .collect(),
+            sign_legacy: false,
             window,
         }
     }
 
+    /// Sign in the `v1` format (raw secret) while peers still run the
+    /// previous release (`server.hop_format = "v1"`); verify accepts both.
+    pub fn signing_legacy(mut self, legacy: bool) -> Self {
+        self.sign_legacy = legacy;
+        self
+    }
+
     fn mac(key: &DerivedKey, region: &str, ts_ms: u64, req: SignedRequest<'_>) -> HmacSha256 {
-        let mut mac = key.mac();
+        Self::fill(key.mac(), region, ts_ms, req)
+    }
+
+    fn fill(mut mac: HmacSha256, region: &str, ts_ms: u64, req: SignedRequest<'_>) -> HmacSha256 {
         for part in [region, &ts_ms.to_string(), req.method, req.host, req.path] {
             mac.update(part.as_bytes());
             mac.update(b"\n");
@@ -66,6 +87,14 @@ impl HopSigner {
 
     /// The header value for a request leaving `region` at `now_ms` (Unix ms).
     pub fn sign(&self, region: &str, now_ms: u64, req: SignedRequest<'_>) -> String {
+        if self.sign_legacy {
+            // The first legacy secret is the current one.
+            let secret = self.legacy.first().map(Vec::as_slice).unwrap_or_default();
+            let mac =
+                <HmacSha256 as Mac>::new_from_slice(secret).expect("HMAC takes keys of any length");
+            let sig = Self::fill(mac, region, now_ms, req).finalize().into_bytes();
+            return format!("v1:{region}:{now_ms}:{}", URL_SAFE_NO_PAD.encode(sig));
+        }
         let key = self.keys.current();
         let sig = Self::mac(key, region, now_ms, req).finalize().into_bytes();
         format!(
@@ -82,8 +111,18 @@ impl HopSigner {
         now_ms: u64,
         req: SignedRequest<'_>,
     ) -> Option<&'v str> {
+        if let Some(rest) = value.strip_prefix("v1:") {
+            return self.verify_legacy(rest, now_ms, req);
+        }
         let (kid, rest) = value.strip_prefix("v2:")?.split_once(':')?;
         let key = self.keys.find(kid)?;
+        let (region, ts, sig) = self.fields(rest, now_ms)?;
+        Self::mac(key, region, ts, req).verify_slice(&sig).ok()?;
+        Some(region)
+    }
+
+    /// `region:ts:sig` of a fresh hop.
+    fn fields<'v>(&self, rest: &'v str, now_ms: u64) -> Option<(&'v str, u64, Vec<u8>)> {
         let mut parts = rest.rsplitn(3, ':');
         let sig = parts.next()?;
         let ts: u64 = parts.next()?.parse().ok()?;
@@ -91,9 +130,24 @@ impl HopSigner {
         if region.is_empty() || now_ms.abs_diff(ts) > self.window.as_millis() as u64 {
             return None;
         }
-        let sig = URL_SAFE_NO_PAD.decode(sig).ok()?;
-        Self::mac(key, region, ts, req).verify_slice(&sig).ok()?;
-        Some(region)
+        Some((region, ts, URL_SAFE_NO_PAD.decode(sig).ok()?))
+    }
+
+    /// A `v1` hop (HMAC keyed with the raw secret) from a peer that is not
+    /// upgraded yet: accepted so a rolling upgrade does not turn its
+    /// forwarded requests into client requests.
+    fn verify_legacy<'v>(
+        &self,
+        rest: &'v str,
+        now_ms: u64,
+        req: SignedRequest<'_>,
+    ) -> Option<&'v str> {
+        let (region, ts, sig) = self.fields(rest, now_ms)?;
+        self.legacy.iter().find_map(|secret| {
+            let mac = <HmacSha256 as Mac>::new_from_slice(secret).ok()?;
+            Self::fill(mac, region, ts, req).verify_slice(&sig).ok()?;
+            Some(region)
+        })
     }
 }
 
@@ -138,6 +192,7 @@ mod tests {
             "v2:a:b:c",
             "v2::1:AAAA",
             "v1:a:1:AAAA",
+            "v3:a:b:1:AAAA",
             "v2:a:1:!!!",
             "v2:a:99999999999999999999:x",
         ] {
@@ -149,6 +204,31 @@ mod tests {
             let v = format!("v2:{kid}:{body}");
             assert_eq!(signer().verify(&v, 1, REQ), None, "{v}");
         }
+    }
+
+    /// What the release before per-purpose keys sent.
+    fn legacy_sign(secret: &[u8], region: &str, ts: u64, req: SignedRequest<'_>) -> String {
+        let mac = <HmacSha256 as Mac>::new_from_slice(secret).expect("any key length");
+        let sig = HopSigner::fill(mac, region, ts, req)
+            .finalize()
+            .into_bytes();
+        format!("v1:{region}:{ts}:{}", URL_SAFE_NO_PAD.encode(sig))
+    }
+
+    #[test]
+    fn hops_from_a_peer_on_the_previous_release_verify_during_an_upgrade() {
+        let v = legacy_sign(b"secret", "eu-west-1", 1_000_000, REQ);
+        assert_eq!(signer().verify(&v, 1_000_000, REQ), Some("eu-west-1"));
+        let other = legacy_sign(b"other", "eu-west-1", 1_000_000, REQ);
+        assert_eq!(signer().verify(&other, 1_000_000, REQ), None);
+        assert_eq!(signer().verify(&v, 1_000_000 + 61_000, REQ), None);
+        // Signed that way only when asked (peers not upgraded yet).
+        assert!(signer()
+            .sign("eu-west-1", 1_000_000, REQ)
+            .starts_with("v2:"));
+        let upgrading = signer().signing_legacy(true);
+        assert_eq!(upgrading.sign("eu-west-1", 1_000_000, REQ), v);
+        assert_eq!(signer().verify(&v, 1_000_000, REQ), Some("eu-west-1"));
     }
 
     #[test]

@@ -26,6 +26,7 @@ pub mod path;
 pub mod retry;
 pub mod routing;
 pub mod service;
+pub mod snapshot;
 pub mod tables;
 pub mod telemetry;
 pub mod token;

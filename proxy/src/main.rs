@@ -18,6 +18,9 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 /// Exit code for bad configuration or usage.
 const EXIT_CONFIG: u8 = 2;
 
+/// Shortest shared secret accepted (bytes).
+const MIN_SECRET_BYTES: usize = 32;
+
 #[derive(Parser)]
 #[command(
     name = "edge-router",
@@ -72,7 +75,10 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
         Command::Check { config } => match load_or_report(&config) {
-            Ok(_) => {
+            Ok(c) => {
+                for w in &c.warnings {
+                    eprintln!("warning: {w}");
+                }
                 println!("ok");
                 ExitCode::SUCCESS
             }
@@ -84,6 +90,9 @@ fn main() -> ExitCode {
                 Err(code) => return code,
             };
             let _log = telemetry::init(cli.log_format, config.log);
+            for w in &config.warnings {
+                tracing::warn!("config: {w}");
+            }
             match run(config) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
@@ -107,6 +116,13 @@ fn main() -> ExitCode {
 
 fn run(config: config::Config) -> anyhow::Result<()> {
     let hop_key = match std::env::var(&config.server.hop_secret_env) {
+        // Clients see values signed with keys derived from it (consistency
+        // tokens), so it must resist an offline guess.
+        Ok(s) if !s.is_empty() && s.len() < MIN_SECRET_BYTES => anyhow::bail!(
+            "{} is {} bytes: use at least {MIN_SECRET_BYTES} random bytes (e.g. `openssl rand -base64 32`)",
+            config.server.hop_secret_env,
+            s.len()
+        ),
         Ok(s) if !s.is_empty() => s.into_bytes(),
         _ if config.regions.len() > 1 => anyhow::bail!(
             "{} is not set: every region's edge-router needs the same secret to sign x-edge-hop",
@@ -121,6 +137,12 @@ fn run(config: config::Config) -> anyhow::Result<()> {
         .ok()
         .filter(|s| !s.is_empty())
         .map(String::into_bytes);
+    if previous_hop_key
+        .as_ref()
+        .is_some_and(|k| k.len() < MIN_SECRET_BYTES)
+    {
+        anyhow::bail!("{previous_env} is shorter than {MIN_SECRET_BYTES} bytes");
+    }
     if previous_hop_key.is_some() {
         tracing::info!(env = %previous_env, "secret rotation: hops and consistency tokens signed with the previous secret are accepted");
     }

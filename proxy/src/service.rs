@@ -16,8 +16,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use async_trait::async_trait;
 use bytes::Bytes;
 use edge_policies::{
-    decide, Attempt, AttemptFailure, Decision, LagView, Policy, RequestFacts, RetryScope, Target,
-    Token,
+    decide, Attempt, AttemptFailure, Decision, Policy, RequestFacts, RetryScope, Target, Token,
 };
 use http::Method;
 use ipnet::IpNet;
@@ -37,7 +36,7 @@ use crate::metrics::{status_class, Metrics};
 use crate::path::{normalize_path, PathRules};
 use crate::retry::{is_unsafe, Failure, RetryBudget, Retryable};
 use crate::routing::RouteTable;
-use crate::tables::heartbeat::LagState;
+use crate::snapshot::Snapshots;
 use crate::telemetry::WarnLimiter;
 use crate::token::{self, TokenCheck, TokenSigner, TOKEN_COOKIE, TOKEN_HEADER};
 
@@ -76,12 +75,10 @@ pub struct EdgeProxy {
     pub loop_warnings: WarnLimiter,
     /// A write to the client that makes no progress this long ends the response (nginx's `send_timeout`).
     pub send_timeout: Duration,
-    /// Replication lag into the local replica, from the heartbeat loop.
-    pub lag: Arc<LagState>,
+    /// Health, replication lag and clock, composed for `decide`.
+    pub snapshots: Snapshots,
     /// Issues and checks consistency tokens.
     pub tokens: TokenSigner,
-    /// Clock-skew margin for tokens (ms).
-    pub clock_margin_ms: u64,
 }
 
 /// Who ended a response that had already started.
@@ -111,6 +108,8 @@ pub struct RequestCtx {
     write: bool,
     /// A verified consistency token (read requests on read-your-writes routes).
     token: Option<Token>,
+    /// Its value, forwarded to a peer region so that it checks the token too.
+    token_value: Option<String>,
     /// A token to hand the client with this response.
     issued_token: Option<String>,
     /// How far a retry may go.
@@ -220,6 +219,10 @@ impl EdgeProxy {
         resp.insert_header(http::header::CONTENT_TYPE, content_type)?;
         resp.insert_header(http::header::CONTENT_LENGTH, body.len().to_string())?;
         resp.insert_header(http::header::CACHE_CONTROL, "no-store")?;
+        if status == 503 {
+            // Health and replication change within seconds: say when to try again.
+            resp.insert_header(http::header::RETRY_AFTER, "1")?;
+        }
         resp.insert_header("x-edge-region", self.region_name(self.local()))?;
         resp.insert_header("x-request-id", ctx.request_id.as_str())?;
         if self.debug_headers {
@@ -295,13 +298,7 @@ impl EdgeProxy {
     /// Ask the policy where the request goes, from the composed snapshot
     /// (health, replication lag, clock) and the request's attempt history.
     fn decide_now(&self, route: &RouteConfig, ctx: &RequestCtx) -> Decision {
-        let health = self.health.snapshot();
-        let lag = self.lag.snapshot();
-        let lag_view = LagView {
-            watermarks_ms: &lag.watermarks_ms,
-            now_ms: unix_ms(),
-            margin_ms: self.clock_margin_ms,
-        };
+        let snap = self.snapshots.load();
         let facts = RequestFacts {
             policy: route.policy,
             write: ctx.write,
@@ -311,7 +308,7 @@ impl EdgeProxy {
             attempts: &ctx.attempts,
             retry_scope: ctx.retry_scope,
         };
-        decide(&health.views[route.upstream], &lag_view, &facts)
+        decide(snap.view(route.upstream), &snap.lag_view(), &facts)
     }
 
     /// Store a decision and, when a header or the log will show it, its text.
@@ -325,14 +322,13 @@ impl EdgeProxy {
 
     /// Read the client's consistency token (header first, then cookie). An
     /// invalid one is counted and ignored, never an error.
-    fn read_token(&self, req: &RequestHeader) -> Option<Token> {
+    fn read_token(&self, req: &RequestHeader) -> Option<(Token, String)> {
         let header = req.headers.get(TOKEN_HEADER).and_then(|v| v.to_str().ok());
         let value = header.or_else(|| {
             req.headers
                 .get_all(http::header::COOKIE)
                 .iter()
-                .filter_map(|v| v.to_str().ok())
-                .find_map(|c| token::cookie_value(c, TOKEN_COOKIE))
+                .find_map(|c| token::cookie_value(c.as_bytes(), TOKEN_COOKIE))
         })?;
         let check = self.tokens.check(value, unix_ms());
         let (result, token) = match check {
@@ -345,10 +341,13 @@ impl EdgeProxy {
             {
                 Some(region) => (
                     "valid",
-                    Some(Token {
-                        region,
-                        written_ms: t.written_ms,
-                    }),
+                    Some((
+                        Token {
+                            region,
+                            written_ms: t.written_ms,
+                        },
+                        value.to_string(),
+                    )),
                 ),
                 // Signed by us, naming a region this config does not have
                 // (a deployment mid-change): nowhere to send it.
@@ -455,6 +454,36 @@ impl EdgeProxy {
     }
 }
 
+/// Remove `Set-Cookie: edge_ct=…` lines a backend sent, keeping the others.
+fn strip_token_cookies(resp: &mut ResponseHeader) -> Result<()> {
+    let ours = |c: &http::HeaderValue| {
+        let v = c.as_bytes().trim_ascii_start();
+        v.len() > TOKEN_COOKIE.len()
+            && v.starts_with(TOKEN_COOKIE.as_bytes())
+            && v[TOKEN_COOKIE.len()] == b'='
+    };
+    if !resp
+        .headers
+        .get_all(http::header::SET_COOKIE)
+        .iter()
+        .any(ours)
+    {
+        return Ok(());
+    }
+    let kept: Vec<http::HeaderValue> = resp
+        .headers
+        .get_all(http::header::SET_COOKIE)
+        .iter()
+        .filter(|c| !ours(c))
+        .cloned()
+        .collect();
+    resp.remove_header(&http::header::SET_COOKIE);
+    for c in kept {
+        resp.append_header(http::header::SET_COOKIE, c)?;
+    }
+    Ok(())
+}
+
 fn peer_for(addr: std::net::SocketAddr, connect: Duration, read: Duration) -> Box<HttpPeer> {
     // `new` resolves through ToSocketAddrs, which for an already-parsed SocketAddr cannot fail.
     let mut peer = HttpPeer::new(addr, false, String::new());
@@ -485,6 +514,7 @@ impl ProxyHttp for EdgeProxy {
             attempts: Vec::new(),
             write: false,
             token: None,
+            token_value: None,
             issued_token: None,
             retry_scope: RetryScope::Anywhere,
             upstream_start: None,
@@ -596,13 +626,16 @@ impl ProxyHttp for EdgeProxy {
                 .route(ctx)
                 .is_some_and(|r| matches!(r.policy, Policy::ReadYourWrites { .. }))
         {
-            ctx.token = self.read_token(req);
+            if let Some((token, value)) = self.read_token(req) {
+                ctx.token = Some(token);
+                ctx.token_value = Some(value);
+            }
         }
         let cookie_to_strip = req
             .headers
             .get_all(http::header::COOKIE)
             .iter()
-            .any(|v| token::cookie_value(v.to_str().unwrap_or(""), TOKEN_COOKIE).is_some());
+            .any(|v| token::has_cookie(v.as_bytes(), TOKEN_COOKIE));
         // The path forwarded is the path matched (origin-form), so the proxy
         // and the backend agree on the route a request took.
         let new_uri = match (&path, req.uri.authority()) {
@@ -645,16 +678,18 @@ impl ProxyHttp for EdgeProxy {
         }
         if cookie_to_strip {
             // The token cookie is the proxy's: never forwarded upstream.
-            let kept: Vec<String> = req
+            // Other cookies pass as sent, one header line each.
+            let kept: Vec<Vec<u8>> = req
                 .headers
                 .get_all(http::header::COOKIE)
                 .iter()
-                .filter_map(|v| v.to_str().ok())
-                .filter_map(|c| token::without_cookie(c, TOKEN_COOKIE))
+                .filter_map(|v| token::without_cookie(v.as_bytes(), TOKEN_COOKIE))
                 .collect();
             req.remove_header(&http::header::COOKIE);
-            if !kept.is_empty() {
-                req.insert_header(http::header::COOKIE, kept.join("; "))?;
+            for line in kept {
+                if let Ok(v) = http::HeaderValue::from_bytes(&line) {
+                    req.append_header(http::header::COOKIE, v)?;
+                }
             }
         }
         if ctx.route.is_none() {
@@ -716,7 +751,11 @@ impl ProxyHttp for EdgeProxy {
             let (index, panic) = match d.target {
                 Target::Region { index, panic } => (index, panic),
                 Target::Unavailable => {
-                    let status = if ctx.attempts.is_empty() { 503 } else { 502 };
+                    let status = if ctx.upstream_attempts() == 0 {
+                        503
+                    } else {
+                        502
+                    };
                     return Err(Error::explain(
                         ErrorType::HTTPStatus(status),
                         d.reason.kind.as_str(),
@@ -824,6 +863,10 @@ impl ProxyHttp for EdgeProxy {
         }
         upstream_request.insert_header("x-request-id", ctx.request_id.as_str())?;
         if ctx.target_region.is_some_and(|r| r != self.local()) {
+            if let Some(t) = &ctx.token_value {
+                // The peer serves this read only if its own replica has the write.
+                upstream_request.insert_header(TOKEN_HEADER, t.as_str())?;
+            }
             let signed = SignedRequest {
                 method: upstream_request.method.as_str(),
                 host: &host,
@@ -868,9 +911,11 @@ impl ProxyHttp for EdgeProxy {
         }
         let from_peer = ctx.target_region.is_some_and(|r| r != self.local());
         if !from_peer {
-            // Only an edge-router mints tokens; a peer's passes through.
+            // Only an edge-router mints tokens (a peer's pass through); a
+            // backend cannot set or overwrite the client's.
             upstream_response.remove_header(TOKEN_HEADER);
-            let write_succeeded = ctx.write && (200..400).contains(&status);
+            strip_token_cookies(upstream_response)?;
+            let write_succeeded = ctx.write && (200..300).contains(&status);
             if write_succeeded
                 && self
                     .route(ctx)

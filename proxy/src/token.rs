@@ -143,23 +143,49 @@ impl TokenSigner {
     }
 }
 
-/// The value of cookie `name` in a `Cookie` header value (`a=1; b=2`).
-pub fn cookie_value<'a>(header: &'a str, name: &str) -> Option<&'a str> {
-    header.split(';').find_map(|pair| {
-        let (k, v) = pair.trim().split_once('=')?;
-        (k.trim() == name).then(|| v.trim().trim_matches('"'))
+/// The `name=value` pairs of a `Cookie` header value, as raw bytes: other
+/// cookies may hold bytes that are not ASCII, and they pass through as sent.
+fn cookie_pairs(header: &[u8]) -> impl Iterator<Item = &[u8]> {
+    header
+        .split(|&b| b == b';')
+        .map(<[u8]>::trim_ascii)
+        .filter(|pair| !pair.is_empty())
+}
+
+/// The name of one `name=value` pair.
+fn cookie_name(pair: &[u8]) -> &[u8] {
+    let end = pair.iter().position(|&b| b == b'=').unwrap_or(pair.len());
+    pair[..end].trim_ascii()
+}
+
+/// The value of cookie `name` in a `Cookie` header value (`a=1; b=2`), if it is text.
+pub fn cookie_value<'a>(header: &'a [u8], name: &str) -> Option<&'a str> {
+    cookie_pairs(header).find_map(|pair| {
+        if cookie_name(pair) != name.as_bytes() {
+            return None;
+        }
+        let value = &pair[pair.iter().position(|&b| b == b'=')? + 1..];
+        std::str::from_utf8(value.trim_ascii())
+            .ok()
+            .map(|v| v.trim_matches('"'))
     })
 }
 
+/// True when the header value carries cookie `name`.
+pub fn has_cookie(header: &[u8], name: &str) -> bool {
+    cookie_pairs(header).any(|pair| cookie_name(pair) == name.as_bytes())
+}
+
 /// A `Cookie` header value without cookie `name`; `None` when nothing is left.
-pub fn without_cookie(header: &str, name: &str) -> Option<String> {
-    let kept: Vec<&str> = header
-        .split(';')
-        .map(str::trim)
-        .filter(|pair| !pair.is_empty())
-        .filter(|pair| pair.split_once('=').map(|(k, _)| k.trim()) != Some(name))
-        .collect();
-    (!kept.is_empty()).then(|| kept.join("; "))
+pub fn without_cookie(header: &[u8], name: &str) -> Option<Vec<u8>> {
+    let mut out = Vec::with_capacity(header.len());
+    for pair in cookie_pairs(header).filter(|pair| cookie_name(pair) != name.as_bytes()) {
+        if !out.is_empty() {
+            out.extend_from_slice(b"; ");
+        }
+        out.extend_from_slice(pair);
+    }
+    (!out.is_empty()).then_some(out)
 }
 
 #[cfg(test)]
@@ -257,18 +283,31 @@ mod tests {
 
     #[test]
     fn cookies_are_found_and_removed() {
-        let h = "a=1; edge_ct=v1.x.y.z; b=\"2\"";
+        let h = b"a=1; edge_ct=v1.x.y.z; b=\"2\"";
         assert_eq!(cookie_value(h, "edge_ct"), Some("v1.x.y.z"));
         assert_eq!(cookie_value(h, "b"), Some("2"));
         assert_eq!(cookie_value(h, "edge"), None);
+        assert!(has_cookie(h, "edge_ct") && !has_cookie(h, "edge"));
         assert_eq!(
             without_cookie(h, "edge_ct").as_deref(),
-            Some("a=1; b=\"2\"")
+            Some(&b"a=1; b=\"2\""[..])
         );
-        assert_eq!(without_cookie("edge_ct=1", "edge_ct"), None);
+        assert_eq!(without_cookie(b"edge_ct=1", "edge_ct"), None);
         assert_eq!(
-            without_cookie("xedge_ct=1;;", "edge_ct").as_deref(),
-            Some("xedge_ct=1")
+            without_cookie(b"xedge_ct=1;;", "edge_ct").as_deref(),
+            Some(&b"xedge_ct=1"[..])
+        );
+        // Bytes that are not ASCII in another cookie: found, and kept as sent.
+        let h = b"n=caf\xc3\xa9\xff; edge_ct=tok";
+        assert_eq!(cookie_value(h, "edge_ct"), Some("tok"));
+        assert_eq!(
+            without_cookie(h, "edge_ct").as_deref(),
+            Some(&b"n=caf\xc3\xa9\xff"[..])
+        );
+        // A flag cookie without `=` is a name only.
+        assert_eq!(
+            without_cookie(b"flag; edge_ct=1", "edge_ct").as_deref(),
+            Some(&b"flag"[..])
         );
     }
 }

@@ -44,6 +44,8 @@ pub struct Config {
     pub tables: TablesConfig,
     /// `[consistency]`
     pub consistency: ConsistencyConfig,
+    /// Valid settings that probably do not do what was meant (printed by `check`, logged by `run`).
+    pub warnings: Vec<String>,
 }
 
 /// Which replicated table backs this proxy.
@@ -119,6 +121,8 @@ pub struct ServerConfig {
     pub debug_headers: bool,
     /// Env var with the hop HMAC key.
     pub hop_secret_env: String,
+    /// Sign hops in the `v1` format (a rolling upgrade from the release before per-purpose keys).
+    pub hop_format_v1: bool,
     /// Networks whose forwarding headers are trusted.
     pub trusted_proxies: Vec<IpNet>,
     /// Peer RTTs closer than this are ties.
@@ -495,6 +499,7 @@ fn validate(
     }
     let tables = validate_tables(loc, s.tables, &server.region, errors);
     let consistency = validate_consistency(loc, s.consistency, errors);
+    let warnings = consistency_warnings(&regions, &routes, &tables);
     Some(Config {
         server,
         admin,
@@ -507,7 +512,48 @@ fn validate(
         },
         tables,
         consistency,
+        warnings,
     })
+}
+
+/// Settings that are valid but probably not what the operator wants.
+fn consistency_warnings(
+    regions: &[RegionConfig],
+    routes: &[RouteConfig],
+    tables: &TablesConfig,
+) -> Vec<String> {
+    let mut out = Vec::new();
+    let uses_lag = |r: &&RouteConfig| {
+        matches!(
+            r.policy,
+            Policy::ReadYourWrites { .. } | Policy::BoundedStaleness { .. }
+        )
+    };
+    if regions.len() > 1 && tables.backend == TableBackend::Embedded {
+        if let Some(r) = routes.iter().find(uses_lag) {
+            out.push(format!(
+                "route `{}` uses `{}` with [tables] backend = \"embedded\": each region's table is its own, so peers' replication lag stays unknown and {} (use backend = \"dynamodb\" across regions)",
+                r.name,
+                r.policy.as_str(),
+                match r.policy {
+                    Policy::BoundedStaleness { .. } => "every read goes to the primary",
+                    _ => "every read with a token from another region goes to that region",
+                }
+            ));
+        }
+    }
+    for r in routes {
+        if let Policy::BoundedStaleness { max_staleness, .. } = r.policy {
+            // Lag as measured is at least the replication delay plus up to two heartbeat rounds.
+            if max_staleness < tables.heartbeat_interval * 2 {
+                out.push(format!(
+                    "route `{}`: max_staleness {:?} is under two heartbeat intervals ({:?}): reads will almost always go to the primary",
+                    r.name, max_staleness, tables.heartbeat_interval
+                ));
+            }
+        }
+    }
+    out
 }
 
 fn validate_tables(
@@ -592,6 +638,12 @@ fn validate_consistency(
         errors.push(loc.at_path(
             &[Seg::from("consistency"), Seg::from("token_ttl")],
             "token_ttl must be at least 1s",
+        ));
+    }
+    if raw.clock_margin >= raw.token_ttl {
+        errors.push(loc.at_path(
+            &[Seg::from("consistency"), Seg::from("clock_margin")],
+            "clock_margin must be shorter than token_ttl, or no token is ever satisfied before it expires",
         ));
     }
     if raw.clock_margin > Duration::from_secs(60) {
@@ -685,6 +737,17 @@ fn validate_server(
         drain_period: raw.drain_period,
         debug_headers: raw.debug_headers,
         hop_secret_env: raw.hop_secret_env,
+        hop_format_v1: match raw.hop_format.as_str() {
+            "v2" => false,
+            "v1" => true,
+            other => {
+                errors.push(loc.at_path(
+                    &p("hop_format"),
+                    format!("`{other}` is not `v2` or `v1` (v1 only while peers still run the previous release)"),
+                ));
+                false
+            }
+        },
         trusted_proxies: trusted,
         rtt_tolerance: raw.rtt_tolerance,
         path_rules: PathRules {
@@ -984,6 +1047,32 @@ fn validate_route(
     let primary = upstream.and_then(|u| upstreams[u].primary_region.as_deref());
     let policy = route_policy(loc, i, &raw, primary, errors);
     let allowed = allowed_regions(loc, i, &raw, regions, errors);
+    let needs_primary = matches!(
+        policy,
+        Some(
+            Policy::Primary { .. }
+                | Policy::BoundedStaleness { .. }
+                | Policy::ReadYourWrites {
+                    writes: Writes::Primary,
+                    ..
+                }
+        )
+    );
+    if let (true, Some(p), Some(u)) = (needs_primary, primary, upstream) {
+        let index = regions.iter().position(|r| r.name == p);
+        if index.is_some_and(|x| !allowed.contains(x)) {
+            errors.push(loc.at_path(
+                &at("allowed_regions"),
+                format!("the primary region `{p}` is not in allowed_regions: every request that needs the primary would be refused"),
+            ));
+        }
+        if upstreams[u].backends.get(p).is_none_or(|b| b.is_empty()) {
+            errors.push(loc.at_path(
+                &at("policy"),
+                format!("policy `{}` sends requests to the primary region `{p}`, which has no backends for upstream `{}`", raw.policy, upstreams[u].name),
+            ));
+        }
+    }
     if errors.len() > before {
         return None;
     }

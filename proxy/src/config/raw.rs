@@ -30,6 +30,10 @@ pub struct RawServer {
     /// Environment variable holding the HMAC key for `x-edge-hop`.
     #[serde(default = "default_hop_secret_env")]
     pub hop_secret_env: String,
+    /// Format of the hops this proxy signs: `v2` (per-purpose key, default)
+    /// or `v1` while peers still run the release before it (rolling upgrade).
+    #[serde(default = "default_hop_format")]
+    pub hop_format: String,
     /// Networks whose `x-forwarded-*` headers are kept (CIDR or address).
     #[serde(default)]
     pub trusted_proxies: Vec<String>,
@@ -126,6 +130,9 @@ fn default_health_path() -> String {
 }
 fn default_drain_period() -> Duration {
     Duration::from_secs(10)
+}
+fn default_hop_format() -> String {
+    "v2".to_string()
 }
 fn default_hop_secret_env() -> String {
     "EDGE_HOP_SECRET".to_string()

@@ -238,6 +238,61 @@ fn policy_keys_that_would_do_nothing_are_refused() {
 }
 
 #[test]
+fn a_primary_that_could_never_serve_is_refused() {
+    let text = THREE.replace(
+        "policy = \"local\"",
+        "policy = \"primary\"\nallowed_regions = [\"eu-west-1\"]",
+    );
+    let e = errors(&text);
+    assert!(
+        e.iter()
+            .any(|e| e.key_path == "routes[0].allowed_regions"
+                && e.message.contains("primary region")),
+        "{e:?}"
+    );
+    let text = THREE
+        .replace(
+            "primary_region = \"us-east-1\"",
+            "primary_region = \"ap-southeast-1\"",
+        )
+        .replace(
+            "policy = \"local\"",
+            "policy = \"bounded-staleness\"\nmax_staleness = \"2s\"",
+        );
+    let e = errors(&text);
+    assert!(
+        e.iter()
+            .any(|e| e.key_path == "routes[0].policy" && e.message.contains("no backends")),
+        "{e:?}"
+    );
+}
+
+#[test]
+fn lag_policies_on_per_region_embedded_tables_are_warned_about() {
+    let text = THREE.replace("policy = \"local\"", "policy = \"read-your-writes\"");
+    let c = parse("t.toml", &text, None).unwrap_or_else(|e| panic!("{e}"));
+    assert!(
+        c.warnings.iter().any(|w| w.contains("embedded")),
+        "{:?}",
+        c.warnings
+    );
+    let c = parse("t.toml", THREE, None).unwrap_or_else(|e| panic!("{e}"));
+    assert!(c.warnings.is_empty(), "{:?}", c.warnings);
+    let text = THREE.replace(
+        "policy = \"local\"",
+        "policy = \"bounded-staleness\"\nmax_staleness = \"300ms\"",
+    );
+    let c = parse("t.toml", &text, None).unwrap_or_else(|e| panic!("{e}"));
+    assert!(
+        c.warnings
+            .iter()
+            .any(|w| w.contains("two heartbeat intervals")),
+        "{:?}",
+        c.warnings
+    );
+}
+
+#[test]
 fn tables_and_consistency_sections_are_checked() {
     let e = errors(&format!("{THREE}\n[tables]\nbackend = \"etcd\"\n"));
     assert!(e.iter().any(|e| e.key_path == "tables.backend"), "{e:?}");

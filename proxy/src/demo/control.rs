@@ -6,6 +6,8 @@
 //! - `GET /replication-delay` => `{"delay_ms": 1000}`
 //! - `PUT /replication-delay` with a body such as `2s` or `500ms` => the new
 //!   value; 400 with a message when the body is not a duration.
+//! - `PUT /replication-delay?from=eu-west-1&to=ap-southeast-1` sets one
+//!   link's delay only (one replica catching up before the others).
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -88,8 +90,19 @@ async fn handle(control: Arc<Control>, req: Request<Incoming>) -> Response<Body>
             "expected a duration such as 2s or 500ms, got bytes that are not UTF-8".to_string()
         })
         .and_then(parse_delay);
-    match parsed {
-        Ok(delay) => {
+    let link = match link_of(parts.uri.query()) {
+        Ok(link) => link,
+        Err(message) => return text_response(StatusCode::BAD_REQUEST, message + "\n"),
+    };
+    match (parsed, link) {
+        (Ok(delay), Some((from, to))) => match control.global.set_link_delay(&from, &to, delay) {
+            Ok(()) => {
+                tracing::info!(%from, %to, delay = %humantime::format_duration(delay), "demo: link replication delay changed");
+                delay_response(delay)
+            }
+            Err(e) => text_response(StatusCode::BAD_REQUEST, format!("{e}\n")),
+        },
+        (Ok(delay), None) => {
             control.global.set_delay(delay);
             tracing::info!(
                 delay = %humantime::format_duration(delay),
@@ -97,7 +110,30 @@ async fn handle(control: Arc<Control>, req: Request<Incoming>) -> Response<Body>
             );
             delay_response(delay)
         }
-        Err(message) => text_response(StatusCode::BAD_REQUEST, message + "\n"),
+        (Err(message), _) => text_response(StatusCode::BAD_REQUEST, message + "\n"),
+    }
+}
+
+/// `from=A&to=B` names one link; no query means every link.
+fn link_of(query: Option<&str>) -> Result<Option<(String, String)>, String> {
+    let Some(q) = query.filter(|q| !q.is_empty()) else {
+        return Ok(None);
+    };
+    let (mut from, mut to) = (None, None);
+    for pair in q.split('&') {
+        match pair.split_once('=') {
+            Some(("from", v)) if !v.is_empty() => from = Some(v.to_string()),
+            Some(("to", v)) if !v.is_empty() => to = Some(v.to_string()),
+            _ => {
+                return Err(format!(
+                    "unexpected query `{pair}`: use from=REGION&to=REGION"
+                ))
+            }
+        }
+    }
+    match (from, to) {
+        (Some(f), Some(t)) => Ok(Some((f, t))),
+        _ => Err("a link needs both from=REGION and to=REGION".to_string()),
     }
 }
 
@@ -142,6 +178,18 @@ fn same_bytes(a: &[u8], b: &[u8]) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_link_is_named_by_from_and_to() {
+        assert_eq!(link_of(None), Ok(None));
+        assert_eq!(
+            link_of(Some("from=a&to=b")),
+            Ok(Some(("a".to_string(), "b".to_string())))
+        );
+        assert!(link_of(Some("from=a")).is_err());
+        assert!(link_of(Some("to=b&x=1")).is_err());
+        assert!(link_of(Some("from=&to=b")).is_err());
+    }
 
     #[test]
     fn delays_are_human_durations() {

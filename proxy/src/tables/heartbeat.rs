@@ -26,6 +26,9 @@ use crate::telemetry::WarnLimiter;
 /// Heartbeat rows outlive a stopped region by this much, then expire.
 const HEARTBEAT_TTL_S: i64 = 3600;
 
+/// Shortest bound on one heartbeat round (writes and reads together).
+const ROUND_LIMIT: Duration = Duration::from_secs(5);
+
 /// What the request path knows about replication into the local replica.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct LagSnapshot {
@@ -118,6 +121,7 @@ pub struct Heartbeats {
     lag: Arc<LagState>,
     metrics: Arc<Metrics>,
     warnings: WarnLimiter,
+    recoveries: WarnLimiter,
 }
 
 impl Heartbeats {
@@ -136,6 +140,7 @@ impl Heartbeats {
             lag,
             metrics,
             warnings: WarnLimiter::new(Duration::from_secs(30)),
+            recoveries: WarnLimiter::new(Duration::from_secs(30)),
         }
     }
 
@@ -161,14 +166,19 @@ impl Heartbeats {
 
     /// Every region's watermark: the oldest of its shards, unknown if a shard lacks it.
     async fn read(&self) -> Result<Vec<Option<u64>>, TableError> {
+        let mut reads = JoinSet::new();
+        for shard in 0..self.settings.shards {
+            let table = self.table.clone();
+            reads.spawn(async move { table.query(&format!("hb#{shard}"), None, QUERY_PAGE).await });
+        }
         let regions = self.lag.regions();
         let mut oldest: Vec<Option<u64>> = vec![None; regions.len()];
         let mut seen = vec![0u32; regions.len()];
-        for shard in 0..self.settings.shards {
-            let rows = self
-                .table
-                .query(&format!("hb#{shard}"), None, QUERY_PAGE)
-                .await?;
+        while let Some(done) = reads.join_next().await {
+            let rows = match done {
+                Ok(rows) => rows?,
+                Err(e) => return Err(TableError::Unreachable(format!("heartbeat task: {e}"))),
+            };
             for row in rows {
                 let (Some(i), Some(t)) = (
                     regions.iter().position(|r| *r == row.sk),
@@ -187,32 +197,65 @@ impl Heartbeats {
             .collect())
     }
 
+    /// One round: write ours, read everyone's. Only a failed read makes the
+    /// lag unknown (what this replica shows is still true when our own
+    /// writes fail); either failure marks the table unreachable in `/status`.
     async fn round(&self) {
         let now = unix_ms();
-        let outcome = match self.write(now).await {
-            Err(e) => Err(("heartbeat_write", e)),
-            Ok(()) => self.read().await.map_err(|e| ("heartbeat_read", e)),
+        // A table that hangs must not hold the loop past the SDK's own timeouts.
+        let limit = (self.settings.interval * 4).max(ROUND_LIMIT);
+        let (written, read) = match tokio::time::timeout(limit, async {
+            let written = self.write(now).await;
+            (written, self.read().await)
+        })
+        .await
+        {
+            Ok(both) => both,
+            Err(_) => {
+                let e = TableError::Unreachable(format!("heartbeat round took over {limit:?}"));
+                (Err(e.clone()), Err(e))
+            }
         };
         let prev = self.lag.snapshot();
-        let next = match outcome {
-            Ok(watermarks_ms) => {
-                for (r, w) in self.lag.regions().iter().zip(&watermarks_ms) {
-                    match w {
-                        Some(w) => self
-                            .metrics
-                            .replication_lag
-                            .with_label_values(&[r.as_str()])
-                            .set(unix_ms().saturating_sub(*w) as f64 / 1000.0),
-                        None => {
-                            let _ = self
-                                .metrics
-                                .replication_lag
-                                .remove_label_values(&[r.as_str()]);
-                        }
-                    }
+        let mut failure: Option<(&'static str, TableError)> = None;
+        if let Err(e) = written {
+            self.metrics
+                .table_errors
+                .with_label_values(&["heartbeat_write"])
+                .inc();
+            failure = Some(("heartbeat_write", e));
+        }
+        let watermarks_ms = match read {
+            Ok(w) => w,
+            Err(e) => {
+                self.metrics
+                    .table_errors
+                    .with_label_values(&["heartbeat_read"])
+                    .inc();
+                failure = Some(("heartbeat_read", e));
+                vec![None; self.lag.regions().len()]
+            }
+        };
+        for (r, w) in self.lag.regions().iter().zip(&watermarks_ms) {
+            match w {
+                Some(w) => self
+                    .metrics
+                    .replication_lag
+                    .with_label_values(&[r.as_str()])
+                    .set(unix_ms().saturating_sub(*w) as f64 / 1000.0),
+                // Unknown is absent, not a number a dashboard would average.
+                None => {
+                    let _ = self
+                        .metrics
+                        .replication_lag
+                        .remove_label_values(&[r.as_str()]);
                 }
-                if !prev.reachable {
-                    tracing::info!(table = %self.table.describe(), "replicated table reachable: replication lag known again");
+            }
+        }
+        let next = match failure {
+            None => {
+                if !prev.reachable && prev.last_ok_ms.is_some() && self.recoveries.allow() {
+                    tracing::info!(table = %self.table.describe(), "replicated table answers again: replication lag known");
                 }
                 LagSnapshot {
                     watermarks_ms,
@@ -221,16 +264,9 @@ impl Heartbeats {
                     last_ok_ms: Some(now),
                 }
             }
-            Err((op, e)) => {
-                self.metrics.table_errors.with_label_values(&[op]).inc();
-                if prev.reachable || self.warnings.allow() {
-                    tracing::warn!(table = %self.table.describe(), op, error = %e, "replicated table failing: replication lag unknown (read-your-writes token reads go to the writer's region, bounded-staleness reads to the primary)");
-                }
-                for r in self.lag.regions() {
-                    let _ = self
-                        .metrics
-                        .replication_lag
-                        .remove_label_values(&[r.as_str()]);
+            Some((op, e)) => {
+                if self.warnings.allow() {
+                    tracing::warn!(table = %self.table.describe(), op, error = %e, "replicated table failing (warned at most every 30 s; edge_table_errors_total counts each): while reads fail, replication lag is unknown and read-your-writes token reads go to the writer's region, bounded-staleness reads to the primary");
                 }
                 if matches!(e, TableError::NotFound(_)) {
                     if let Err(e) = self.table.ensure().await {
@@ -241,11 +277,12 @@ impl Heartbeats {
                         tracing::debug!(error = %e, "table still missing");
                     }
                 }
+                let read_ok = op == "heartbeat_write";
                 LagSnapshot {
-                    watermarks_ms: vec![None; self.lag.regions().len()],
+                    watermarks_ms,
                     reachable: false,
                     error: Some(format!("{op}: {e}")),
-                    last_ok_ms: prev.last_ok_ms,
+                    last_ok_ms: if read_ok { Some(now) } else { prev.last_ok_ms },
                 }
             }
         };

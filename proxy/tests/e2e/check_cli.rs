@@ -68,6 +68,14 @@ fn shipped_examples_check_ok() {
                 .env_remove("EDGE_REGION")
                 .output()
                 .unwrap();
+            let text = std::fs::read_to_string(&path).unwrap();
+            if !cfg!(feature = "dynamodb") && text.contains("backend = \"dynamodb\"") {
+                // A build without the backend says so instead of accepting it.
+                assert_eq!(out.status.code(), Some(2), "{}", path.display());
+                assert!(String::from_utf8_lossy(&out.stderr).contains("--features dynamodb"));
+                n += 1;
+                continue;
+            }
             assert_eq!(
                 String::from_utf8_lossy(&out.stdout).trim(),
                 "ok",

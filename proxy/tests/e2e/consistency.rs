@@ -270,9 +270,14 @@ impl Demo {
     }
 
     async fn set_delay(&self, delay: &str) {
+        self.set_delay_at("", delay).await;
+    }
+
+    /// `query` is empty (every link) or `?from=A&to=B`.
+    async fn set_delay_at(&self, query: &str, delay: &str) {
         let resp = client()
             .put(format!(
-                "http://127.0.0.1:{}/replication-delay",
+                "http://127.0.0.1:{}/replication-delay{query}",
                 self.base + 99
             ))
             .bearer_auth(DEMO_TOKEN)
@@ -444,4 +449,60 @@ async fn bounded_staleness_follows_the_replication_delay() {
         m.contains("edge_replication_lag_seconds{from=\"us-east-1\""),
         "{m}"
     );
+}
+
+/// The writer's region goes down before the other replicas have its write:
+/// a token-bearing read is refused by every replica still behind (never
+/// answered stale), and served by another region as soon as its replica
+/// has caught up.
+#[tokio::test]
+async fn read_your_writes_survives_the_writers_region_going_down() {
+    // Longer than the test: no replica sees another region's rows (or its
+    // heartbeats) until the delay is lowered.
+    let demo = Demo::start("60s").await;
+    let c = client();
+    let key = format!("w{}", std::process::id());
+    let (token, _) = write(&c, &demo.url(1, &format!("/kv/{key}")), "v1").await;
+
+    // eu-west-1's two origins fail: us-east-1 learns it from eu-west-1's report.
+    for i in 0..2 {
+        let origin = format!("http://127.0.0.1:{}/.demo/fail", demo.base + 100 + 2 + i);
+        let resp = c.post(origin).send().await.expect("origin");
+        assert!(resp.status().is_success());
+    }
+    let read = || async {
+        get(
+            &c,
+            &demo.url(0, &format!("/kv/{key}")),
+            &[("x-edge-consistency", &token)],
+        )
+        .await
+    };
+    let refused = eventually(HANG, || async {
+        let s = read().await;
+        s.status == 503 && s.decision == "ryw:writer-down:eu-west-1"
+    })
+    .await;
+    assert!(
+        refused.is_some(),
+        "with the writer down and every replica behind, the read must be refused: {:?}",
+        read().await
+    );
+    // Only ap-southeast-1's replica catches up; us-east-1's stays behind.
+    demo.set_delay_at("?from=eu-west-1&to=ap-southeast-1", "0s")
+        .await;
+    let served = eventually(HANG, || async {
+        let s = read().await;
+        s.status == 200 && s.upstream_region == "ap-southeast-1"
+    })
+    .await;
+    assert!(
+        served.is_some(),
+        "never served once a replica caught up: {:?}",
+        read().await
+    );
+    let s = read().await;
+    let body: serde_json::Value = serde_json::from_str(&s.body).expect("json");
+    assert_eq!(body["value"], "v1", "{s:?}");
+    assert_eq!(body["served_by"], "ap-southeast-1", "{s:?}");
 }

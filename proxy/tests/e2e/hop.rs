@@ -182,8 +182,8 @@ async fn hop_key_mismatch_cannot_bounce_between_regions() {
         let (port, admin) = (regions[i].port, regions[i].admin);
         async move { Edge::start_with_env(&config, port, admin, &[("EDGE_HOP_SECRET", secret)]).await }
     };
-    let a = start(0, "hop-key-a").await;
-    let b = start(1, "hop-key-b").await;
+    let a = start(0, "hop-key-a-of-at-least-thirty-two-bytes").await;
+    let b = start(1, "hop-key-b-of-at-least-thirty-two-bytes").await;
     let http = client();
 
     let ready = eventually(Duration::from_secs(15), || async {

@@ -12,7 +12,7 @@ use edge_loadtest::origin::{Origin, OriginIdentity};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
-pub const HOP_SECRET: &str = "e2e-hop-secret";
+pub const HOP_SECRET: &str = "e2e-hop-secret-of-at-least-32-bytes";
 pub const ADMIN_TOKEN: &str = "e2e-admin-token";
 
 /// A port for the binary to bind (Pingora binds by itself, so we cannot
