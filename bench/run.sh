@@ -78,7 +78,7 @@ taskset -c "$PROXY_CORE" "$NGINX" -c "$WORK/nginx.conf" -p "$WORK" &
 PIDS+=($!)
 NGINX_MASTER=$!
 
-cat > "$WORK/edge.toml" <<EDGE
+cat > "$WORK/edge-base.toml" <<EDGE
 [server]
 region = "bench"
 listen = ["127.0.0.1:$E_PORT"]
@@ -92,8 +92,14 @@ backends.bench = ["127.0.0.1:$O_PORT"]
 host = "*"
 upstream = "origin"
 policy = "local-first"
+EDGE
 # The same origin behind read-your-writes: the row "edge-router-ryw" sends a
-# valid consistency token with every request (verified, then decided).
+# valid consistency token with every request (verified, then decided). Only
+# the build under test gets it: an A/B's second build may predate it.
+cat "$WORK/edge-base.toml" - > "$WORK/edge.toml" <<EDGE
+[consistency]
+# One token serves the whole run.
+token_ttl = "1h"
 [[routes]]
 host = "*"
 path_prefix = "/ryw"
@@ -106,7 +112,7 @@ PIDS+=($!)
 EDGE_PID=$!
 EDGE_B_PID=""
 if [ -n "${EDGE_BIN_B:-}" ]; then
-  sed -e "s/127.0.0.1:$E_PORT/127.0.0.1:$EB_PORT/" -e "s/127.0.0.1:$A_PORT/127.0.0.1:$AB_PORT/" "$WORK/edge.toml" > "$WORK/edge-b.toml"
+  sed -e "s/127.0.0.1:$E_PORT/127.0.0.1:$EB_PORT/" -e "s/127.0.0.1:$A_PORT/127.0.0.1:$AB_PORT/" "$WORK/edge-base.toml" > "$WORK/edge-b.toml"
   env ${EDGE_ENV:-} EDGE_LOG=info taskset -c "$PROXY_CORE" "$EDGE_BIN_B" run -c "$WORK/edge-b.toml" 2>"$WORK/edge-b.log" &
   PIDS+=($!)
   EDGE_B_PID=$!

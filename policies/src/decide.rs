@@ -448,14 +448,16 @@ impl<'a, 'b> Rules<'a, 'b> {
                 return Decision::region(p, reason);
             }
         }
-        if !self.any_serves() {
-            if fresh && self.candidates.contains(local) && in_panic(view, local_r) {
-                return Decision::panic(local);
-            }
-            if let Some(p) = p {
-                if self.candidates.contains(p) && in_panic(view, &view.regions[p]) {
-                    return Decision::panic(p);
-                }
+        let nothing_serves = !self.any_serves();
+        if nothing_serves && fresh && self.candidates.contains(local) && in_panic(view, local_r) {
+            return Decision::panic(local);
+        }
+        // As for `primary`: with `fail` the alternative is a 503, so the
+        // primary in panic is used even while another region serves.
+        if let Some(p) = p {
+            let no_alternative = nothing_serves || on_down == OnPrimaryDown::Fail;
+            if no_alternative && self.candidates.contains(p) && in_panic(view, &view.regions[p]) {
+                return Decision::panic(p);
             }
         }
         self.primary_down(p, on_down)

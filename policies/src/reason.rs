@@ -2,6 +2,7 @@
 //! (a region, a lag) that only the log line and the debug header show, so
 //! metric cardinality never depends on region names or lag values.
 
+use std::borrow::Cow;
 use std::fmt;
 use std::fmt::Write as _;
 
@@ -156,12 +157,16 @@ impl Reason {
 
     /// Log/header text: kind label, then `:<region name>` for Region, `:lag=2.4s` for LagMs
     /// (seconds, one decimal), `:lag=unknown` for LagUnknown. E.g. `ryw:lagging:eu-west-1`,
-    /// `staleness:lag=2.4s`. Allocates; the proxy calls it only for logs and debug headers.
+    /// `staleness:lag=2.4s`. Allocates only when there is a detail: the
+    /// common reasons are the static label itself.
     ///
     /// The lag is rounded to the nearest tenth, halves up (2450 ms is "2.5s").
     /// A region index outside `view` is written as `#<index>` so the line
     /// still says which one it was.
-    pub fn describe(self, view: &UpstreamView) -> String {
+    pub fn describe(self, view: &UpstreamView) -> Cow<'static, str> {
+        if self.detail == Detail::None {
+            return Cow::Borrowed(self.kind.as_str());
+        }
         let mut s = String::from(self.kind.as_str());
         // Writing into a String cannot fail, so the fmt::Results are ignored.
         match self.detail {
@@ -181,6 +186,6 @@ impl Reason {
             }
             Detail::LagUnknown => s.push_str(":lag=unknown"),
         }
-        s
+        Cow::Owned(s)
     }
 }

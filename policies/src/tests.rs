@@ -1049,7 +1049,28 @@ fn staleness_rows() -> Vec<Row> {
     use ReasonKind::*;
     let b_primary = || primaried(three(2, 2, 2), 1);
     let b_lag = |ms: u64| Repl::caught_up().seen(1, Some(NOW - ms));
+    // Primary b has 1 of 4 healthy (under 50 %); a and c serve normally.
+    let mut b_in_panic = primaried(three(2, 1, 2), 1);
+    b_in_panic.regions[1].total = 4;
+    b_in_panic.panic_threshold_percent = 50;
     vec![
+        Row::new(
+            // With `fail` the alternative is a 503: the primary in panic serves.
+            "staleness_over_bound_with_fail_uses_the_primary_in_panic",
+            b_in_panic.clone(),
+            facts(STALE_FAIL),
+            panic_at(1),
+            "panic",
+        )
+        .repl(b_lag(2400)),
+        Row::new(
+            "staleness_over_bound_with_nearest_prefers_a_region_that_serves",
+            b_in_panic,
+            facts(STALE_NEAREST),
+            to(0, PrimaryDown),
+            "failover:primary-down",
+        )
+        .repl(b_lag(2400)),
         Row::new(
             "staleness_within_bound_reads_locally",
             b_primary(),

@@ -99,7 +99,7 @@ pub struct RequestCtx {
     /// The current decision: made in `request_filter`, remade for each retry.
     decision: Option<Decision>,
     /// Its text (`ryw:lagging:eu-west-1`), built once when a header or the log needs it.
-    decision_text: Option<String>,
+    decision_text: Option<Cow<'static, str>>,
     target_region: Option<usize>,
     backend: Option<usize>,
     /// Failed attempts, oldest first: `decide` reads them for a retry.
@@ -227,7 +227,7 @@ impl EdgeProxy {
         resp.insert_header("x-request-id", ctx.request_id.as_str())?;
         if self.debug_headers {
             if let Some(text) = &ctx.decision_text {
-                resp.insert_header("x-edge-decision", text.as_str())?;
+                resp.insert_header("x-edge-decision", text.as_ref())?;
             }
         }
         if self.lifecycle.is_draining() {
@@ -314,9 +314,12 @@ impl EdgeProxy {
     /// Store a decision and, when a header or the log will show it, its text.
     fn set_decision(&self, ctx: &mut RequestCtx, d: Decision) {
         ctx.decision = Some(d);
-        ctx.decision_text = self.route(ctx).map(|route| {
-            let health = self.health.snapshot();
-            d.reason.describe(&health.views[route.upstream])
+        ctx.decision_text = self.route(ctx).map(|route| match d.reason.detail {
+            // No detail: the static label, no snapshot load, no allocation.
+            edge_policies::Detail::None => Cow::Borrowed(d.reason.kind.as_str()),
+            _ => d
+                .reason
+                .describe(&self.health.snapshot().views[route.upstream]),
         });
     }
 
@@ -940,7 +943,7 @@ impl ProxyHttp for EdgeProxy {
             resp.insert_header("x-edge-upstream-region", self.region_name(r))?;
         }
         match (self.debug_headers, &ctx.decision_text) {
-            (true, Some(text)) => resp.insert_header("x-edge-decision", text.as_str())?,
+            (true, Some(text)) => resp.insert_header("x-edge-decision", text.as_ref())?,
             _ => {
                 resp.remove_header("x-edge-decision");
             }

@@ -120,19 +120,25 @@ async fn a_write_gets_a_token_and_the_token_never_reaches_the_backend() {
     assert_eq!(tokens("valid"), 2.0, "{m}");
 }
 
-#[tokio::test]
-async fn residency_never_leaves_the_allowed_regions() {
+/// us-east-1 and eu-west-1, one origin each, both edge-routers started.
+async fn two_regions(t: &Tweaks) -> ([edge_loadtest::origin::Origin; 2], Vec<Edge>) {
     let a = origin("us-east-1", "a").await;
     let b = origin("eu-west-1", "b").await;
     let regions = [
         RegionSpec::new("us-east-1", vec![a.addr()]),
         RegionSpec::new("eu-west-1", vec![b.addr()]),
     ];
+    let edges = start_all(&regions, t).await;
+    ([a, b], edges)
+}
+
+#[tokio::test]
+async fn residency_never_leaves_the_allowed_regions() {
     let t = Tweaks {
         route_extra: "allowed_regions = [\"eu-west-1\"]",
         ..Tweaks::default()
     };
-    let edges = start_all(&regions, &t).await;
+    let ([_a, b], edges) = two_regions(&t).await;
     let c = client();
     // us-east-1 may not serve it: forwarded to the allowed region.
     let s = get(&c, &edges[0].url("/x"), &[]).await;
@@ -172,18 +178,12 @@ async fn residency_never_leaves_the_allowed_regions() {
 
 #[tokio::test]
 async fn primary_routes_reads_and_writes_to_the_primary_and_fails_when_it_is_down() {
-    let a = origin("us-east-1", "a").await;
-    let b = origin("eu-west-1", "b").await;
-    let regions = [
-        RegionSpec::new("us-east-1", vec![a.addr()]),
-        RegionSpec::new("eu-west-1", vec![b.addr()]),
-    ];
     let t = Tweaks {
         policy: "primary",
         upstream_extra: "primary_region = \"us-east-1\"",
         ..Tweaks::default()
     };
-    let edges = start_all(&regions, &t).await;
+    let ([a, _b], edges) = two_regions(&t).await;
     let c = client();
     let s = get(&c, &edges[1].url("/x"), &[]).await;
     assert_eq!(
