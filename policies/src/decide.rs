@@ -327,7 +327,10 @@ impl<'a, 'b> Rules<'a, 'b> {
     /// The token's region W when this is a read-your-writes read whose
     /// token the local replica has not caught up with.
     fn ryw_read_behind(&self) -> Option<usize> {
-        if self.req.write || !matches!(self.req.policy, Policy::ReadYourWrites { .. }) {
+        // On a hop the token is checked whatever this region's own route
+        // says: the sender routed it as read-your-writes (routes may drift).
+        let ryw = matches!(self.req.policy, Policy::ReadYourWrites { .. });
+        if self.req.write || !(ryw || self.req.valid_hop) {
             return None;
         }
         let token = self.req.token?;
@@ -349,18 +352,38 @@ impl<'a, 'b> Rules<'a, 'b> {
     /// writer's region is down once replication has caught up elsewhere.
     fn read_your_writes(&self) -> Decision {
         let local = self.local;
+        let (view, local_r) = (self.view, &self.view.regions[local]);
         let Some(w) = self.ryw_read_behind() else {
-            let decision = self.local_first(self.candidates);
-            return match self.req.token {
-                Some(t) if t.region != local => decision.rename(
-                    ReasonKind::Local,
-                    Reason {
-                        kind: ReasonKind::RywCaughtUp,
-                        detail: Detail::Region(t.region),
-                    },
-                ),
-                _ => decision,
+            let Some(w) = self.req.token.map(|t| t.region) else {
+                return self.local_first(self.candidates);
             };
+            let local_serves = self.candidates.contains(local) && serves(view, local_r);
+            let writer_serves = w != local
+                && self.candidates.contains(w)
+                && view.regions.get(w).is_some_and(|r| serves(view, r));
+            if !local_serves && writer_serves {
+                // W has the write for certain; any other region only maybe.
+                let away = if self.req.allowed.contains(local) {
+                    ReasonKind::FailoverNoHealthyLocal
+                } else {
+                    ReasonKind::Residency
+                };
+                return Decision::region(w, Reason::plain(away));
+            }
+            let reach = if self.req.peers_check_tokens {
+                self.candidates
+            } else {
+                RegionSet(self.candidates.0 & RegionSet::empty().with(local).with(w).0)
+            };
+            let decision = self.local_first(reach);
+            if w == local {
+                return decision;
+            }
+            let caught_up = Reason {
+                kind: ReasonKind::RywCaughtUp,
+                detail: Detail::Region(w),
+            };
+            return decision.rename(ReasonKind::Local, caught_up);
         };
         // The local replica may be behind the write: W has it for certain.
         if self.candidates.contains(w) {
@@ -376,22 +399,26 @@ impl<'a, 'b> Rules<'a, 'b> {
                 }
             }
         }
+        // W in panic still has the write, where any other region is
+        // probably behind it: ignore health in W before going elsewhere.
+        if let Some(r) = self.view.regions.get(w) {
+            if self.candidates.contains(w) && in_panic(self.view, r) {
+                return Decision::panic(w);
+            }
+        }
         // W cannot serve: another region may have caught up (it checks the
         // forwarded token itself); never the local replica, which is behind.
-        let others = RegionSet(self.candidates.0 & !RegionSet::empty().with(local).0);
+        let others = if self.req.peers_check_tokens {
+            RegionSet(self.candidates.0 & !RegionSet::empty().with(local).0)
+        } else {
+            RegionSet::empty()
+        };
         let writer_down = Reason {
             kind: ReasonKind::RywWriterDown,
             detail: Detail::Region(w),
         };
         if let Some(i) = nearest(self.view, |i, r| others.contains(i) && serves(self.view, r)) {
             return Decision::region(i, writer_down);
-        }
-        // Nothing serves normally: ignore health in W rather than refuse
-        // (the alternative is a 503), then in the nearest other region.
-        if let Some(r) = self.view.regions.get(w) {
-            if self.candidates.contains(w) && in_panic(self.view, r) {
-                return Decision::panic(w);
-            }
         }
         if let Some(i) = nearest(self.view, |i, r| {
             others.contains(i) && in_panic(self.view, r)

@@ -71,4 +71,8 @@ pub struct RequestFacts<'a> {
     pub attempts: &'a [Attempt],
     /// Scope of a retry (ignored when attempts is empty).
     pub retry_scope: RetryScope,
+    /// Every peer checks a forwarded token against its own replica (all
+    /// regions run a release that does). False during a rolling upgrade:
+    /// a token-bearing read then goes only to the local region or the writer.
+    pub peers_check_tokens: bool,
 }

@@ -116,6 +116,7 @@ fn facts(policy: Policy) -> RequestFacts<'static> {
         allowed: RegionSet::ALL,
         attempts: &[],
         retry_scope: RetryScope::Anywhere,
+        peers_check_tokens: true,
     }
 }
 
@@ -949,15 +950,45 @@ fn ryw_rows() -> Vec<Row> {
             to_d(1, RywWriterDown, Detail::Region(7)),
             "ryw:writer-down:#7",
         ),
-        // Satisfied locally but local is down: ordinary failover; the token
-        // goes along and the region it reaches checks it against its own replica.
+        // Satisfied locally but local is down: the writer has the write for
+        // certain, so it goes before a nearer region that may be behind.
         Row::new(
-            "ryw_caught_up_with_local_down_fails_over_to_the_nearest",
+            "ryw_caught_up_with_local_down_fails_over_to_the_writer_first",
             three(0, 2, 2),
+            with_token(TOKEN_C),
+            to(2, FailoverNoHealthyLocal),
+            "failover:no-healthy-local",
+        ),
+        // Writer down too: the nearest region, which checks the forwarded token.
+        Row::new(
+            "ryw_caught_up_with_local_and_writer_down_fails_over_to_the_nearest",
+            three(0, 2, 0),
             with_token(TOKEN_C),
             to(1, FailoverNoHealthyLocal),
             "failover:no-healthy-local",
         ),
+        // During a rolling upgrade a peer may not check the token: only W.
+        Row::new(
+            "ryw_caught_up_with_local_and_writer_down_mid_upgrade_is_refused",
+            three(0, 2, 0),
+            RequestFacts {
+                peers_check_tokens: false,
+                ..with_token(TOKEN_C)
+            },
+            unavailable(UnavailableNoHealthyRegion),
+            "unavailable:no-healthy-region",
+        ),
+        Row::new(
+            "ryw_lagging_with_writer_down_mid_upgrade_is_refused",
+            three(2, 0, 2),
+            RequestFacts {
+                peers_check_tokens: false,
+                ..with_token(TOKEN_B)
+            },
+            unavailable_d(UnavailableRywWriterDown, Detail::Region(1)),
+            "unavailable:ryw-writer-down:b",
+        )
+        .repl(lagging_b()),
         Row::new(
             "ryw_caught_up_retry_on_another_local_backend_keeps_the_kind",
             three(2, 2, 2),
@@ -1416,6 +1447,7 @@ struct Case {
     allowed: RegionSet,
     attempts: Vec<Attempt>,
     retry_scope: RetryScope,
+    peers_check_tokens: bool,
 }
 
 impl Case {
@@ -1436,6 +1468,7 @@ impl Case {
             allowed: self.allowed,
             attempts: &self.attempts,
             retry_scope: self.retry_scope,
+            peers_check_tokens: self.peers_check_tokens,
         }
     }
 
@@ -1569,9 +1602,22 @@ fn arb_case() -> impl Strategy<Value = Case> {
         prop_oneof![Just(RegionSet::ALL), (0u64..64).prop_map(RegionSet)],
         proptest::collection::vec(arb_attempt(), 0..4),
         prop_oneof![Just(RetryScope::Anywhere), Just(RetryScope::SameRegion)],
+        any::<bool>(),
     )
         .prop_map(
-            |(view, watermarks, margin_ms, policy, write, hop, token, allowed, attempts, scope)| {
+            |(
+                view,
+                watermarks,
+                margin_ms,
+                policy,
+                write,
+                hop,
+                token,
+                allowed,
+                attempts,
+                scope,
+                peers_check,
+            )| {
                 Case {
                     view,
                     watermarks,
@@ -1583,6 +1629,7 @@ fn arb_case() -> impl Strategy<Value = Case> {
                     allowed,
                     attempts,
                     retry_scope: scope,
+                    peers_check_tokens: peers_check,
                 }
             },
         )
@@ -1623,6 +1670,25 @@ proptest! {
         }
     }
 
+    /// While peers may not check a forwarded token (rolling upgrade), a
+    /// read-your-writes read with a token from W goes only to local or W.
+    #[test]
+    fn mid_upgrade_token_reads_go_only_to_local_or_the_writer(
+        mut case in arb_case(),
+        w in 0usize..7,
+        written_ms in NOW - 3000..NOW,
+    ) {
+        case.policy = Policy::ReadYourWrites { writes: Writes::Local, on_primary_down: OnPrimaryDown::Fail };
+        case.write = false;
+        case.valid_hop = false;
+        case.peers_check_tokens = false;
+        case.token = Some(Token { region: w, written_ms });
+        let d = case.decide();
+        if let Target::Region { index, .. } = d.target {
+            prop_assert!(index == case.local() || index == w, "{d:?} with a token from {w}");
+        }
+    }
+
     /// (b) No decision's target leaves `allowed`, whatever the policy, attempts, hop or panic.
     #[test]
     fn no_target_leaves_the_allowed_regions(case in arb_case()) {
@@ -1636,6 +1702,11 @@ proptest! {
     #[test]
     fn local_first_keeps_a_local_region_that_serves(mut case in arb_case()) {
         case.policy = Policy::LocalFirst;
+        // A hop carrying a token was a read-your-writes read where it came
+        // from: its own property (a) governs it.
+        if case.valid_hop {
+            case.token = None;
+        }
         let local = case.local();
         let r = &case.view.regions[local];
         if normal(&case.view, r) && case.usable(local) {

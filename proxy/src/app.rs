@@ -39,10 +39,6 @@ const WARN_INTERVAL: Duration = Duration::from_secs(10);
 /// How far a hop's timestamp may be from our clock (NTP-bounded skew plus transit).
 const HOP_WINDOW: Duration = Duration::from_secs(60);
 
-/// How far in the future a token's time may be: another region's clock
-/// ahead of ours (NTP keeps it to milliseconds; this only absorbs a bad step).
-const TOKEN_FUTURE_SKEW: Duration = Duration::from_secs(5);
-
 /// Secrets that come from the environment, not the file.
 pub struct Secrets {
     /// Secret shared by every region's proxy; the hop and token keys are derived from it.
@@ -185,8 +181,12 @@ pub fn add_region(
             &secrets.hop_key,
             secrets.previous_hop_key.as_deref(),
             config.consistency.token_ttl,
-            TOKEN_FUTURE_SKEW,
+            // Only a region of ours can sign one, and its time is compared
+            // with that region's own heartbeats: a clock ahead of ours
+            // delays the token's region catching up, it does not forge.
+            config.consistency.token_ttl,
         ),
+        peers_check_tokens: !config.server.hop_format_v1,
     };
     let mut http = pingora::proxy::HttpProxy::new(proxy, server.configuration.clone());
     http.handle_init_modules();

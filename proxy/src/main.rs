@@ -118,11 +118,15 @@ fn run(config: config::Config) -> anyhow::Result<()> {
     let hop_key = match std::env::var(&config.server.hop_secret_env) {
         // Clients see values signed with keys derived from it (consistency
         // tokens), so it must resist an offline guess.
-        Ok(s) if !s.is_empty() && s.len() < MIN_SECRET_BYTES => anyhow::bail!(
-            "{} is {} bytes: use at least {MIN_SECRET_BYTES} random bytes (e.g. `openssl rand -base64 32`)",
-            config.server.hop_secret_env,
-            s.len()
-        ),
+        // During a rolling upgrade (hop_format = "v1") the previous
+        // release's secret must keep working until every region is upgraded.
+        Ok(s) if !s.is_empty() && s.len() < MIN_SECRET_BYTES && !config.server.hop_format_v1 => {
+            anyhow::bail!(
+                "{} is {} bytes: use at least {MIN_SECRET_BYTES} random bytes (e.g. `openssl rand -base64 32`)",
+                config.server.hop_secret_env,
+                s.len()
+            )
+        }
         Ok(s) if !s.is_empty() => s.into_bytes(),
         _ if config.regions.len() > 1 => anyhow::bail!(
             "{} is not set: every region's edge-router needs the same secret to sign x-edge-hop",
@@ -140,8 +144,12 @@ fn run(config: config::Config) -> anyhow::Result<()> {
     if previous_hop_key
         .as_ref()
         .is_some_and(|k| k.len() < MIN_SECRET_BYTES)
+        && !config.server.hop_format_v1
     {
         anyhow::bail!("{previous_env} is shorter than {MIN_SECRET_BYTES} bytes");
+    }
+    if hop_key.len() < MIN_SECRET_BYTES {
+        tracing::warn!(env = %config.server.hop_secret_env, "the secret is shorter than {MIN_SECRET_BYTES} bytes: accepted only while hop_format = \"v1\" (a rolling upgrade); rotate to a longer one next");
     }
     if previous_hop_key.is_some() {
         tracing::info!(env = %previous_env, "secret rotation: hops and consistency tokens signed with the previous secret are accepted");

@@ -79,6 +79,8 @@ pub struct EdgeProxy {
     pub snapshots: Snapshots,
     /// Issues and checks consistency tokens.
     pub tokens: TokenSigner,
+    /// Every peer checks a forwarded token (false during a rolling upgrade, `hop_format = "v1"`).
+    pub peers_check_tokens: bool,
 }
 
 /// Who ended a response that had already started.
@@ -128,6 +130,16 @@ pub struct RequestCtx {
     /// The response had started when the request failed, and was aborted.
     aborted: Option<Aborted>,
     _in_flight: Option<InFlight>,
+}
+
+/// What a request's consistency token turned out to be.
+enum TokenRead {
+    /// None sent.
+    Absent,
+    /// Verified and mapped to a region; the value is forwarded to peers.
+    Valid(Token, String),
+    /// Sent, but not usable here (counted by result).
+    Invalid,
 }
 
 impl RequestCtx {
@@ -307,6 +319,7 @@ impl EdgeProxy {
             allowed: route.allowed,
             attempts: &ctx.attempts,
             retry_scope: ctx.retry_scope,
+            peers_check_tokens: self.peers_check_tokens,
         };
         decide(snap.view(route.upstream), &snap.lag_view(), &facts)
     }
@@ -325,14 +338,20 @@ impl EdgeProxy {
 
     /// Read the client's consistency token (header first, then cookie). An
     /// invalid one is counted and ignored, never an error.
-    fn read_token(&self, req: &RequestHeader) -> Option<(Token, String)> {
-        let header = req.headers.get(TOKEN_HEADER).and_then(|v| v.to_str().ok());
+    fn read_token(&self, req: &RequestHeader) -> TokenRead {
+        let header = req
+            .headers
+            .get(TOKEN_HEADER)
+            .map(|v| v.to_str().unwrap_or(""));
         let value = header.or_else(|| {
             req.headers
                 .get_all(http::header::COOKIE)
                 .iter()
                 .find_map(|c| token::cookie_value(c.as_bytes(), TOKEN_COOKIE))
-        })?;
+        });
+        let Some(value) = value else {
+            return TokenRead::Absent;
+        };
         let check = self.tokens.check(value, unix_ms());
         let (result, token) = match check {
             TokenCheck::Valid(t) => match self
@@ -344,19 +363,19 @@ impl EdgeProxy {
             {
                 Some(region) => (
                     "valid",
-                    Some((
+                    TokenRead::Valid(
                         Token {
                             region,
                             written_ms: t.written_ms,
                         },
                         value.to_string(),
-                    )),
+                    ),
                 ),
                 // Signed by us, naming a region this config does not have
                 // (a deployment mid-change): nowhere to send it.
-                None => ("unknown_region", None),
+                None => ("unknown_region", TokenRead::Invalid),
             },
-            other => (other.label(), None),
+            other => (other.label(), TokenRead::Invalid),
         };
         self.metrics
             .consistency_tokens
@@ -459,11 +478,11 @@ impl EdgeProxy {
 
 /// Remove `Set-Cookie: edge_ct=…` lines a backend sent, keeping the others.
 fn strip_token_cookies(resp: &mut ResponseHeader) -> Result<()> {
+    // The name as a browser reads it: up to `=`, whitespace trimmed.
     let ours = |c: &http::HeaderValue| {
-        let v = c.as_bytes().trim_ascii_start();
-        v.len() > TOKEN_COOKIE.len()
-            && v.starts_with(TOKEN_COOKIE.as_bytes())
-            && v[TOKEN_COOKIE.len()] == b'='
+        let v = c.as_bytes();
+        let name = v.split(|&b| b == b'=').next().unwrap_or_default();
+        v.contains(&b'=') && name.trim_ascii() == TOKEN_COOKIE.as_bytes()
     };
     if !resp
         .headers
@@ -624,14 +643,22 @@ impl ProxyHttp for EdgeProxy {
         ctx.write = is_unsafe(&req.method);
         // The token is ours (x-edge-*): read it before that namespace is
         // stripped. Only reads on read-your-writes routes consult it.
+        // On a hop, whatever this region's route says: the sender routed
+        // it as read-your-writes and forwarded the token to be checked here.
+        let mut unverified_on_hop = false;
         if !ctx.write
-            && self
-                .route(ctx)
-                .is_some_and(|r| matches!(r.policy, Policy::ReadYourWrites { .. }))
+            && (ctx.hop_from.is_some()
+                || self
+                    .route(ctx)
+                    .is_some_and(|r| matches!(r.policy, Policy::ReadYourWrites { .. })))
         {
-            if let Some((token, value)) = self.read_token(req) {
-                ctx.token = Some(token);
-                ctx.token_value = Some(value);
+            match self.read_token(req) {
+                TokenRead::Valid(token, value) => {
+                    ctx.token = Some(token);
+                    ctx.token_value = Some(value);
+                }
+                TokenRead::Invalid => unverified_on_hop = ctx.hop_from.is_some(),
+                TokenRead::Absent => {}
             }
         }
         let cookie_to_strip = req
@@ -681,7 +708,7 @@ impl ProxyHttp for EdgeProxy {
         }
         if cookie_to_strip {
             // The token cookie is the proxy's: never forwarded upstream.
-            // Other cookies pass as sent, one header line each.
+            // Other cookies pass as sent, on one line (RFC 6265 5.4).
             let kept: Vec<Vec<u8>> = req
                 .headers
                 .get_all(http::header::COOKIE)
@@ -689,11 +716,26 @@ impl ProxyHttp for EdgeProxy {
                 .filter_map(|v| token::without_cookie(v.as_bytes(), TOKEN_COOKIE))
                 .collect();
             req.remove_header(&http::header::COOKIE);
-            for line in kept {
-                if let Ok(v) = http::HeaderValue::from_bytes(&line) {
-                    req.append_header(http::header::COOKIE, v)?;
+            if !kept.is_empty() {
+                if let Ok(v) = http::HeaderValue::from_bytes(&kept.join(&b"; "[..])) {
+                    req.insert_header(http::header::COOKIE, v)?;
                 }
             }
+        }
+        if unverified_on_hop {
+            // A peer checked this token and this region cannot (expired in
+            // between, a key or region this config lacks): refuse rather
+            // than answer a read that may be older than the client's write.
+            ctx.decision_text = Some(Cow::Borrowed("unavailable:ryw-unverified"));
+            return self
+                .refuse(
+                    session,
+                    ctx,
+                    503,
+                    "ryw-unverified",
+                    "no region can serve this request now",
+                )
+                .await;
         }
         if ctx.route.is_none() {
             ctx.local_reply = Some("no-route");

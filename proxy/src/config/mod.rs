@@ -466,7 +466,7 @@ fn validate(
     let mut seen = HashSet::new();
     for (i, raw) in s.routes.into_iter().enumerate() {
         let Some(raw) = raw else { continue };
-        if let Some(r) = validate_route(loc, i, raw, &upstreams, &regions, errors) {
+        if let Some(r) = validate_route(loc, i, raw, &upstreams, &regions, &server.region, errors) {
             if !seen.insert((r.host.clone(), r.path_prefix.clone())) {
                 errors.push(loc.at_path(
                     &["routes".into(), i.into()],
@@ -1001,6 +1001,7 @@ fn validate_route(
     raw: RawRoute,
     upstreams: &[UpstreamConfig],
     regions: &[RegionConfig],
+    local_region: &str,
     errors: &mut Vec<ConfigError>,
 ) -> Option<RouteConfig> {
     let at = |k: &str| vec![Seg::from("routes"), Seg::from(i), Seg::from(k)];
@@ -1058,18 +1059,34 @@ fn validate_route(
                 }
         )
     );
+    let fails_without_primary = matches!(
+        policy,
+        Some(
+            Policy::Primary {
+                on_primary_down: OnPrimaryDown::Fail
+            } | Policy::BoundedStaleness {
+                on_primary_down: OnPrimaryDown::Fail,
+                ..
+            } | Policy::ReadYourWrites {
+                writes: Writes::Primary,
+                on_primary_down: OnPrimaryDown::Fail
+            }
+        )
+    );
     if let (true, Some(p), Some(u)) = (needs_primary, primary, upstream) {
         let index = regions.iter().position(|r| r.name == p);
-        if index.is_some_and(|x| !allowed.contains(x)) {
+        if fails_without_primary && index.is_some_and(|x| !allowed.contains(x)) {
             errors.push(loc.at_path(
                 &at("allowed_regions"),
-                format!("the primary region `{p}` is not in allowed_regions: every request that needs the primary would be refused"),
+                format!("the primary region `{p}` is not in allowed_regions and on_primary_down = \"fail\": every request that needs the primary would be refused"),
             ));
         }
-        if upstreams[u].backends.get(p).is_none_or(|b| b.is_empty()) {
+        // A peer region's backends come from its own edge-router's report,
+        // so only the local region's can be judged from this file.
+        if p == local_region && upstreams[u].backends.get(p).is_none_or(|b| b.is_empty()) {
             errors.push(loc.at_path(
                 &at("policy"),
-                format!("policy `{}` sends requests to the primary region `{p}`, which has no backends for upstream `{}`", raw.policy, upstreams[u].name),
+                format!("policy `{}` sends requests to the primary region `{p}` (this region), which has no backends for upstream `{}`", raw.policy, upstreams[u].name),
             ));
         }
     }

@@ -250,10 +250,17 @@ fn a_primary_that_could_never_serve_is_refused() {
                 && e.message.contains("primary region")),
         "{e:?}"
     );
+    // With `nearest` the route still works (the nearest allowed region serves).
+    let text = THREE.replace(
+        "policy = \"local\"",
+        "policy = \"primary\"\non_primary_down = \"nearest\"\nallowed_regions = [\"eu-west-1\"]",
+    );
+    parse("t.toml", &text, None).unwrap_or_else(|e| panic!("{e}"));
+    // This region is the primary and has no backends for the upstream.
     let text = THREE
         .replace(
-            "primary_region = \"us-east-1\"",
-            "primary_region = \"ap-southeast-1\"",
+            "backends.us-east-1 = [\"127.0.0.1:9000\", \"127.0.0.1:9001\"]\n",
+            "",
         )
         .replace(
             "policy = \"local\"",
@@ -265,6 +272,17 @@ fn a_primary_that_could_never_serve_is_refused() {
             .any(|e| e.key_path == "routes[0].policy" && e.message.contains("no backends")),
         "{e:?}"
     );
+    // A peer primary's backends come from its own report: not judged here.
+    let text = THREE
+        .replace(
+            "primary_region = \"us-east-1\"",
+            "primary_region = \"ap-southeast-1\"",
+        )
+        .replace(
+            "policy = \"local\"",
+            "policy = \"bounded-staleness\"\nmax_staleness = \"2s\"",
+        );
+    parse("t.toml", &text, None).unwrap_or_else(|e| panic!("{e}"));
 }
 
 #[test]

@@ -142,6 +142,7 @@ fn serviceable(topo: &Topology, views: &[UpstreamView]) -> bool {
             allowed: route.allowed,
             attempts: &[],
             retry_scope: RetryScope::Anywhere,
+            peers_check_tokens: true,
         };
         // A region in panic is serving on health it does not trust:
         // report it as unable, so the accelerator moves clients away.

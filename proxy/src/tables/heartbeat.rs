@@ -204,18 +204,18 @@ impl Heartbeats {
         let now = unix_ms();
         // A table that hangs must not hold the loop past the SDK's own timeouts.
         let limit = (self.settings.interval * 4).max(ROUND_LIMIT);
-        let (written, read) = match tokio::time::timeout(limit, async {
-            let written = self.write(now).await;
-            (written, self.read().await)
-        })
-        .await
-        {
-            Ok(both) => both,
-            Err(_) => {
-                let e = TableError::Unreachable(format!("heartbeat round took over {limit:?}"));
-                (Err(e.clone()), Err(e))
-            }
-        };
+        // Reads and writes together: a slow write must not delay what the
+        // request path learns about the other regions.
+        let (written, read) =
+            match tokio::time::timeout(limit, async { tokio::join!(self.write(now), self.read()) })
+                .await
+            {
+                Ok(both) => both,
+                Err(_) => {
+                    let e = TableError::Unreachable(format!("heartbeat round took over {limit:?}"));
+                    (Err(e.clone()), Err(e))
+                }
+            };
         let prev = self.lag.snapshot();
         let mut failure: Option<(&'static str, TableError)> = None;
         if let Err(e) = written {

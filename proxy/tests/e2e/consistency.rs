@@ -506,3 +506,76 @@ async fn read_your_writes_survives_the_writers_region_going_down() {
     assert_eq!(body["value"], "v1", "{s:?}");
     assert_eq!(body["served_by"], "ap-southeast-1", "{s:?}");
 }
+
+/// A peer forwards a read-your-writes read with its token: the receiving
+/// region checks the token whatever its own route says, and refuses a read
+/// its replica cannot show to be recent enough, or a token it cannot verify.
+#[tokio::test]
+async fn a_forwarded_token_is_checked_by_the_region_it_reaches() {
+    use edge_router::hop::{HopSigner, SignedRequest};
+    use edge_router::token::TokenSigner;
+
+    // Each region on its own embedded table: eu-west-1 never learns
+    // us-east-1's watermark, so any token from us-east-1 is "behind" there.
+    let (_origins, edges) = two_regions(&Tweaks::default()).await;
+    let c = client();
+    let now = || {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_millis() as u64)
+            .unwrap_or(0)
+    };
+    let host = format!("127.0.0.1:{}", edges[1].port);
+    let hop = HopSigner::new(HOP_SECRET.as_bytes(), None, Duration::from_secs(60)).sign(
+        "us-east-1",
+        now(),
+        SignedRequest {
+            method: "GET",
+            host: &host,
+            path: "/doc",
+        },
+    );
+    let tokens = TokenSigner::new(
+        HOP_SECRET.as_bytes(),
+        None,
+        Duration::from_secs(300),
+        Duration::from_secs(300),
+    );
+    let behind = tokens.issue("us-east-1", now());
+    let s = get(
+        &c,
+        &edges[1].url("/doc"),
+        &[("x-edge-hop", &hop), ("x-edge-consistency", &behind)],
+    )
+    .await;
+    assert_eq!(s.status, 503, "{s:?}");
+    assert_eq!(s.decision, "unavailable:ryw-behind:us-east-1");
+    // Its own region's token is always satisfied.
+    let own = tokens.issue("eu-west-1", now());
+    let s = get(
+        &c,
+        &edges[1].url("/doc"),
+        &[("x-edge-hop", &hop), ("x-edge-consistency", &own)],
+    )
+    .await;
+    assert_eq!((s.status, s.decision.as_str()), (200, "hop:local"), "{s:?}");
+    // A token it cannot verify is refused on a hop (ignored from a client).
+    let s = get(
+        &c,
+        &edges[1].url("/doc"),
+        &[
+            ("x-edge-hop", &hop),
+            ("x-edge-consistency", "v1.00000000.eA.eA"),
+        ],
+    )
+    .await;
+    assert_eq!(s.status, 503, "{s:?}");
+    assert_eq!(s.decision, "unavailable:ryw-unverified");
+    let s = get(
+        &c,
+        &edges[1].url("/doc"),
+        &[("x-edge-consistency", "garbage")],
+    )
+    .await;
+    assert_eq!(s.status, 200, "{s:?}");
+}
