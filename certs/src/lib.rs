@@ -1,6 +1,6 @@
 //! TLS material for edge-router.
 //!
-//! Two halves kept apart, as DESIGN.md asks: [`SniTable`] *chooses* a
+//! Two halves kept apart: [`SniTable`] *chooses* a
 //! certificate for a server name and is pure over a loaded set; [`load_pem`]
 //! *loads* a chain and key from PEM files. Listener wiring, reload and the dev
 //! CA build on these in a later release.

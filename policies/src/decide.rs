@@ -1,5 +1,5 @@
 //! The rules: `decide` maps snapshots and request facts to a [`Decision`].
-//! The order of the rules and the choices DESIGN.md and the issue leave open
+//! The order of the rules and the choices the policy tables leave open
 //! are documented on [`decide`], where the proxy's authors will read them.
 
 use crate::policy::{OnPrimaryDown, Policy, Writes};

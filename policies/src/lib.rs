@@ -5,7 +5,7 @@
 //! [`UpstreamView`], replication in [`LagView`]) and from facts about the
 //! request ([`RequestFacts`]). It must not do I/O, read clocks or touch
 //! sockets: the request's arrival time is a field of [`LagView`], every rule
-//! here is a row in a table test, and the invariants in DESIGN.md are property
+//! here is a row in a table test, and the invariants in docs/policies.md are property
 //! tests. The proxy feeds it snapshots and acts on its [`Decision`].
 //!
 //! Modules, all re-exported here: `policy` (what config names), `view` (the

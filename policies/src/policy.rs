@@ -14,7 +14,7 @@ pub enum PolicyName {
     /// `local`: local backends only.
     Local,
     /// `local-first`: local while healthy, else the nearest healthy region.
-    /// The default, as in DESIGN.md.
+    /// The default policy of a route.
     #[default]
     LocalFirst,
     /// `primary`: everything goes to the upstream's primary region.

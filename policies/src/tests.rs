@@ -1,4 +1,4 @@
-//! Every rule of `decide` as a named row, plus the DESIGN.md invariants as properties.
+//! Every rule of `decide` as a named row, plus the invariants of docs/policies.md as properties.
 
 use super::*;
 use proptest::prelude::*;

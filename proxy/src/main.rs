@@ -11,7 +11,7 @@ use edge_router::lifecycle::DrainThenStop;
 use edge_router::telemetry::LogFormat;
 use edge_router::{app, config, demo, telemetry};
 
-// mimalloc: measured −14 % proxy CPU per request against the system allocator (PINGORA-NOTES.md).
+// mimalloc: measured −14 % proxy CPU per request against the system allocator (docs/benchmarks.md).
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 

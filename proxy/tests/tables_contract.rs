@@ -1,4 +1,4 @@
-//! The table trait's conformance suite (DESIGN "Testing"): the same
+//! The table trait's conformance suite: the same
 //! assertions run against every backend. `contract_single` is what one
 //! region's table must do; `contract_replicated` what two regions of one
 //! global table must do. The embedded backend runs them always; the DynamoDB

@@ -7,7 +7,7 @@
 //! as its data replicates like these rows).
 //!
 //! While the table cannot be read, every watermark is unknown: policies
-//! treat that as the worst case (DESIGN, docs/policies.md), and plain traffic
+//! treat that as the worst case (docs/policies.md), and plain traffic
 //! is not affected.
 
 use std::sync::Arc;

@@ -5,7 +5,7 @@
 //! DynamoDB global table. Each proxy reads and writes only its own region's
 //! replica; replication between regions is the table's business.
 //!
-//! Rows (DESIGN): heartbeats `pk = "hb#<shard>"`, `sk = <region>`, attribute
+//! Rows (docs/dynamodb.md): heartbeats `pk = "hb#<shard>"`, `sk = <region>`, attribute
 //! `t` (Unix ms); invalidations `pk = "inv#<shard>"`, `sk =
 //! "<time>#<region>#<id>"`. Every row may carry [`EXPIRES_AT`] (Unix seconds),
 //! the DynamoDB TTL attribute; expired rows are never returned.
