@@ -11,7 +11,7 @@
 use std::borrow::Cow;
 use std::net::IpAddr;
 use std::sync::Arc;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use bytes::Bytes;
@@ -25,6 +25,7 @@ use pingora::prelude::*;
 use pingora::proxy::FailToProxy;
 use pingora::{Error, ErrorSource, ErrorType};
 
+use crate::clock::unix_ms;
 use crate::config::RouteConfig;
 use crate::forwarding::{self, acceptable_request_id, new_request_id};
 use crate::health::outlier::Outcome;
@@ -150,13 +151,6 @@ impl RequestCtx {
             .filter(|a| !matches!(a.failure, AttemptFailure::NoBackend))
             .count()
     }
-}
-
-fn unix_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
 }
 
 fn request_host(req: &RequestHeader) -> Option<&str> {
@@ -478,12 +472,7 @@ impl EdgeProxy {
 
 /// Remove `Set-Cookie: edge_ct=…` lines a backend sent, keeping the others.
 fn strip_token_cookies(resp: &mut ResponseHeader) -> Result<()> {
-    // The name as a browser reads it: up to `=`, whitespace trimmed.
-    let ours = |c: &http::HeaderValue| {
-        let v = c.as_bytes();
-        let name = v.split(|&b| b == b'=').next().unwrap_or_default();
-        v.contains(&b'=') && name.trim_ascii() == TOKEN_COOKIE.as_bytes()
-    };
+    let ours = |c: &http::HeaderValue| token::sets_cookie(c.as_bytes(), TOKEN_COOKIE);
     if !resp
         .headers
         .get_all(http::header::SET_COOKIE)

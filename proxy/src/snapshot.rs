@@ -8,9 +8,9 @@ use std::sync::Arc;
 use arc_swap::Guard;
 use edge_policies::{LagView, UpstreamView};
 
+use crate::clock::unix_ms;
 use crate::health::{HealthState, Snapshot};
 use crate::tables::heartbeat::{LagSnapshot, LagState};
-use crate::tables::unix_ms;
 
 /// Where the parts of the composed snapshot come from.
 pub struct Snapshots {

@@ -36,10 +36,7 @@ impl WarnLimiter {
     /// True for the first call in each interval.
     pub fn allow(&self) -> bool {
         use std::sync::atomic::Ordering;
-        let now = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_millis() as u64)
-            .unwrap_or(0);
+        let now = crate::clock::unix_ms();
         let last = self.last_ms.load(Ordering::Relaxed);
         now.saturating_sub(last) >= self.interval_ms
             && self

@@ -171,6 +171,14 @@ pub fn cookie_value<'a>(header: &'a [u8], name: &str) -> Option<&'a str> {
     })
 }
 
+/// True when a `Set-Cookie` value sets cookie `name` (the name as a browser
+/// reads it: up to `=`, whitespace trimmed).
+pub fn sets_cookie(set_cookie: &[u8], name: &str) -> bool {
+    set_cookie.contains(&b'=')
+        && cookie_name(set_cookie.split(|&b| b == b';').next().unwrap_or_default())
+            == name.as_bytes()
+}
+
 /// True when the header value carries cookie `name`.
 pub fn has_cookie(header: &[u8], name: &str) -> bool {
     cookie_pairs(header).any(|pair| cookie_name(pair) == name.as_bytes())
@@ -303,6 +311,11 @@ mod tests {
         assert_eq!(
             without_cookie(h, "edge_ct").as_deref(),
             Some(&b"n=caf\xc3\xa9\xff"[..])
+        );
+        assert!(sets_cookie(b"edge_ct =x; Path=/", "edge_ct"));
+        assert!(sets_cookie(b" edge_ct=x", "edge_ct"));
+        assert!(
+            !sets_cookie(b"edge_ctx=1", "edge_ct") && !sets_cookie(b"a=1; edge_ct=2", "edge_ct")
         );
         // A flag cookie without `=` is a name only.
         assert_eq!(

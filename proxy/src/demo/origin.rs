@@ -27,8 +27,9 @@ use serde_json::json;
 use super::{
     json_response, method_not_allowed, read_body, spawn_server, text_response, Body, BodyError,
 };
+use crate::clock::unix_ms;
 use crate::tables::embedded::EmbeddedTable;
-use crate::tables::{unix_ms, Attr, Item, Table, TableError};
+use crate::tables::{Attr, Item, Table, TableError};
 
 /// Partition of the key-value rows, apart from heartbeats and invalidations.
 const KV_PARTITION: &str = "demo-kv";

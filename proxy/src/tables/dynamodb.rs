@@ -36,7 +36,8 @@ use aws_sdk_dynamodb::types::{
 };
 use aws_sdk_dynamodb::Client;
 
-use super::{unix_ms, Attr, Item, Table, TableError, EXPIRES_AT};
+use super::{Attr, Item, Table, TableError, EXPIRES_AT};
+use crate::clock::unix_ms;
 
 /// Partition key attribute.
 const PK: &str = "pk";

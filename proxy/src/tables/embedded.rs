@@ -19,7 +19,8 @@ use std::time::{Duration, Instant};
 use async_trait::async_trait;
 use parking_lot::Mutex;
 
-use super::{unix_ms, Item, Table, TableError};
+use super::{Item, Table, TableError};
+use crate::clock::unix_ms;
 
 /// Which write wins: the later timestamp, then the greater region name,
 /// then (two writes of one region in the same millisecond) the later write.

@@ -19,7 +19,8 @@ use pingora::server::ShutdownWatch;
 use pingora::services::background::BackgroundService;
 use tokio::task::JoinSet;
 
-use super::{unix_ms, Attr, Item, SharedTable, TableError, EXPIRES_AT, QUERY_PAGE};
+use super::{Attr, Item, SharedTable, TableError, EXPIRES_AT, QUERY_PAGE};
+use crate::clock::unix_ms;
 use crate::metrics::Metrics;
 use crate::telemetry::WarnLimiter;
 

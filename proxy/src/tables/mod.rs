@@ -143,14 +143,6 @@ pub trait Table: Send + Sync + 'static {
 /// A shared handle to one region's table.
 pub type SharedTable = Arc<dyn Table>;
 
-/// Unix time in milliseconds, from the system clock.
-pub fn unix_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
-}
-
 /// Open the table `[tables]` configures, as region `region` uses it.
 ///
 /// DynamoDB clients are built on a short-lived runtime of their own: Pingora

@@ -4,13 +4,11 @@ use crate::support::*;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn unknown_host_metrics_status_and_drain_auth() {
-    let o = origin("solo", "o1").await;
-    let regions = vec![RegionSpec::new("solo", vec![o.addr()])];
     let t = Tweaks {
         host: "api.test",
         ..Tweaks::default()
     };
-    let edge = start_region(&regions, 0, &t).await;
+    let (_o, edge) = solo_edge(&t).await;
     let http = client();
 
     let seen = get(&http, &edge.url("/"), &[("host", "evil.test")]).await;

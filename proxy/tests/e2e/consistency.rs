@@ -342,8 +342,6 @@ async fn read_your_writes_across_three_regions_with_a_two_second_delay() {
         &[("x-edge-consistency", &token)],
     )
     .await;
-    let fresh = written.elapsed() < Duration::from_millis(1500);
-    assert!(fresh, "the test machine is too slow to observe a 2 s delay");
     assert_eq!(with_token.status, 200, "{with_token:?}");
     assert_eq!(with_token.upstream_region, "us-east-1", "{with_token:?}");
     assert_eq!(with_token.decision, "ryw:lagging:us-east-1");
@@ -364,9 +362,8 @@ async fn read_your_writes_across_three_regions_with_a_two_second_delay() {
     let without = get(&c, &demo.url(1, &format!("/kv/{key}")), &[]).await;
     assert_eq!(without.upstream_region, "eu-west-1", "{without:?}");
     assert_eq!(without.decision, "local");
-    if written.elapsed() < Duration::from_millis(1500) {
-        assert_eq!(without.status, 404, "not replicated yet: {without:?}");
-    }
+    // Not replicated yet: the 2 s delay is far longer than these few requests.
+    assert_eq!(without.status, 404, "not replicated yet: {without:?}");
 
     // Once replication catches up, eu-west-1 serves the token itself.
     let caught_up = eventually(HANG, || async {
@@ -519,12 +516,7 @@ async fn a_forwarded_token_is_checked_by_the_region_it_reaches() {
     // us-east-1's watermark, so any token from us-east-1 is "behind" there.
     let (_origins, edges) = two_regions(&Tweaks::default()).await;
     let c = client();
-    let now = || {
-        std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_millis() as u64)
-            .unwrap_or(0)
-    };
+    let now = edge_router::clock::unix_ms;
     let host = format!("127.0.0.1:{}", edges[1].port);
     let hop = HopSigner::new(HOP_SECRET.as_bytes(), None, Duration::from_secs(60)).sign(
         "us-east-1",

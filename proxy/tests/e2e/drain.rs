@@ -8,13 +8,11 @@ use crate::support::*;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_drains_then_exits() {
-    let o = origin("solo", "o1").await;
-    let regions = vec![RegionSpec::new("solo", vec![o.addr()])];
     let t = Tweaks {
         drain: "2s",
         ..Tweaks::default()
     };
-    let mut edge = start_region(&regions, 0, &t).await;
+    let (_o, mut edge) = solo_edge(&t).await;
     let http = client();
     assert_eq!(
         http.get(edge.url("/.edge/health"))
@@ -65,13 +63,11 @@ async fn sigterm_drains_then_exits() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn drain_responses_close_the_connection() {
-    let o = origin("solo", "o1").await;
-    let regions = vec![RegionSpec::new("solo", vec![o.addr()])];
     let t = Tweaks {
         drain: "60s",
         ..Tweaks::default()
     };
-    let edge = start_region(&regions, 0, &t).await;
+    let (_o, edge) = solo_edge(&t).await;
     let http = client();
     let before = http.get(edge.url("/x")).send().await.expect("GET");
     assert_ne!(
@@ -114,13 +110,11 @@ async fn drain_responses_close_the_connection() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn in_flight_request_outlives_the_drain_period() {
-    let o = origin("solo", "o1").await;
-    let regions = vec![RegionSpec::new("solo", vec![o.addr()])];
     let t = Tweaks {
         drain: "1s",
         ..Tweaks::default()
     };
-    let mut edge = start_region(&regions, 0, &t).await;
+    let (_o, mut edge) = solo_edge(&t).await;
     let http = client();
     // Answered 3 s after it starts: past the 1 s drain period, well within
     // the default 30 s shutdown_timeout.
@@ -150,13 +144,11 @@ async fn in_flight_request_outlives_the_drain_period() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn second_sigterm_exits_at_once() {
-    let o = origin("solo", "o1").await;
-    let regions = vec![RegionSpec::new("solo", vec![o.addr()])];
     let t = Tweaks {
         drain: "60s",
         ..Tweaks::default()
     };
-    let mut edge = start_region(&regions, 0, &t).await;
+    let (_o, mut edge) = solo_edge(&t).await;
     edge.signal("TERM");
     // The first signal has been handled once the health path turns 503.
     let http = client();

@@ -25,13 +25,11 @@ async fn exchange(port: u16, request: &[u8]) -> Vec<u8> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn trickled_headers_get_408_after_header_read_timeout() {
-    let o = origin("solo", "o1").await;
-    let regions = vec![RegionSpec::new("solo", vec![o.addr()])];
     let t = Tweaks {
         server_extra: "header_read_timeout = \"1s\"",
         ..Tweaks::default()
     };
-    let edge = start_region(&regions, 0, &t).await;
+    let (_o, edge) = solo_edge(&t).await;
     let mut s = TcpStream::connect(("127.0.0.1", edge.port))
         .await
         .expect("connect");
@@ -77,13 +75,11 @@ async fn edge_at_its_limit(
     Vec<TcpStream>,
     reqwest::Client,
 ) {
-    let o = origin("solo", "o1").await;
-    let regions = vec![RegionSpec::new("solo", vec![o.addr()])];
     let t = Tweaks {
         server_extra: "max_connections = 3\nheader_read_timeout = \"60s\"",
         ..Tweaks::default()
     };
-    let edge = start_region(&regions, 0, &t).await;
+    let (o, edge) = solo_edge(&t).await;
     let mut held = Vec::new();
     for _ in 0..3 {
         let mut s = TcpStream::connect(("127.0.0.1", edge.port))
@@ -153,13 +149,11 @@ async fn connections_beyond_max_connections_are_refused() {
 /// Blank lines before the request line end nothing: the deadline still holds.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn leading_blank_lines_do_not_evade_the_header_deadline() {
-    let o = origin("solo", "o1").await;
-    let regions = vec![RegionSpec::new("solo", vec![o.addr()])];
     let t = Tweaks {
         server_extra: "header_read_timeout = \"1s\"",
         ..Tweaks::default()
     };
-    let edge = start_region(&regions, 0, &t).await;
+    let (_o, edge) = solo_edge(&t).await;
     // Hang catcher only: the configured bound is 1 s.
     let got = exchange(edge.port, b"\r\n\r\nGET /x HTTP/1.1\r\nHost: a\r\n").await;
     let text = String::from_utf8_lossy(&got);
@@ -170,13 +164,11 @@ async fn leading_blank_lines_do_not_evade_the_header_deadline() {
 /// `send_timeout` instead of holding the response and its upstream forever.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_client_that_stops_reading_is_cut_off() {
-    let o = origin("solo", "o1").await;
-    let regions = vec![RegionSpec::new("solo", vec![o.addr()])];
     let t = Tweaks {
         server_extra: "send_timeout = \"1s\"",
         ..Tweaks::default()
     };
-    let edge = start_region(&regions, 0, &t).await;
+    let (_o, edge) = solo_edge(&t).await;
     const SIZE: usize = 64 * 1024 * 1024;
     let mut s = TcpStream::connect(("127.0.0.1", edge.port))
         .await

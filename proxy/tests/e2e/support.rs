@@ -271,6 +271,26 @@ pub async fn start_region(regions: &[RegionSpec], me: usize, t: &Tweaks) -> Edge
     Edge::start(&config_for(regions, me, t), r.port, r.admin).await
 }
 
+/// One region, "solo", with one origin "o1", started with `t`.
+pub async fn solo_edge(t: &Tweaks) -> (Origin, Edge) {
+    let o = origin("solo", "o1").await;
+    let regions = vec![RegionSpec::new("solo", vec![o.addr()])];
+    let edge = start_region(&regions, 0, t).await;
+    (o, edge)
+}
+
+/// Connect to the edge on 127.0.0.1:`port` and send `request` exactly as written.
+async fn send_raw(port: u16, request: &str) -> TcpStream {
+    let mut stream = TcpStream::connect(("127.0.0.1", port))
+        .await
+        .expect("connect to the edge");
+    stream
+        .write_all(request.as_bytes())
+        .await
+        .expect("send the request");
+    stream
+}
+
 /// Start every region, in order.
 pub async fn start_all(regions: &[RegionSpec], t: &Tweaks) -> Vec<Edge> {
     let mut edges = Vec::new();
@@ -488,13 +508,7 @@ where
 /// read until the edge closes the connection (a reset counts as closed).
 /// Panics if it is still open after 10 s: that is a hang.
 pub async fn raw_until_eof(port: u16, request: &str) -> Vec<u8> {
-    let mut stream = TcpStream::connect(("127.0.0.1", port))
-        .await
-        .expect("connect to the edge");
-    stream
-        .write_all(request.as_bytes())
-        .await
-        .expect("send the request");
+    let mut stream = send_raw(port, request).await;
     let mut out = Vec::new();
     let closed = tokio::time::timeout(RAW_HANG, stream.read_to_end(&mut out)).await;
     assert!(
@@ -539,13 +553,7 @@ impl RawResponse {
 /// refuse the Host) to the edge on 127.0.0.1:`port` and read one response:
 /// its head, then a Content-Length body, a chunked body, or all up to EOF.
 pub async fn raw_request(port: u16, request: &str) -> RawResponse {
-    let mut stream = TcpStream::connect(("127.0.0.1", port))
-        .await
-        .expect("connect to the edge");
-    stream
-        .write_all(request.as_bytes())
-        .await
-        .expect("send the request");
+    let mut stream = send_raw(port, request).await;
     let mut buf = Vec::new();
     let read = tokio::time::timeout(RAW_HANG, async {
         let mut chunk = [0u8; 8192];

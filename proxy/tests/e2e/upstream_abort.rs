@@ -52,6 +52,16 @@ fn contains(haystack: &[u8], needle: &[u8]) -> bool {
 
 /// The access-log line of an aborted request (text: `outcome="upstream_aborted"`;
 /// JSON, if `EDGE_LOG_FORMAT` says so: `"outcome":"upstream_aborted"`).
+/// An edge in front of a backend that sends `bytes` and closes: a response cut short.
+async fn edge_cut_short(bytes: &'static [u8]) -> Edge {
+    let backend = raw_origin(move |mut stream: TcpStream, _head: String| async move {
+        let _ = stream.write_all(bytes).await;
+        let _ = stream.shutdown().await;
+    })
+    .await;
+    edge_for(backend, &Tweaks::default()).await
+}
+
 fn logged_as_aborted(log: &str) -> bool {
     log.lines()
         .any(|l| l.contains("outcome") && l.contains("upstream_aborted"))
@@ -59,15 +69,10 @@ fn logged_as_aborted(log: &str) -> bool {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn mid_body_upstream_reset_is_not_completed() {
-    let backend = raw_origin(|mut stream: TcpStream, _head: String| async move {
-        // One chunk of a chunked body, then the connection ends mid-message.
-        let _ = stream
-            .write_all(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n")
+    // One chunk of a chunked body, then the connection ends mid-message.
+    let edge =
+        edge_cut_short(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n")
             .await;
-        let _ = stream.shutdown().await;
-    })
-    .await;
-    let edge = edge_for(backend, &Tweaks::default()).await;
 
     let bytes = raw_until_eof(edge.port, GET_X).await;
     let (head, body) = split(&bytes);
@@ -112,15 +117,8 @@ async fn mid_body_upstream_reset_is_not_completed() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn content_length_short_body_is_not_padded_with_error_text() {
-    let backend = raw_origin(|mut stream: TcpStream, _head: String| async move {
-        // 100 bytes promised, 5 sent.
-        let _ = stream
-            .write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\nhello")
-            .await;
-        let _ = stream.shutdown().await;
-    })
-    .await;
-    let edge = edge_for(backend, &Tweaks::default()).await;
+    // 100 bytes promised, 5 sent.
+    let edge = edge_cut_short(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\nhello").await;
 
     // Returning at all means the edge closed the connection.
     let bytes = raw_until_eof(edge.port, GET_X).await;
