@@ -11,6 +11,27 @@ ensure_nginx() {
   NGINX=$(command -v nginx || echo /usr/sbin/nginx)
 }
 
+# Varnish, for the cache-hit rows of bench/run.sh: installed from Debian when
+# missing. VARNISHD is empty when it cannot be had (no apt, no root and no
+# sudo, install failed); the varnish row is then skipped, not failed.
+ensure_varnish() {
+  VARNISHD=$(command -v varnishd || { [ -x /usr/sbin/varnishd ] && echo /usr/sbin/varnishd; } || true)
+  [ -n "$VARNISHD" ] && return 0
+  local sudo=""
+  if [ "$(id -u)" != "0" ]; then
+    command -v sudo >/dev/null 2>&1 || { echo "bench: varnish missing and this user cannot install packages" >&2; return 0; }
+    sudo=sudo
+  fi
+  command -v apt-get >/dev/null 2>&1 || { echo "bench: varnish missing and no apt-get to install it" >&2; return 0; }
+  echo "bench: installing varnish" >&2
+  if DEBIAN_FRONTEND=noninteractive $sudo apt-get update -qq >/dev/null 2>&1 &&
+     DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends varnish >/dev/null 2>&1; then
+    VARNISHD=$(command -v varnishd || echo /usr/sbin/varnishd)
+  else
+    echo "bench: could not install varnish (apt-get install varnish failed)" >&2
+  fi
+}
+
 # WORK: a fresh folder; PIDS: processes to stop on exit (append with PIDS+=($!)).
 WORK=$(mktemp -d)
 PIDS=()
@@ -23,6 +44,7 @@ cleanup() {
 trap cleanup EXIT
 
 free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
-wait_http() { for _ in $(seq 1 100); do curl -fsS -o /dev/null "$1" 2>/dev/null && return 0; sleep 0.1; done; echo "bench: $1 did not come up" >&2; exit 1; }
+# wait_http URL [TRIES]: until a GET of URL succeeds, every 0.1 s, TRIES (100) times at most.
+wait_http() { for _ in $(seq 1 "${2:-100}"); do curl -fsS -o /dev/null "$1" 2>/dev/null && return 0; sleep 0.1; done; echo "bench: $1 did not come up" >&2; exit 1; }
 # Resident memory of the processes given, KiB.
 rss_kib() { local t=0; for p in $1; do t=$(( t + $(awk '/VmRSS/ {print $2}' "/proc/$p/status") )); done; echo "$t"; }

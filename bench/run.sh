@@ -9,6 +9,9 @@
 #   EDGE_ENV="MIMALLOC_PURGE_DELAY=0" bench/run.sh   run edge-router with these variables
 #   EDGE_BIN_B=path/to/other/edge-router bench/run.sh  A/B: a second build as target
 #     "edge-router-b", interleaved round by round with the others (same config)
+#   Cache-hit rows (docs/benchmarks.md, "Cache hit path"): nginx-cache, varnish
+#     and edge-router-cache (edge-router-b-cache in an A/B) serve one cached
+#     response; a row is skipped when its tool or the build's cache is missing.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -21,7 +24,7 @@ while [ $# -gt 0 ]; do
     --duration) DURATION=$2; shift ;;
     --connections) CONNS=$2; shift ;;
     --size) SIZE=$2; shift ;;
-    -h|--help) sed -n '2,9p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,12p' "$0"; exit 0 ;;
     *) echo "unknown option $1" >&2; exit 2 ;;
   esac
   shift
@@ -30,6 +33,7 @@ done
 scripts/ensure-build-deps
 . bench/lib.sh
 ensure_nginx
+ensure_varnish
 command -v python3 >/dev/null || { echo "bench: python3 is needed to summarise results" >&2; exit 1; }
 
 echo "bench: building release binaries" >&2
@@ -43,12 +47,20 @@ LOAD_CORE=$(( NCPU > 1 ? NCPU - 1 : 0 ))
 TCK=$(getconf CLK_TCK)
 
 O_PORT=$(free_port); N_PORT=$(free_port); E_PORT=$(free_port); A_PORT=$(free_port)
-EB_PORT=$(free_port); AB_PORT=$(free_port)
+EB_PORT=$(free_port); AB_PORT=$(free_port); V_PORT=$(free_port)
 
 taskset -c "$LOAD_CORE" "$BIN/edge-loadtest" origin --listen "127.0.0.1:$O_PORT" --threads 1 >/dev/null 2>&1 &
 PIDS+=($!)
 wait_http "http://127.0.0.1:$O_PORT/health"
 
+# The cache-hit rows ask the same origin for a response it marks cacheable for
+# longer than any run (the origin sets Cache-Control from the query), so that
+# after the warm-up every measured request is a hit.
+CACHE_PATHQ="/cache/bench?size=$SIZE&cache-control=public%2C%20max-age%3D3600"
+
+# nginx's workers run as another user when the script runs as root; they write
+# the cache under $WORK, so they must be able to enter it.
+chmod 711 "$WORK"
 cat > "$WORK/nginx.conf" <<NGINX
 worker_processes 1;
 daemon off;
@@ -61,6 +73,9 @@ http {
   keepalive_requests 1000000;
   client_body_temp_path $WORK/body;
   proxy_temp_path $WORK/proxy;
+  # The cache-hit row (nginx-cache): files under $WORK (read through the page
+  # cache once warm), the keys zone in shared memory.
+  proxy_cache_path $WORK/cache levels=1:2 keys_zone=bench:10m max_size=256m inactive=1h use_temp_path=off;
   upstream origin { server 127.0.0.1:$O_PORT; keepalive 64; keepalive_requests 1000000; }
   server {
     listen 127.0.0.1:$N_PORT;
@@ -71,12 +86,48 @@ http {
       proxy_set_header X-Forwarded-For \$remote_addr;
       proxy_buffering on;
     }
+    location /cache/ {
+      proxy_pass http://origin;
+      proxy_http_version 1.1;
+      proxy_set_header Connection "";
+      proxy_set_header X-Forwarded-For \$remote_addr;
+      proxy_buffering on;
+      proxy_cache bench;
+      # The key edge-router uses: scheme, host, path and query.
+      proxy_cache_key \$scheme\$host\$request_uri;
+      # Only for responses without freshness of their own: the origin's
+      # Cache-Control (max-age=3600 here) takes precedence.
+      proxy_cache_valid 200 10m;
+      proxy_cache_lock on;
+      add_header X-Cache-Status \$upstream_cache_status;
+    }
   }
 }
 NGINX
 taskset -c "$PROXY_CORE" "$NGINX" -c "$WORK/nginx.conf" -p "$WORK" &
 PIDS+=($!)
 NGINX_MASTER=$!
+
+# Varnish (the varnish row): a minimal VCL, the same origin, 256 MiB in memory.
+# X-Cache is set here as edge-router and nginx set theirs. -j none: it runs as
+# whoever runs the script (its default jail would need $WORK readable by
+# Varnish's own users). One thread pool; threads per connection is its model.
+VARNISH_PID=""
+if [ -n "$VARNISHD" ]; then
+  cat > "$WORK/varnish.vcl" <<VCL
+vcl 4.1;
+backend origin { .host = "127.0.0.1"; .port = "$O_PORT"; }
+sub vcl_deliver {
+  if (obj.hits > 0) { set resp.http.X-Cache = "HIT"; } else { set resp.http.X-Cache = "MISS"; }
+}
+VCL
+  taskset -c "$PROXY_CORE" "$VARNISHD" -F -j none -n "$WORK/varnish" -a "127.0.0.1:$V_PORT" \
+    -f "$WORK/varnish.vcl" -s malloc,256m -p thread_pools=1 >"$WORK/varnish.log" 2>&1 &
+  PIDS+=($!)
+  VARNISH_PID=$!
+else
+  echo "bench: varnish row skipped: varnishd is not installed" >&2
+fi
 
 cat > "$WORK/edge-base.toml" <<EDGE
 [server]
@@ -106,13 +157,37 @@ path_prefix = "/ryw"
 upstream = "origin"
 policy = "read-your-writes"
 EDGE
+# The cache-hit row's route: same origin, under /cache, cache = true. A build
+# from before the cache refuses the key (unknown field `cache`): it runs
+# without the route, and its cache row is skipped (below). Any other error in
+# the config is a failure.
+cat > "$WORK/cache-route.toml" <<EDGE
+[[routes]]
+host = "*"
+path_prefix = "/cache"
+upstream = "origin"
+policy = "local-first"
+cache = true
+EDGE
+# with_cache_route BIN CONFIG: the path of CONFIG plus the cache route if BIN
+# accepts it, else of CONFIG.
+with_cache_route() {
+  local out="${2%.toml}-cache.toml" errors
+  cat "$2" "$WORK/cache-route.toml" > "$out"
+  if errors=$("$1" check -c "$out" 2>&1 >/dev/null); then echo "$out"; return 0; fi
+  if grep -q 'unknown field `cache`' <<<"$errors"; then echo "$2"; return 0; fi
+  printf 'bench: %s refuses the bench config:\n%s\n' "$1" "$errors" >&2
+  return 1
+}
+EDGE_CONFIG=$(with_cache_route "${EDGE_BIN:-$BIN/edge-router}" "$WORK/edge.toml")
 # The access log is on (info), as nginx's is: both write a line per request to a file.
-env ${EDGE_ENV:-} EDGE_LOG=info taskset -c "$PROXY_CORE" "${EDGE_BIN:-$BIN/edge-router}" run -c "$WORK/edge.toml" 2>"$WORK/edge.log" &
+env ${EDGE_ENV:-} EDGE_LOG=info taskset -c "$PROXY_CORE" "${EDGE_BIN:-$BIN/edge-router}" run -c "$EDGE_CONFIG" 2>"$WORK/edge.log" &
 PIDS+=($!)
 EDGE_PID=$!
 EDGE_B_PID=""
 if [ -n "${EDGE_BIN_B:-}" ]; then
-  sed -e "s/127.0.0.1:$E_PORT/127.0.0.1:$EB_PORT/" -e "s/127.0.0.1:$A_PORT/127.0.0.1:$AB_PORT/" "$WORK/edge-base.toml" > "$WORK/edge-b.toml"
+  EDGE_B_BASE=$(with_cache_route "$EDGE_BIN_B" "$WORK/edge-base.toml")
+  sed -e "s/127.0.0.1:$E_PORT/127.0.0.1:$EB_PORT/" -e "s/127.0.0.1:$A_PORT/127.0.0.1:$AB_PORT/" "$EDGE_B_BASE" > "$WORK/edge-b.toml"
   env ${EDGE_ENV:-} EDGE_LOG=info taskset -c "$PROXY_CORE" "$EDGE_BIN_B" run -c "$WORK/edge-b.toml" 2>"$WORK/edge-b.log" &
   PIDS+=($!)
   EDGE_B_PID=$!
@@ -122,7 +197,10 @@ PATHQ="/bench?size=$SIZE"
 wait_http "http://127.0.0.1:$N_PORT$PATHQ"
 wait_http "http://127.0.0.1:$E_PORT$PATHQ"
 [ -n "$EDGE_B_PID" ] && wait_http "http://127.0.0.1:$EB_PORT$PATHQ"
-NGINX_WORKER=$(pgrep -P "$NGINX_MASTER" | head -1)
+# Varnish compiles its VCL with cc first: up to 30 s on a busy machine.
+[ -n "$VARNISH_PID" ] && wait_http "http://127.0.0.1:$V_PORT$PATHQ" 300
+NGINX_WORKER=$(pgrep -P "$NGINX_MASTER" -f "nginx: worker process" | head -1)
+NGINX_CACHE_MANAGER=$(pgrep -P "$NGINX_MASTER" -f "nginx: cache manager process" | head -1 || true)
 # A write through the read-your-writes route hands out the token the ryw row presents.
 TOKEN=$(curl -s -D - -o /dev/null -X PUT "http://127.0.0.1:$E_PORT/ryw/write" \
   | awk -F': ' 'tolower($1) == "x-edge-consistency" { print $2 }' | tr -d '\r')
@@ -139,6 +217,65 @@ if [ -n "$EDGE_B_PID" ]; then
   PIDS_OF[edge-router-b]="$EDGE_B_PID"
   TARGETS+=(edge-router-b)
 fi
+
+# Cache-hit rows. probe URL: GET it, keep the response head in $WORK/probe.head;
+# probe_status / probe_header NAME read it (empty when absent).
+probe() { curl -s -m 5 -D "$WORK/probe.head" -o /dev/null "$1" || : > "$WORK/probe.head"; }
+probe_status() { awk 'NR == 1 { print $2 }' "$WORK/probe.head"; }
+probe_header() { awk -F': ' -v h="$1" 'tolower($1) == h { v = $2 } END { print v }' "$WORK/probe.head" | tr -d '\r'; }
+# until_hit URL HEADER: GET URL until HEADER says HIT, 5 s at most. Returns 1 if it never did.
+until_hit() {
+  for _ in $(seq 1 50); do
+    probe "$1"
+    [ "$(probe_header "$2")" = HIT ] && return 0
+    sleep 0.1
+  done
+  return 1
+}
+# A cache row that does not hit is a broken row: stop the run, loudly.
+no_hit() {
+  echo "bench: $1: no cache hit after warm-up (status ${2:-none}, $3: ${4:-absent}); the last lines of $(basename "$5"):" >&2
+  tail -n 20 "$5" >&2 || true
+  exit 1
+}
+# The rows measure hits only; CACHE_HEADER_OF says which response header shows it.
+declare -A CACHE_HEADER_OF=()
+add_cache_row() { # NAME URL HEADER PIDS
+  URL[$1]=$2; PIDS_OF[$1]=$4; CACHE_HEADER_OF[$1]=$3; TARGETS+=("$1")
+}
+if until_hit "http://127.0.0.1:$N_PORT$CACHE_PATHQ" x-cache-status; then
+  add_cache_row nginx-cache "http://127.0.0.1:$N_PORT$CACHE_PATHQ" x-cache-status \
+    "$NGINX_MASTER $NGINX_WORKER $NGINX_CACHE_MANAGER"
+else
+  no_hit nginx-cache "$(probe_status)" X-Cache-Status "$(probe_header x-cache-status)" "$WORK/nginx-error.log"
+fi
+if [ -n "$VARNISH_PID" ]; then
+  if until_hit "http://127.0.0.1:$V_PORT$CACHE_PATHQ" x-cache; then
+    add_cache_row varnish "http://127.0.0.1:$V_PORT$CACHE_PATHQ" x-cache "$VARNISH_PID $(pgrep -P "$VARNISH_PID" | tr '\n' ' ')"
+  else
+    no_hit varnish "$(probe_status)" X-Cache "$(probe_header x-cache)" "$WORK/varnish.log"
+  fi
+fi
+# edge-router: the build has a cache if its answer on the cache route carries
+# x-cache (a build without one routes /cache to the origin like any path). A
+# build that has it must hit, and any non-2xx is a failure either way.
+edge_cache_row() { # NAME PORT PID LOG
+  local url="http://127.0.0.1:$2$CACHE_PATHQ"
+  probe "$url"
+  case "$(probe_status)" in
+    2??) ;;
+    *) no_hit "$1" "$(probe_status)" x-cache "$(probe_header x-cache)" "$4" ;;
+  esac
+  if [ -z "$(probe_header x-cache)" ]; then
+    echo "bench: $1 skipped: this build has no cache (no x-cache header on the cache route)" >&2
+    return 0
+  fi
+  # The first answer is a MISS; hits start once the invalidation consumer has synced.
+  until_hit "$url" x-cache || no_hit "$1" "$(probe_status)" x-cache "$(probe_header x-cache)" "$4"
+  add_cache_row "$1" "$url" x-cache "$3"
+}
+edge_cache_row edge-router-cache "$E_PORT" "$EDGE_PID" "$WORK/edge.log"
+[ -n "$EDGE_B_PID" ] && edge_cache_row edge-router-b-cache "$EB_PORT" "$EDGE_B_PID" "$WORK/edge-b.log"
 
 cpu_ticks() { local t=0; for p in $1; do t=$(( t + $(awk '{print $14 + $15}' "/proc/$p/stat") )); done; echo "$t"; }
 load() { taskset -c "$LOAD_CORE" "$BIN/edge-loadtest" run "$@" >/dev/null; }
@@ -166,8 +303,17 @@ for r in $(seq 1 "$ROUNDS"); do
   done
 done
 
+# Still hits after the rounds (max-age=3600 outlasts any run; nothing purges).
+for t in "${!CACHE_HEADER_OF[@]}"; do
+  probe "${URL[$t]}"
+  [ "$(probe_header "${CACHE_HEADER_OF[$t]}")" = HIT ] || {
+    echo "bench: $t: no longer a cache hit after the run (${CACHE_HEADER_OF[$t]}: $(probe_header "${CACHE_HEADER_OF[$t]}"))" >&2
+    exit 1
+  }
+done
+
 STAMP=$(date -u +%Y%m%dT%H%M%SZ)
 KIND=$([ "$QUICK" = 1 ] && echo quick || echo full)
 OUT=bench/results/$STAMP-$KIND
 BENCH_TARGETS="${TARGETS[*]}" python3 bench/summarise.py "$WORK" "$ROUNDS" "$TCK" "$RATE" "$SIZE" "$CONNS" "$DURATION" "$KIND" "$OUT" \
-  "$(nginx -v 2>&1 | head -1)" "$(uname -r)" "$NCPU"
+  "$("$NGINX" -v 2>&1 | head -1)${VARNISHD:+, $("$VARNISHD" -V 2>&1 | grep -o 'varnish-[0-9.]*' | head -1)}" "$(uname -r)" "$NCPU"

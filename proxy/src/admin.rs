@@ -1,6 +1,6 @@
 //! The admin listener (loopback by default): `GET /metrics`, `GET /status`,
-//! `POST /drain` and `DELETE /drain` (bearer token). Reads are open to
-//! whoever can reach the listener; mutations need the token.
+//! `POST /drain` and `DELETE /drain`, `POST /purge` (bearer token). Reads
+//! are open to whoever can reach the listener; mutations need the token.
 
 use std::sync::Arc;
 
@@ -9,6 +9,8 @@ use http::{Method, Response, StatusCode};
 use pingora::apps::http_app::ServeHttp;
 use pingora::protocols::http::ServerSession;
 
+use crate::cache::purge::PurgeSpec;
+use crate::cache::EdgeCache;
 use crate::health::HealthState;
 use crate::lifecycle::Lifecycle;
 use crate::metrics::Metrics;
@@ -22,7 +24,11 @@ pub struct AdminApp {
     lag: Arc<LagState>,
     table: String,
     token: Option<String>,
+    cache: Option<Arc<EdgeCache>>,
 }
+
+/// Largest `POST /purge` body.
+const MAX_PURGE_BODY: usize = 1 << 20;
 
 impl AdminApp {
     /// `token` is the bearer token for mutations; None refuses them all.
@@ -42,6 +48,45 @@ impl AdminApp {
             lag,
             table,
             token: token.filter(|t| !t.is_empty()),
+            cache: None,
+        }
+    }
+
+    /// Serve `POST /purge` and the `/status` cache section for `cache`.
+    pub fn with_cache(mut self, cache: Option<Arc<EdgeCache>>) -> Self {
+        self.cache = cache;
+        self
+    }
+
+    async fn purge(&self, session: &mut ServerSession) -> Response<Vec<u8>> {
+        let Some(cache) = &self.cache else {
+            return json(
+                StatusCode::NOT_FOUND,
+                serde_json::json!({"error": "no route has `cache = true`: nothing to purge"}),
+            );
+        };
+        let body = match read_body(session, MAX_PURGE_BODY).await {
+            Ok(b) => b,
+            Err(msg) => return json(StatusCode::BAD_REQUEST, serde_json::json!({"error": msg})),
+        };
+        let spec = match serde_json::from_slice::<PurgeSpec>(&body)
+            .map_err(|e| format!("bad purge body: {e}"))
+            .and_then(PurgeSpec::normalized)
+        {
+            Ok(s) => s,
+            Err(msg) => return json(StatusCode::BAD_REQUEST, serde_json::json!({"error": msg})),
+        };
+        match cache.invalidation.publish_durable(spec).await {
+            Ok((purge, objects)) => json(
+                StatusCode::ACCEPTED,
+                serde_json::json!({"id": purge.id, "applied": objects}),
+            ),
+            Err(e) => json(
+                StatusCode::SERVICE_UNAVAILABLE,
+                serde_json::json!({
+                    "error": format!("purge not accepted: the replicated table did not take it ({e}); nothing was purged, retry"),
+                }),
+            ),
         }
     }
 
@@ -77,6 +122,31 @@ fn respond(status: StatusCode, content_type: &str, body: Vec<u8>) -> Response<Ve
         .unwrap_or_else(|_| Response::new(Vec::new()))
 }
 
+fn json(status: StatusCode, doc: serde_json::Value) -> Response<Vec<u8>> {
+    respond(
+        status,
+        "application/json",
+        serde_json::to_vec(&doc).unwrap_or_default(),
+    )
+}
+
+/// The request body, refused past `limit` bytes.
+async fn read_body(session: &mut ServerSession, limit: usize) -> Result<Vec<u8>, String> {
+    let mut body = Vec::new();
+    loop {
+        match session.read_request_body().await {
+            Ok(Some(chunk)) => {
+                if body.len() + chunk.len() > limit {
+                    return Err(format!("body larger than {limit} bytes"));
+                }
+                body.extend_from_slice(&chunk);
+            }
+            Ok(None) => return Ok(body),
+            Err(e) => return Err(format!("could not read the body: {e}")),
+        }
+    }
+}
+
 fn text(status: StatusCode, msg: &str) -> Response<Vec<u8>> {
     respond(
         status,
@@ -95,6 +165,20 @@ impl ServeHttp for AdminApp {
             .headers
             .get(http::header::AUTHORIZATION)
             .map(|v| v.as_bytes().to_vec());
+        let mutation = matches!(
+            (&method, path.as_str()),
+            (&Method::POST, "/purge") | (&Method::POST | &Method::DELETE, "/drain")
+        );
+        if mutation && !self.authorized(auth.as_deref()) {
+            tracing::warn!(
+                path,
+                "admin mutation refused: missing or wrong bearer token"
+            );
+            return text(
+                StatusCode::UNAUTHORIZED,
+                "a valid `Authorization: Bearer <token>` is required",
+            );
+        }
         match (method, path.as_str()) {
             (Method::GET, "/metrics") => respond(
                 StatusCode::OK,
@@ -105,20 +189,15 @@ impl ServeHttp for AdminApp {
                 let mut doc = self.health.status_json();
                 doc["draining"] = self.lifecycle.is_draining().into();
                 doc["tables"] = self.lag.status_json(&self.table);
+                doc["cache"] = match &self.cache {
+                    Some(c) => c.invalidation.status_json(c.config.max_bytes),
+                    None => serde_json::json!({"enabled": false}),
+                };
                 let body = serde_json::to_vec_pretty(&doc).unwrap_or_default();
                 respond(StatusCode::OK, "application/json", body)
             }
+            (Method::POST, "/purge") => self.purge(session).await,
             (m @ (Method::POST | Method::DELETE), "/drain") => {
-                if !self.authorized(auth.as_deref()) {
-                    tracing::warn!(
-                        path,
-                        "admin mutation refused: missing or wrong bearer token"
-                    );
-                    return text(
-                        StatusCode::UNAUTHORIZED,
-                        "a valid `Authorization: Bearer <token>` is required",
-                    );
-                }
                 let drain = m == Method::POST;
                 if drain {
                     self.lifecycle.start_drain();
@@ -141,12 +220,12 @@ impl ServeHttp for AdminApp {
                     },
                 )
             }
-            (_, "/metrics" | "/status" | "/drain") => {
+            (_, "/metrics" | "/status" | "/drain" | "/purge") => {
                 text(StatusCode::METHOD_NOT_ALLOWED, "method not allowed")
             }
             _ => text(
                 StatusCode::NOT_FOUND,
-                "not found: try /metrics, /status, POST /drain",
+                "not found: try /metrics, /status, POST /drain, POST /purge",
             ),
         }
     }

@@ -14,6 +14,10 @@ use pingora::services::background::background_service;
 use pingora::services::listening::Service;
 
 use crate::admin::AdminApp;
+use crate::cache::invalidation::{Consumer, Invalidation, InvalidationSettings};
+use crate::cache::signing::PurgeSigner;
+use crate::cache::store::MemoryStore;
+use crate::cache::EdgeCache;
 use crate::config::Config;
 use crate::downstream::{ClientLimits, EdgeApp};
 use crate::health::prober::Prober;
@@ -118,8 +122,24 @@ fn prime_metrics(metrics: &Metrics, config: &Config, topo: &Topology) {
     ] {
         metrics.consistency_tokens.with_label_values(&[result]);
     }
-    for op in ["heartbeat_write", "heartbeat_read", "ensure"] {
+    for op in [
+        "heartbeat_write",
+        "heartbeat_read",
+        "ensure",
+        "invalidation_read",
+    ] {
         metrics.table_errors.with_label_values(&[op]);
+    }
+    if config.routes.iter().any(|r| r.cache.is_some()) {
+        for path in ["local", "direct", "table"] {
+            metrics.purges_applied.with_label_values(&[path]);
+        }
+        for cause in ["size", "purge", "expired"] {
+            metrics.cache_evictions.with_label_values(&[cause]);
+        }
+        for result in ["ok", "error"] {
+            metrics.purge_fanout.with_label_values(&[result]);
+        }
     }
 }
 
@@ -147,6 +167,46 @@ pub fn add_region(
     let lag = Arc::new(LagState::new(
         health.topo.regions.iter().map(|r| r.name.clone()).collect(),
     ));
+    let purge_signer = Arc::new(PurgeSigner::new(
+        &secrets.hop_key,
+        secrets.previous_hop_key.as_deref(),
+    ));
+    let cache = config.routes.iter().any(|r| r.cache.is_some()).then(|| {
+        let store: &'static MemoryStore = Box::leak(Box::new(MemoryStore::new(
+            config.cache.max_bytes,
+            config.cache.max_object_size,
+            metrics.clone(),
+        )));
+        let peers = config
+            .regions
+            .iter()
+            .filter(|r| r.name != region)
+            .filter_map(|r| Some((r.name.clone(), r.peer.clone()?)))
+            .collect();
+        let settings = InvalidationSettings {
+            region: region.clone(),
+            shards: config.tables.invalidation_shards,
+            poll_interval: config.tables.poll_interval,
+            retention: config.cache.purge_retention,
+            max_unsynced: config.cache.max_unsynced,
+            fanout_timeout: config.cache.fanout_timeout,
+            peers,
+            signer: purge_signer.clone(),
+            settle_margin: config.consistency.clock_margin,
+        };
+        let invalidation = Arc::new(Invalidation::new(
+            store,
+            table.clone(),
+            lag.clone(),
+            settings,
+            metrics.clone(),
+        ));
+        server.add_service(background_service(
+            &format!("cache invalidations {region}"),
+            Consumer(invalidation.clone()),
+        ));
+        Arc::new(EdgeCache::new(store, invalidation, config.cache.clone()))
+    });
 
     let proxy = EdgeProxy {
         health: health.clone(),
@@ -187,6 +247,8 @@ pub fn add_region(
             config.consistency.token_ttl,
         ),
         peers_check_tokens: !config.server.hop_format_v1,
+        cache: cache.clone(),
+        purge_signer,
     };
     let mut http = pingora::proxy::HttpProxy::new(proxy, server.configuration.clone());
     http.handle_init_modules();
@@ -219,7 +281,8 @@ pub fn add_region(
         lag.clone(),
         table.describe(),
         secrets.admin_token,
-    );
+    )
+    .with_cache(cache);
     let mut admin = Service::new(format!("admin {region}"), admin_app);
     admin.add_tcp(&config.admin.listen.to_string());
     admin.threads = Some(1);

@@ -21,6 +21,8 @@ pub enum Purpose {
     Hop,
     /// Consistency tokens given to clients.
     ConsistencyToken,
+    /// Purges sent straight to peer edge-routers.
+    Purge,
 }
 
 impl Purpose {
@@ -28,6 +30,7 @@ impl Purpose {
         match self {
             Purpose::Hop => b"edge-router hop v1",
             Purpose::ConsistencyToken => b"edge-router consistency-token v1",
+            Purpose::Purge => b"edge-router purge v1",
         }
     }
 }

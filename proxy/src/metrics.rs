@@ -57,6 +57,28 @@ pub struct Metrics {
     pub table_reachable: IntGauge,
     /// Consistency tokens by result (issued, valid, forged, expired, malformed, unknown_region).
     pub consistency_tokens: IntCounterVec,
+    /// Cache lookups on cache routes by route and result (hit, miss, stale, revalidated, bypass).
+    pub cache_lookups: IntCounterVec,
+    /// Bytes and objects in the cache store.
+    pub cache_size_bytes: IntGauge,
+    /// Objects in the cache store.
+    pub cache_objects: IntGauge,
+    /// Objects removed from the store by cause (size, purge, expired).
+    pub cache_evictions: IntCounterVec,
+    /// Purges applied here, by the path that brought them (local, direct, table).
+    pub purges_applied: IntCounterVec,
+    /// Time from a purge's acceptance to its application here, by path.
+    pub purge_propagation: HistogramVec,
+    /// Seconds since the invalidation consumer last read every partition.
+    pub cache_consumer_lag: prometheus::Gauge,
+    /// 1 while the cache may serve hits (invalidations read within max_unsynced).
+    pub cache_synced: IntGauge,
+    /// Whole-cache clears after an outage longer than the purge rows' retention.
+    pub cache_cleared: IntCounter,
+    /// Purge rows that could not be written (each is retried until it is).
+    pub purge_publish_errors: IntCounter,
+    /// Direct purges sent to peers, by result (ok, error).
+    pub purge_fanout: IntCounterVec,
 }
 
 impl Metrics {
@@ -131,7 +153,71 @@ impl Metrics {
             .const_label("region", region),
         )?;
         registry.register(Box::new(table_reachable.clone()))?;
+        let int_gauge = |name: &str, help: &str| -> Result<IntGauge, prometheus::Error> {
+            let g = IntGauge::with_opts(Opts::new(name, help).const_label("region", region))?;
+            registry.register(Box::new(g.clone()))?;
+            Ok(g)
+        };
+        let purge_propagation = HistogramVec::new(
+            HistogramOpts::new(
+                "edge_purge_propagation_seconds",
+                "Time from a purge's acceptance (its row time) to its application in this region, by path.",
+            )
+            .const_label("region", region)
+            .buckets(vec![
+                0.005, 0.01, 0.025, 0.05, 0.1, 0.15, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
+            ]),
+            &["path"],
+        )?;
+        registry.register(Box::new(purge_propagation.clone()))?;
+        let cache_consumer_lag = prometheus::Gauge::with_opts(
+            Opts::new(
+                "edge_cache_consumer_lag_seconds",
+                "Seconds since the invalidation consumer last read every partition of the table.",
+            )
+            .const_label("region", region),
+        )?;
+        registry.register(Box::new(cache_consumer_lag.clone()))?;
         Ok(Metrics {
+            cache_lookups: counter(
+                "edge_cache_lookups_total",
+                "Requests on cache routes by route and cache result (hit, miss, stale, revalidated, bypass).",
+                &["route", "result"],
+            )?,
+            cache_size_bytes: int_gauge(
+                "edge_cache_size_bytes",
+                "Bytes in the cache store (bodies, headers, keys, per-object overhead).",
+            )?,
+            cache_objects: int_gauge("edge_cache_objects", "Objects in the cache store.")?,
+            cache_evictions: counter(
+                "edge_cache_evictions_total",
+                "Objects removed from the cache store by cause (size, purge, expired).",
+                &["cause"],
+            )?,
+            purges_applied: counter(
+                "edge_cache_purges_applied_total",
+                "Purges applied in this region, by the path that brought each first (local, direct, table).",
+                &["path"],
+            )?,
+            purge_propagation,
+            cache_consumer_lag,
+            cache_synced: int_gauge(
+                "edge_cache_synced",
+                "1 while the cache may serve hits: the invalidation rows were read within cache.max_unsynced.",
+            )?,
+            cache_cleared: plain(
+                "edge_cache_cleared_total",
+                "Whole-cache clears after the table was unreadable for longer than cache.purge_retention.",
+            )?,
+            purge_publish_errors: plain(
+                "edge_purge_publish_errors_total",
+                "Failed writes of purge rows to the table (each is retried until written).",
+            )?,
+            purge_fanout: counter(
+                "edge_purge_fanout_total",
+                "Purges sent directly to peer regions, by result (ok, error).",
+                &["result"],
+            )?,
             table_errors: counter(
                 "edge_table_errors_total",
                 "Failed operations on the replicated table, by op.",

@@ -62,6 +62,7 @@ mod tests {
             upstream: 0,
             policy: Policy::LocalFirst,
             allowed: edge_policies::RegionSet::ALL,
+            cache: None,
         }
     }
 

@@ -11,7 +11,7 @@
 use std::borrow::Cow;
 use std::net::IpAddr;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
 use async_trait::async_trait;
 use bytes::Bytes;
@@ -20,11 +20,21 @@ use edge_policies::{
 };
 use http::Method;
 use ipnet::IpNet;
+use pingora::cache::key::HashBinary;
+use pingora::cache::{
+    CacheKey, CacheMeta, ForcedFreshness, HitHandler, NoCacheReason, RespCacheable,
+};
 use pingora::http::{RequestHeader, ResponseHeader};
 use pingora::prelude::*;
 use pingora::proxy::FailToProxy;
 use pingora::{Error, ErrorSource, ErrorType};
 
+use crate::cache::invalidation::{PurgePath, PURGE_PATH, PURGE_SIGNATURE};
+use crate::cache::purge::PurgeSpec;
+use crate::cache::request::{self as cache_request, CacheFacts, PeerPurgeError};
+use crate::cache::rules::{self as cache_rules, RequestDirectives};
+use crate::cache::signing::PurgeSigner;
+use crate::cache::{self, CacheCtx, EdgeCache, NOT_LOCAL};
 use crate::clock::unix_ms;
 use crate::config::RouteConfig;
 use crate::forwarding::{self, acceptable_request_id, new_request_id};
@@ -82,7 +92,14 @@ pub struct EdgeProxy {
     pub tokens: TokenSigner,
     /// Every peer checks a forwarded token (false during a rolling upgrade, `hop_format = "v1"`).
     pub peers_check_tokens: bool,
+    /// The HTTP cache (when a route has `cache = true`).
+    pub cache: Option<Arc<EdgeCache>>,
+    /// Verifies purges peers send to `/.edge/purge`.
+    pub purge_signer: Arc<PurgeSigner>,
 }
+
+/// Largest purge a peer may send.
+const MAX_PEER_PURGE: usize = 1 << 20;
 
 /// Who ended a response that had already started.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -130,6 +147,10 @@ pub struct RequestCtx {
     budget_upstream: Option<usize>,
     /// The response had started when the request failed, and was aborted.
     aborted: Option<Aborted>,
+    /// Cache state of this request.
+    cache: CacheCtx,
+    /// `x-cache` as sent (cache routes only).
+    cache_result: Option<&'static str>,
     _in_flight: Option<InFlight>,
 }
 
@@ -294,6 +315,61 @@ impl EdgeProxy {
         self.reply(session, ctx, code, "application/json", body.into())
             .await?;
         Ok(true)
+    }
+
+    /// A purge sent by a peer's fan-out: verified, then applied once.
+    async fn serve_peer_purge(&self, session: &mut Session, ctx: &mut RequestCtx) -> Result<bool> {
+        let Some(cache) = self.cache.clone() else {
+            return self
+                .refuse(session, ctx, 404, "purge", "no route caches in this region")
+                .await;
+        };
+        if session.req_header().method != Method::POST {
+            return self.refuse(session, ctx, 405, "purge", "POST only").await;
+        }
+        let signature = session
+            .req_header()
+            .headers
+            .get(PURGE_SIGNATURE)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_string);
+        let mut body = Vec::new();
+        while let Some(chunk) = session.read_request_body().await? {
+            if body.len() + chunk.len() > MAX_PEER_PURGE {
+                return self
+                    .refuse(session, ctx, 413, "purge", "purge too large")
+                    .await;
+            }
+            body.extend_from_slice(&chunk);
+        }
+        match cache_request::peer_purge(&self.purge_signer, signature.as_deref(), &body, unix_ms())
+        {
+            Ok(purge) => {
+                ctx.local_reply = Some("purge");
+                let applied = cache.invalidation.apply(&purge, PurgePath::Direct);
+                let msg: &'static [u8] = if applied.is_some() {
+                    b"applied\n"
+                } else {
+                    b"already applied\n"
+                };
+                self.reply(session, ctx, 200, "text/plain", Bytes::from_static(msg))
+                    .await?;
+                Ok(true)
+            }
+            Err(PeerPurgeError::Signature) => {
+                self.invalid_hop(ctx);
+                self.refuse(session, ctx, 403, "purge", "purge not signed by a peer")
+                    .await
+            }
+            Err(PeerPurgeError::Malformed) => {
+                self.refuse(session, ctx, 400, "purge", "malformed purge")
+                    .await
+            }
+            Err(PeerPurgeError::Stale) => {
+                self.refuse(session, ctx, 400, "purge", "purge too old (replayed?)")
+                    .await
+            }
+        }
     }
 
     /// The route of a request that has one.
@@ -536,6 +612,8 @@ impl ProxyHttp for EdgeProxy {
             retries_held: 0,
             budget_upstream: None,
             aborted: None,
+            cache: CacheCtx::default(),
+            cache_result: None,
             _in_flight: Some(self.lifecycle.enter()),
         }
     }
@@ -558,6 +636,9 @@ impl ProxyHttp for EdgeProxy {
             .unwrap_or_else(new_request_id);
         if req.uri.path() == self.health_path {
             return self.serve_health(session, ctx).await;
+        }
+        if req.uri.path() == PURGE_PATH {
+            return self.serve_peer_purge(session, ctx).await;
         }
         let host = match named_host(req) {
             Ok(Some(h)) => h,
@@ -628,6 +709,10 @@ impl ProxyHttp for EdgeProxy {
             }
         }
         ctx.route = self.routes.find(&host_name, &path);
+        if let Some(rc) = self.route(ctx).and_then(|r| r.cache) {
+            ctx.cache.route = Some(rc);
+            ctx.cache.directives = RequestDirectives::of(req);
+        }
         ctx.retryable = Retryable::of(&req.method, req.headers.contains_key("idempotency-key"));
         ctx.write = is_unsafe(&req.method);
         // The token is ours (x-edge-*): read it before that namespace is
@@ -762,7 +847,7 @@ impl ProxyHttp for EdgeProxy {
 
     async fn upstream_peer(
         &self,
-        _session: &mut Session,
+        session: &mut Session,
         ctx: &mut RequestCtx,
     ) -> Result<Box<HttpPeer>> {
         let route_index = ctx.route.ok_or_else(|| {
@@ -798,6 +883,11 @@ impl ProxyHttp for EdgeProxy {
             };
             ctx.target_region = Some(index);
             if index != topo.local {
+                if session.cache.enabled() {
+                    // A retry leaving the region: another region's answer
+                    // is neither served as ours nor stored here.
+                    session.cache.disable(NoCacheReason::Custom(NOT_LOCAL));
+                }
                 ctx.backend = None;
                 let peer = topo.regions[index].peer.as_ref().ok_or_else(|| {
                     Error::explain(ErrorType::InternalError, "chosen region has no peer")
@@ -917,7 +1007,7 @@ impl ProxyHttp for EdgeProxy {
 
     async fn upstream_response_filter(
         &self,
-        _session: &mut Session,
+        session: &mut Session,
         upstream_response: &mut ResponseHeader,
         ctx: &mut RequestCtx,
     ) -> Result<()> {
@@ -943,6 +1033,20 @@ impl ProxyHttp for EdgeProxy {
         for name in forwarding::hop_by_hop_present(&upstream_response.headers, status == 101) {
             upstream_response.remove_header(&name);
         }
+        if status == 304 && session.cache.maybe_cache_meta().is_some() {
+            // Revalidation: response_cache_filter merges these fields next.
+            ctx.cache.not_modified = Some(upstream_response.headers.clone());
+        }
+        if ctx.write && (200..400).contains(&status) && ctx.cache.route.is_some() {
+            if let Some(cache) = &self.cache {
+                // Before the client hears of the write: its next read here
+                // must not be the old copy.
+                let req = session.req_header();
+                let host = request_host(req).unwrap_or_default();
+                let urls = cache_request::invalidated_urls(req, upstream_response, host);
+                cache.invalidation.publish_async(PurgeSpec::urls(urls));
+            }
+        }
         let from_peer = ctx.target_region.is_some_and(|r| r != self.local());
         if !from_peer {
             // Only an edge-router mints tokens (a peer's pass through); a
@@ -965,11 +1069,20 @@ impl ProxyHttp for EdgeProxy {
 
     async fn response_filter(
         &self,
-        _session: &mut Session,
+        session: &mut Session,
         resp: &mut ResponseHeader,
         ctx: &mut RequestCtx,
     ) -> Result<()> {
         resp.insert_header("x-edge-region", self.region_name(self.local()))?;
+        if ctx.cache.route.is_some() {
+            let result = cache::result_of(session.cache.phase(), ctx.cache.served_stale);
+            ctx.cache_result = Some(result);
+            resp.insert_header("x-cache", result)?;
+            self.metrics
+                .cache_lookups
+                .with_label_values(&[self.route_label(ctx), &result.to_ascii_lowercase()])
+                .inc();
+        }
         if let Some(r) = ctx.target_region {
             resp.insert_header("x-edge-upstream-region", self.region_name(r))?;
         }
@@ -998,6 +1111,10 @@ impl ProxyHttp for EdgeProxy {
         if let Some(up) = ctx.upstream_time {
             forwarding::push_timing(&mut timing, "upstream", up.as_micros());
         }
+        if let Some(result) = ctx.cache_result {
+            timing.push_str(", cache;desc=");
+            timing.push_str(result);
+        }
         if let Some(prev) = resp
             .headers
             .get("server-timing")
@@ -1010,6 +1127,135 @@ impl ProxyHttp for EdgeProxy {
         }
         resp.insert_header("server-timing", timing)?;
         Ok(())
+    }
+
+    fn request_cache_filter(&self, session: &mut Session, ctx: &mut RequestCtx) -> Result<()> {
+        let (Some(cache), Some(_)) = (&self.cache, ctx.cache.route) else {
+            return Ok(());
+        };
+        let local = ctx.decision.is_some_and(
+            |d| matches!(d.target, Target::Region { index, .. } if index == self.local()),
+        );
+        let facts = CacheFacts {
+            cacheable_method: cache_rules::cacheable_method(&session.req_header().method),
+            client_no_store: ctx.cache.directives.no_store,
+            local,
+            foreign_token: ctx.token.is_some_and(|t| t.region != self.local()),
+            lag_read_ms: self.snapshots.lag.snapshot().last_ok_ms,
+            sync: cache.invalidation.sync(),
+            now_ms: unix_ms(),
+        };
+        if cache_request::use_cache(&facts).is_ok() {
+            cache.enable(session);
+        }
+        Ok(())
+    }
+
+    fn cache_key_callback(&self, session: &Session, _ctx: &mut RequestCtx) -> Result<CacheKey> {
+        Ok(cache::key_of(session))
+    }
+
+    async fn cache_hit_filter(
+        &self,
+        _session: &mut Session,
+        meta: &CacheMeta,
+        _hit_handler: &mut HitHandler,
+        is_fresh: bool,
+        ctx: &mut RequestCtx,
+    ) -> Result<Option<ForcedFreshness>> {
+        let (forced, stale) = ctx
+            .cache
+            .directives
+            .freshness(meta, is_fresh, SystemTime::now());
+        ctx.cache.served_stale = stale;
+        Ok(forced)
+    }
+
+    async fn proxy_upstream_filter(
+        &self,
+        session: &mut Session,
+        ctx: &mut RequestCtx,
+    ) -> Result<bool> {
+        if ctx.cache.route.is_some() && ctx.cache.directives.only_if_cached {
+            // RFC 9111 5.2.1.7: answer from the cache or not at all.
+            ctx.local_reply = Some("only-if-cached");
+            self.reply(
+                session,
+                ctx,
+                504,
+                "text/plain",
+                Bytes::from_static(b"not in this region's cache (only-if-cached)\n"),
+            )
+            .await?;
+            return Ok(false);
+        }
+        Ok(true)
+    }
+
+    fn response_cache_filter(
+        &self,
+        session: &Session,
+        resp: &ResponseHeader,
+        ctx: &mut RequestCtx,
+    ) -> Result<RespCacheable> {
+        if let Some(cache) = &self.cache {
+            let key = cache::key_of(session);
+            let url = String::from_utf8_lossy(key.primary_key());
+            let tags = cache_rules::response_tags(&resp.headers);
+            if cache.invalidation.settling(&url, &tags, unix_ms()) {
+                // Served, not stored: this region's data may predate the purge.
+                return Ok(RespCacheable::Uncacheable(NoCacheReason::Custom(
+                    "purge-settling",
+                )));
+            }
+        }
+        Ok(match ctx.cache.route {
+            Some(route) => match ctx.cache.not_modified.take() {
+                Some(fields) => {
+                    let mut merged = resp.clone();
+                    cache_rules::merge_not_modified(&mut merged, &fields);
+                    let now = SystemTime::now();
+                    cache_rules::response_cacheable(session.req_header(), &merged, route, now)
+                }
+                None => cache_rules::response_cacheable(
+                    session.req_header(),
+                    resp,
+                    route,
+                    SystemTime::now(),
+                ),
+            },
+            None => RespCacheable::Uncacheable(NoCacheReason::Custom("route")),
+        })
+    }
+
+    fn cache_vary_filter(
+        &self,
+        meta: &CacheMeta,
+        _ctx: &mut RequestCtx,
+        req: &RequestHeader,
+    ) -> Option<HashBinary> {
+        cache_rules::variance(meta, req)
+    }
+
+    fn should_serve_stale(
+        &self,
+        _session: &mut Session,
+        _ctx: &mut RequestCtx,
+        error: Option<&Error>,
+    ) -> bool {
+        // Whether the stored copy allows it (stale-while-revalidate,
+        // stale-if-error, no must-revalidate) Pingora checks on the meta;
+        // here: which failures count as the origin's (RFC 5861 4).
+        error.is_none_or(|e| {
+            e.esource() == &ErrorSource::Upstream
+                || matches!(e.etype(), ErrorType::HTTPStatus(code) if *code >= 500)
+                || matches!(
+                    e.etype(),
+                    ErrorType::ConnectTimedout
+                        | ErrorType::ConnectRefused
+                        | ErrorType::ConnectError
+                )
+        })
     }
 
     fn fail_to_connect(
@@ -1184,6 +1430,7 @@ impl ProxyHttp for EdgeProxy {
             decision = ctx.decision_text.as_deref().unwrap_or(decision),
             attempts = ctx.upstream_attempts() + 1,
             hop_from = ctx.hop_from.as_deref(),
+            cache = ctx.cache_result,
             outcome = match (ctx.aborted, e) {
                 (Some(Aborted::Upstream), _) => "upstream_aborted",
                 (Some(Aborted::Client), _) => "client_aborted",

@@ -3,6 +3,7 @@
 //! to use (addresses parsed and resolved, routes pointing at upstreams by
 //! index). Nothing here binds a socket, so `edge-router check` can run it alone.
 
+mod cache;
 pub mod diag;
 pub mod raw;
 
@@ -19,10 +20,12 @@ use toml::de::{DeTable, DeValue, ValueDeserializer};
 use toml::Spanned;
 
 use crate::path::{normalize_path, EscapedSlashes, PathRules};
+pub use cache::{parse_size, CacheConfig, RouteCache};
 pub use diag::{ConfigError, ConfigErrors};
 use diag::{Locator, Seg};
 use raw::{
-    RawAdmin, RawConsistency, RawLog, RawRegion, RawRoute, RawServer, RawTables, RawUpstream,
+    RawAdmin, RawCache, RawConsistency, RawLog, RawRegion, RawRoute, RawServer, RawTables,
+    RawUpstream,
 };
 
 /// A validated configuration for one proxy.
@@ -44,6 +47,8 @@ pub struct Config {
     pub tables: TablesConfig,
     /// `[consistency]`
     pub consistency: ConsistencyConfig,
+    /// `[cache]`
+    pub cache: CacheConfig,
     /// Valid settings that probably do not do what was meant (printed by `check`, logged by `run`).
     pub warnings: Vec<String>,
 }
@@ -75,6 +80,10 @@ pub struct TablesConfig {
     pub heartbeat_interval: Duration,
     /// Heartbeat partitions per region.
     pub heartbeat_shards: u32,
+    /// Invalidation rows are read this often.
+    pub poll_interval: Duration,
+    /// Invalidation partitions.
+    pub invalidation_shards: u32,
 }
 
 /// `[consistency]`, validated.
@@ -262,6 +271,8 @@ pub struct RouteConfig {
     pub policy: Policy,
     /// Data residency: regions (indexes into `Config::regions`) that may serve the route.
     pub allowed: RegionSet,
+    /// The HTTP cache for this route (`None`: not cached).
+    pub cache: Option<RouteCache>,
 }
 
 /// Read and validate a config file. `region_override` is `EDGE_REGION`.
@@ -320,9 +331,10 @@ struct Sections {
     log: RawLog,
     tables: RawTables,
     consistency: RawConsistency,
+    cache: RawCache,
 }
 
-const SECTIONS: &str = "server, admin, log, tables, consistency, regions, upstreams, routes";
+const SECTIONS: &str = "server, admin, log, tables, consistency, cache, regions, upstreams, routes";
 
 /// Deserialize each section (and each region, upstream and route) on its own,
 /// so that one mistake does not hide the next.
@@ -363,6 +375,11 @@ fn read_sections(
             "consistency" => {
                 if let Some(c) = typed(loc, &path, value, errors) {
                     s.consistency = c;
+                }
+            }
+            "cache" => {
+                if let Some(c) = typed(loc, &path, value, errors) {
+                    s.cache = c;
                 }
             }
             "regions" => s.regions = typed_entries(loc, &path, value, errors),
@@ -499,6 +516,7 @@ fn validate(
     }
     let tables = validate_tables(loc, s.tables, &server.region, errors);
     let consistency = validate_consistency(loc, s.consistency, errors);
+    let cache = cache::validate_cache(loc, s.cache, &tables, errors);
     let warnings = consistency_warnings(&regions, &routes, &tables);
     Some(Config {
         server,
@@ -512,6 +530,7 @@ fn validate(
         },
         tables,
         consistency,
+        cache,
         warnings,
     })
 }
@@ -622,10 +641,24 @@ fn validate_tables(
     if !(1..=64).contains(&raw.heartbeat_shards) {
         errors.push(loc.at_path(&at("heartbeat_shards"), "heartbeat_shards must be 1 to 64"));
     }
+    if raw.poll_interval < Duration::from_millis(10) || raw.poll_interval > Duration::from_secs(60)
+    {
+        errors.push(loc.at_path(&at("poll_interval"), "poll_interval must be 10ms to 60s"));
+    }
+    if !(1..=64).contains(&raw.invalidation_shards) {
+        errors.push(loc.at_path(
+            &at("invalidation_shards"),
+            "invalidation_shards must be 1 to 64",
+        ));
+    }
     TablesConfig {
         backend,
         heartbeat_interval: raw.heartbeat_interval.max(Duration::from_millis(10)),
         heartbeat_shards: raw.heartbeat_shards.clamp(1, 64),
+        poll_interval: raw
+            .poll_interval
+            .clamp(Duration::from_millis(10), Duration::from_secs(60)),
+        invalidation_shards: raw.invalidation_shards.clamp(1, 64),
     }
 }
 
@@ -1093,6 +1126,7 @@ fn validate_route(
     if errors.len() > before {
         return None;
     }
+    let cache = cache::route_cache(loc, i, &raw, errors);
     Some(RouteConfig {
         name: raw
             .name
@@ -1102,6 +1136,7 @@ fn validate_route(
         upstream: upstream?,
         policy: policy?,
         allowed,
+        cache,
     })
 }
 

@@ -374,6 +374,15 @@ pub struct RawRoute {
     pub max_staleness: Option<Duration>,
     /// Data residency: the only regions that may serve this route (default: all).
     pub allowed_regions: Option<Vec<String>>,
+    /// Keep responses in this region's HTTP cache (docs/cache.md).
+    #[serde(default)]
+    pub cache: bool,
+    /// Heuristic freshness for responses without explicit freshness (RFC 9111 4.2.2).
+    #[serde(default)]
+    pub cache_heuristic: bool,
+    /// Store responses that set cookies (the stored copy drops `Set-Cookie`).
+    #[serde(default)]
+    pub cache_set_cookie: bool,
 }
 
 /// `[tables]`
@@ -399,6 +408,12 @@ pub struct RawTables {
     /// Partitions each region writes its heartbeat into.
     #[serde(default = "default_heartbeat_shards")]
     pub heartbeat_shards: u32,
+    /// How often each region reads new invalidation rows from its replica.
+    #[serde(default = "default_poll_interval", with = "humantime_serde")]
+    pub poll_interval: Duration,
+    /// Partitions invalidation rows are spread over.
+    #[serde(default = "default_heartbeat_shards")]
+    pub invalidation_shards: u32,
 }
 
 impl Default for RawTables {
@@ -411,6 +426,8 @@ impl Default for RawTables {
             create_if_missing: false,
             heartbeat_interval: default_heartbeat_interval(),
             heartbeat_shards: default_heartbeat_shards(),
+            poll_interval: default_poll_interval(),
+            invalidation_shards: default_heartbeat_shards(),
         }
     }
 }
@@ -426,6 +443,75 @@ fn default_heartbeat_interval() -> Duration {
 }
 fn default_heartbeat_shards() -> u32 {
     4
+}
+fn default_poll_interval() -> Duration {
+    Duration::from_millis(100)
+}
+
+/// `[cache]`
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawCache {
+    /// Bytes the store may hold (`"256MiB"`, or a number of bytes).
+    #[serde(default = "default_max_bytes")]
+    pub max_bytes: RawSize,
+    /// Larger responses stream through uncached.
+    #[serde(default = "default_max_object_size")]
+    pub max_object_size: RawSize,
+    /// Without a successful read of the invalidation rows for this long, hits stop.
+    #[serde(default = "default_max_unsynced", with = "humantime_serde")]
+    pub max_unsynced: Duration,
+    /// How long invalidation rows live (their TTL).
+    #[serde(default = "default_purge_retention", with = "humantime_serde")]
+    pub purge_retention: Duration,
+    /// How long concurrent misses for one key wait for the one fetching it.
+    #[serde(default = "default_lock_timeout", with = "humantime_serde")]
+    pub lock_timeout: Duration,
+    /// The direct purge to each peer gives up after this long (the table still carries it).
+    #[serde(default = "default_fanout_timeout", with = "humantime_serde")]
+    pub fanout_timeout: Duration,
+}
+
+impl Default for RawCache {
+    fn default() -> Self {
+        RawCache {
+            max_bytes: default_max_bytes(),
+            max_object_size: default_max_object_size(),
+            max_unsynced: default_max_unsynced(),
+            purge_retention: default_purge_retention(),
+            lock_timeout: default_lock_timeout(),
+            fanout_timeout: default_fanout_timeout(),
+        }
+    }
+}
+
+/// A size: a number of bytes, or a string with a unit (`"8MiB"`, `"512KB"`).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(untagged)]
+pub enum RawSize {
+    /// Bytes.
+    Bytes(u64),
+    /// With a unit.
+    Text(String),
+}
+
+fn default_max_bytes() -> RawSize {
+    RawSize::Text("256MiB".to_string())
+}
+fn default_max_object_size() -> RawSize {
+    RawSize::Text("8MiB".to_string())
+}
+fn default_max_unsynced() -> Duration {
+    Duration::from_secs(5)
+}
+fn default_purge_retention() -> Duration {
+    Duration::from_secs(3600)
+}
+fn default_lock_timeout() -> Duration {
+    Duration::from_secs(5)
+}
+fn default_fanout_timeout() -> Duration {
+    Duration::from_millis(500)
 }
 
 /// `[consistency]`

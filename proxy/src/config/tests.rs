@@ -373,11 +373,11 @@ fn single_region_needs_no_regions_table() {
 
 #[test]
 fn bad_hosts_and_unknown_sections_are_rejected() {
-    let text = format!("{THREE}\n[cache]\nmax_bytes = 1\n")
+    let text = format!("{THREE}\n[bogus]\nmax_bytes = 1\n")
         .replace("host = \"*.example.com\"", "host = \"a.*.com\"");
     let e = errors(&text);
     let paths: Vec<&str> = e.iter().map(|e| e.key_path.as_str()).collect();
-    assert_eq!(paths, ["routes[0].host", "cache"], "{e:#?}");
+    assert_eq!(paths, ["routes[0].host", "bogus"], "{e:#?}");
 }
 
 #[test]

@@ -8,6 +8,11 @@
 //!   value; 400 with a message when the body is not a duration.
 //! - `PUT /replication-delay?from=eu-west-1&to=ap-southeast-1` sets one
 //!   link's delay only (one replica catching up before the others).
+//! - `PUT /table?region=eu-west-1` with `down` or `up`: that region's
+//!   replica stops answering (every read and write fails) or answers again.
+//! - `PUT /link?from=us-east-1&to=eu-west-1` with `blocked` or `open`: the
+//!   traffic from one region's proxy to another's (forwarded requests,
+//!   health probes, purges) is cut, or flows again.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -17,6 +22,7 @@ use http::{header, HeaderValue, Method, Request, Response, StatusCode};
 use hyper::body::Incoming;
 use serde_json::json;
 
+use super::relay::Links;
 use super::{
     json_response, method_not_allowed, read_body, spawn_server, text_response, Body, BodyError,
 };
@@ -33,6 +39,7 @@ const MAX_BODY: usize = 1024;
 
 struct Control {
     global: Arc<SimulatedGlobal>,
+    links: Links,
     token: String,
 }
 
@@ -40,27 +47,39 @@ struct Control {
 pub(super) async fn start(
     addr: SocketAddr,
     global: Arc<SimulatedGlobal>,
+    links: Links,
     token: String,
 ) -> std::io::Result<()> {
     let listener = tokio::net::TcpListener::bind(addr).await?;
-    let control = Arc::new(Control { global, token });
+    let control = Arc::new(Control {
+        global,
+        links,
+        token,
+    });
     spawn_server(listener, move |req| handle(control.clone(), req));
     Ok(())
 }
 
 async fn handle(control: Arc<Control>, req: Request<Incoming>) -> Response<Body> {
     let (parts, body) = req.into_parts();
-    if parts.uri.path() != PATH {
+    let path = parts.uri.path();
+    if path != PATH && path != "/table" && path != "/link" {
         return text_response(
             StatusCode::NOT_FOUND,
-            format!("not found: the control listener has GET and PUT {PATH}\n"),
+            format!(
+                "not found: the control listener has GET and PUT {PATH}, PUT /table, PUT /link\n"
+            ),
         );
     }
-    if parts.method == Method::GET || parts.method == Method::HEAD {
+    if path == PATH && (parts.method == Method::GET || parts.method == Method::HEAD) {
         return delay_response(control.global.delay());
     }
     if parts.method != Method::PUT {
-        return method_not_allowed("GET, HEAD, PUT");
+        return method_not_allowed(if path == PATH {
+            "GET, HEAD, PUT"
+        } else {
+            "PUT"
+        });
     }
     if !authorized(parts.headers.get(header::AUTHORIZATION), &control.token) {
         let mut resp = text_response(
@@ -85,6 +104,10 @@ async fn handle(control: Arc<Control>, req: Request<Incoming>) -> Response<Body>
             return text_response(StatusCode::BAD_REQUEST, format!("reading the body: {e}\n"))
         }
     };
+    if path != PATH {
+        let word = String::from_utf8_lossy(&bytes).trim().to_string();
+        return switch(&control, path, parts.uri.query(), &word);
+    }
     let parsed = std::str::from_utf8(&bytes)
         .map_err(|_| {
             "expected a duration such as 2s or 500ms, got bytes that are not UTF-8".to_string()
@@ -112,6 +135,46 @@ async fn handle(control: Arc<Control>, req: Request<Incoming>) -> Response<Body>
         }
         (Err(message), _) => text_response(StatusCode::BAD_REQUEST, message + "\n"),
     }
+}
+
+/// `PUT /table?region=R` (`down` | `up`) and `PUT /link?from=A&to=B` (`blocked` | `open`).
+fn switch(control: &Control, path: &str, query: Option<&str>, word: &str) -> Response<Body> {
+    let bad = |msg: String| text_response(StatusCode::BAD_REQUEST, msg + "\n");
+    if path == "/table" {
+        let Some(region) = query.and_then(|q| q.strip_prefix("region=")) else {
+            return bad("use /table?region=REGION".to_string());
+        };
+        let down = match word {
+            "down" => true,
+            "up" => false,
+            other => return bad(format!("expected `down` or `up`, got `{other}`")),
+        };
+        return match control.global.set_unreachable(region, down) {
+            Ok(()) => {
+                tracing::info!(%region, down, "demo: table replica switched");
+                json_response(StatusCode::OK, &json!({ "region": region, "down": down }))
+            }
+            Err(e) => bad(e.to_string()),
+        };
+    }
+    let (from, to) = match link_of(query) {
+        Ok(Some(link)) => link,
+        Ok(None) => return bad("use /link?from=REGION&to=REGION".to_string()),
+        Err(message) => return bad(message),
+    };
+    let blocked = match word {
+        "blocked" => true,
+        "open" => false,
+        other => return bad(format!("expected `blocked` or `open`, got `{other}`")),
+    };
+    if !control.links.set_blocked(&from, &to, blocked) {
+        return bad(format!("no link from `{from}` to `{to}`"));
+    }
+    tracing::info!(%from, %to, blocked, "demo: link switched");
+    json_response(
+        StatusCode::OK,
+        &json!({ "from": from, "to": to, "blocked": blocked }),
+    )
 }
 
 /// `from=A&to=B` names one link; no query means every link.

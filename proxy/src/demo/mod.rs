@@ -14,6 +14,7 @@
 
 mod control;
 mod origin;
+mod relay;
 
 use std::convert::Infallible;
 use std::fmt::Write as _;
@@ -139,8 +140,9 @@ fn plan(args: &DemoArgs) -> anyhow::Result<Plan> {
     })
 }
 
-/// The config a region would have if it were deployed by hand.
-fn region_config(regions: &[DemoRegion], me: usize) -> String {
+/// The config a region would have if it were deployed by hand; `peer_port`
+/// says where region `me` reaches region `j` (through the demo's relay).
+fn region_config(regions: &[DemoRegion], me: usize, peer_port: &dyn Fn(usize) -> u16) -> String {
     let r = &regions[me];
     let mut t = String::new();
     let _ = writeln!(
@@ -155,15 +157,16 @@ fn region_config(regions: &[DemoRegion], me: usize) -> String {
     // measured lag tracks the replication delay closely.
     let _ = writeln!(
         t,
-        "[tables]\nbackend = \"embedded\"\nheartbeat_interval = \"250ms\"\n"
+        "[tables]\nbackend = \"embedded\"\nheartbeat_interval = \"250ms\"\npoll_interval = \"100ms\"\n"
     );
     for (j, other) in regions.iter().enumerate() {
         // Each region's nearest neighbour is the next one round the ring.
         let order = (j + regions.len() - me) % regions.len();
+        let port = if j == me { other.proxy } else { peer_port(j) };
         let _ = writeln!(
             t,
-            "[regions.{}]\npeer = \"http://127.0.0.1:{}\"\norder = {order}\n",
-            other.name, other.proxy
+            "[regions.{}]\npeer = \"http://127.0.0.1:{port}\"\norder = {order}\n",
+            other.name
         );
     }
     let _ = writeln!(
@@ -188,6 +191,16 @@ fn region_config(regions: &[DemoRegion], me: usize) -> String {
         t,
         "\n[[routes]]\nname = \"bounded\"\nhost = \"*\"\npath_prefix = \"/bounded/\"\nupstream = \"demo\"\npolicy = \"bounded-staleness\"\nmax_staleness = \"{}\"\non_primary_down = \"nearest\"",
         humantime::format_duration(MAX_STALENESS)
+    );
+    // Cached in every region; a purge or a write through any region
+    // reaches all of them (docs/cache.md).
+    let _ = writeln!(
+        t,
+        "\n[[routes]]\nname = \"static\"\nhost = \"*\"\npath_prefix = \"/static/\"\nupstream = \"demo\"\npolicy = \"local-first\"\ncache = true"
+    );
+    let _ = writeln!(
+        t,
+        "\n[[routes]]\nname = \"cached\"\nhost = \"*\"\npath_prefix = \"/cached/\"\nupstream = \"demo\"\npolicy = \"read-your-writes\"\ncache = true"
     );
     let _ = writeln!(
         t,
@@ -231,6 +244,7 @@ fn start_background(
     plan: &Plan,
     global: &Arc<SimulatedGlobal>,
     admin_token: &str,
+    links: Vec<relay::Link>,
 ) -> anyhow::Result<()> {
     let mut origins = Vec::new();
     for r in &plan.regions {
@@ -270,7 +284,8 @@ fn start_background(
                             .await
                             .with_context(|| format!("demo origin on {addr}"))?;
                     }
-                    control::start(control_addr, global, admin_token)
+                    let links = relay::Links::start(links).context("demo link relays")?;
+                    control::start(control_addr, global, links, admin_token)
                         .await
                         .with_context(|| format!("demo control listener on {control_addr}"))?;
                     anyhow::Ok(())
@@ -503,6 +518,8 @@ fn print_table(plan: &Plan, admin_token: &str, delay: Duration) {
         }
     }
 
+    walkthrough_cache(&mut out, regions, &auth);
+
     // Last, because a drained region stays drained for the rest of the demo.
     let _ = writeln!(out, "\nDrain:");
     step(
@@ -511,6 +528,40 @@ fn print_table(plan: &Plan, admin_token: &str, delay: Duration) {
         &format!("drain {}: its health path turns 503", a.name),
     );
     println!("{out}");
+}
+
+/// The cache: `/static/` cached in every region, one purge clears them all.
+fn walkthrough_cache(out: &mut String, regions: &[DemoRegion], auth: &str) {
+    let _ = writeln!(out, "\nCache (route /static/, purged in every region):");
+    let each: Vec<String> = regions
+        .iter()
+        .map(|r| format!("http://127.0.0.1:{}/static/logo", r.proxy))
+        .collect();
+    let curl_each = |what: &str| {
+        format!(
+            "for u in {}; do curl -s -o /dev/null -D - $u | grep -i '^x-cache'; done  # {what}",
+            each.join(" ")
+        )
+    };
+    step(out, &curl_each("first"), "MISS in each region, then:");
+    step(out, &curl_each("again"), "HIT in each region");
+    let a = &regions[0];
+    step(
+        out,
+        &format!(
+            "curl -s -X POST {auth} -d '{{\"tags\":[\"static\"]}}' http://127.0.0.1:{}/purge",
+            a.admin
+        ),
+        &format!(
+            "purge the tag through {}: 202 with an id (Surrogate-Key: static logo)",
+            a.name
+        ),
+    );
+    step(
+        out,
+        &curl_each("after the purge"),
+        "MISS in every region (direct fan-out; the table brings it to a region the fan-out missed)",
+    );
 }
 
 /// Read-your-writes and bounded staleness, written through region `a` (the
@@ -644,11 +695,24 @@ pub fn run(args: DemoArgs) -> anyhow::Result<()> {
         .ok()
         .filter(|t| !t.is_empty())
         .unwrap_or_else(crate::forwarding::new_request_id);
-    start_background(&plan, &global, &admin_token)?;
+    // One relay per ordered pair of regions, so that a link can be cut.
+    let mut links = Vec::new();
+    let mut link_ports = std::collections::HashMap::new();
+    for (i, from) in plan.regions.iter().enumerate() {
+        for (j, to) in plan.regions.iter().enumerate().filter(|(j, _)| *j != i) {
+            let target = SocketAddr::from(([127, 0, 0, 1], to.proxy));
+            let link = relay::Link::bind(from.name, to.name, target)
+                .context("binding a demo link relay")?;
+            link_ports.insert((i, j), link.port()?);
+            links.push(link);
+        }
+    }
+    start_background(&plan, &global, &admin_token, links)?;
     let mut server = app::new_server(Duration::from_secs(5))?;
     let mut lifecycles = Vec::new();
     for (i, r) in plan.regions.iter().enumerate() {
-        let text = region_config(&plan.regions, i);
+        let port_to = |j: usize| link_ports.get(&(i, j)).copied().unwrap_or(0);
+        let text = region_config(&plan.regions, i, &port_to);
         let cfg = config::parse(&format!("demo:{}", r.name), &text, None)
             .map_err(|e| anyhow::anyhow!("generated demo config is invalid:\n{e}"))?;
         let secrets = Secrets {
@@ -689,7 +753,8 @@ mod tests {
             let plan = plan(&args(n)).unwrap();
             let regions = &plan.regions;
             for i in 0..regions.len() {
-                let cfg = config::parse("demo", &region_config(regions, i), None)
+                let direct = |j: usize| regions[j].proxy;
+                let cfg = config::parse("demo", &region_config(regions, i, &direct), None)
                     .unwrap_or_else(|e| panic!("{e}"));
                 assert_eq!(cfg.server.region, regions[i].name);
                 // The next region round the ring is the nearest.
@@ -704,8 +769,12 @@ mod tests {
     fn demo_paths_reach_their_policies_whatever_the_route_order() {
         use edge_policies::{OnPrimaryDown, Policy};
         let plan = plan(&args(3)).unwrap();
-        let cfg = config::parse("demo", &region_config(&plan.regions, 1), None)
-            .unwrap_or_else(|e| panic!("{e}"));
+        let cfg = config::parse(
+            "demo",
+            &region_config(&plan.regions, 1, &|j| plan.regions[j].proxy),
+            None,
+        )
+        .unwrap_or_else(|e| panic!("{e}"));
         assert_eq!(
             cfg.upstreams[0].primary_region.as_deref(),
             Some("us-east-1")

@@ -14,13 +14,18 @@
 //! - `GET` `…/kv/KEY`: the value as this region's replica has it; 404 if it
 //!   has none. Only the last two segments count, so the same store is
 //!   reachable under every route prefix (`/kv/KEY`, `/bounded/kv/KEY`).
-//! - Anything else: 200 with `{"region", "origin", "path"}`.
+//! - Anything else: 200 with `{"region", "origin", "path", "served"}`
+//!   (`served` counts the requests this origin answered).
+//! - Under `/static/` and `/cached/` (the demo's cached routes) a 200 to a
+//!   GET is cacheable: `Cache-Control: public, max-age=60`, an `ETag`, and
+//!   `Surrogate-Key: <first segment> <last segment>` to purge by.
 
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 
 use http::{header, HeaderValue, Method, Request, Response, StatusCode};
+use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use serde_json::json;
 
@@ -57,6 +62,7 @@ struct Origin {
     region: String,
     table: EmbeddedTable,
     failing: AtomicBool,
+    served: AtomicU64,
 }
 
 /// Bind the origin's port and serve it on the current runtime.
@@ -67,13 +73,39 @@ pub(super) async fn start(spec: OriginSpec) -> std::io::Result<()> {
         region: spec.region,
         table: spec.table,
         failing: AtomicBool::new(false),
+        served: AtomicU64::new(0),
     });
     spawn_server(listener, move |req| handle(origin.clone(), req));
     Ok(())
 }
 
 async fn handle(origin: Arc<Origin>, req: Request<Incoming>) -> Response<Body> {
+    origin.served.fetch_add(1, Ordering::Relaxed);
+    let cacheable = (req.method() == Method::GET || req.method() == Method::HEAD)
+        .then(|| surrogate_key(req.uri().path()))
+        .flatten();
     let mut resp = answer(&origin, req).await;
+    if let Some(tags) = cacheable.filter(|_| resp.status() == StatusCode::OK) {
+        let (parts, body) = resp.into_parts();
+        let bytes = body
+            .collect()
+            .await
+            .map(|b| b.to_bytes())
+            .unwrap_or_default();
+        let etag = format!("\"{:x}\"", body_hash(&bytes));
+        resp = Response::from_parts(parts, Body::new(bytes));
+        let h = resp.headers_mut();
+        h.insert(
+            header::CACHE_CONTROL,
+            HeaderValue::from_static("public, max-age=60"),
+        );
+        if let Ok(v) = HeaderValue::from_str(&tags) {
+            h.insert("surrogate-key", v);
+        }
+        if let Ok(v) = HeaderValue::from_str(&etag) {
+            h.insert(header::ETAG, v);
+        }
+    }
     // On every answer, errors included, so that a response seen through the
     // proxy always tells which backend produced it.
     let h = resp.headers_mut();
@@ -120,8 +152,36 @@ async fn answer(origin: &Origin, req: Request<Incoming>) -> Response<Body> {
     let _ = read_body(&parts, body, MAX_VALUE_BYTES).await;
     json_response(
         StatusCode::OK,
-        &json!({ "region": origin.region, "origin": origin.name, "path": path }),
+        &json!({
+            "region": origin.region,
+            "origin": origin.name,
+            "path": path,
+            "served": origin.served.load(Ordering::Relaxed),
+        }),
     )
+}
+
+/// Tags of a response on one of the demo's cached routes: its first and
+/// last path segments (`/static/kv/item` => `static item`).
+fn surrogate_key(path: &str) -> Option<String> {
+    let mut segments = path.split('/').filter(|s| !s.is_empty());
+    let first = segments.next()?;
+    if first != "static" && first != "cached" {
+        return None;
+    }
+    let last = segments.next_back().unwrap_or(first);
+    Some(if last == first {
+        first.to_string()
+    } else {
+        format!("{first} {last}")
+    })
+}
+
+/// A short fingerprint of a body for its `ETag` (FNV-1a).
+fn body_hash(body: &[u8]) -> u64 {
+    body.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, x| {
+        (h ^ u64::from(*x)).wrapping_mul(0x0100_0000_01b3)
+    })
 }
 
 /// The last segment of a path whose last two segments are `kv/KEY`, not yet

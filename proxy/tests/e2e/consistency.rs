@@ -2,30 +2,13 @@
 //! primary, and read-your-writes / bounded staleness over the demo's
 //! simulated global table with a real replication delay.
 
-use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use crate::demo_harness::{header, sample, Demo};
 use crate::support::*;
 
 /// Generous bound that only catches a hang.
 const HANG: Duration = Duration::from_secs(20);
-
-/// A response's header, or "".
-fn header(resp: &reqwest::Response, name: &str) -> String {
-    resp.headers()
-        .get(name)
-        .and_then(|v| v.to_str().ok())
-        .unwrap_or("")
-        .to_string()
-}
-
-/// The value of the sample of `metric` whose labels contain `label`.
-fn sample(text: &str, metric: &str, label: &str) -> f64 {
-    text.lines()
-        .filter(|l| l.starts_with(metric) && l.contains(label))
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum()
-}
 
 /// The `x-edge-consistency` token of a successful write through `url`.
 async fn write(c: &reqwest::Client, url: &str, body: &str) -> (String, String) {
@@ -208,122 +191,6 @@ async fn primary_routes_reads_and_writes_to_the_primary_and_fails_when_it_is_dow
 }
 
 // ---------------------------------------------------------------- demo
-
-/// `edge-router demo` on a free block of ports, killed on drop.
-struct Demo {
-    child: Child,
-    base: u16,
-    admin_base: u16,
-}
-
-const DEMO_TOKEN: &str = "demo-e2e-token";
-
-impl Demo {
-    async fn start(delay: &str) -> Demo {
-        let (base, admin_base) = free_demo_ports();
-        let child = Command::new(edge_binary())
-            .args([
-                "demo",
-                "--regions",
-                "3",
-                "--base-port",
-                &base.to_string(),
-                "--admin-base-port",
-                &admin_base.to_string(),
-                "--replication-delay",
-                delay,
-            ])
-            .env("EDGE_ADMIN_TOKEN", DEMO_TOKEN)
-            .env("EDGE_LOG", "warn")
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("demo starts");
-        let demo = Demo {
-            child,
-            base,
-            admin_base,
-        };
-        let c = client();
-        let ready = eventually(HANG, || async {
-            let mut ok = true;
-            for i in 0..3 {
-                ok &= c
-                    .get(demo.url(i, "/.edge/health"))
-                    .send()
-                    .await
-                    .is_ok_and(|r| r.status().is_success());
-            }
-            ok
-        })
-        .await;
-        assert!(ready.is_some(), "demo did not start");
-        demo
-    }
-
-    fn url(&self, region: u16, path: &str) -> String {
-        format!("http://127.0.0.1:{}{path}", self.base + region)
-    }
-
-    fn admin(&self, region: u16, path: &str) -> String {
-        format!("http://127.0.0.1:{}{path}", self.admin_base + region)
-    }
-
-    async fn set_delay(&self, delay: &str) {
-        self.set_delay_at("", delay).await;
-    }
-
-    /// `query` is empty (every link) or `?from=A&to=B`.
-    async fn set_delay_at(&self, query: &str, delay: &str) {
-        let resp = client()
-            .put(format!(
-                "http://127.0.0.1:{}/replication-delay{query}",
-                self.base + 99
-            ))
-            .bearer_auth(DEMO_TOKEN)
-            .body(delay.to_string())
-            .send()
-            .await
-            .expect("control listener");
-        assert!(resp.status().is_success(), "{}", resp.status());
-    }
-
-    /// Wait until region `region` knows every region's replication lag.
-    async fn wait_lag_known(&self, region: u16) {
-        let c = client();
-        let known = eventually(HANG, || async {
-            let Ok(resp) = c.get(self.admin(region, "/status")).send().await else {
-                return false;
-            };
-            let doc: serde_json::Value = resp.json().await.unwrap_or_default();
-            doc["tables"]["lag"]
-                .as_object()
-                .is_some_and(|m| m.values().all(|v| v["watermark_ms"].is_u64()))
-        })
-        .await;
-        assert!(known.is_some(), "lag never became known in region {region}");
-    }
-}
-
-impl Drop for Demo {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-/// A traffic base with BASE..BASE+105 free, and an admin base with 3 free.
-fn free_demo_ports() -> (u16, u16) {
-    let free = |p: u16| std::net::TcpListener::bind(("127.0.0.1", p)).is_ok();
-    for attempt in 0..200u32 {
-        let base = 20_000 + ((std::process::id() * 131 + attempt * 211) % 8_000) as u16;
-        let admin = base + 200;
-        if (0..106).all(|i| free(base + i)) && (0..3).all(|i| free(admin + i)) {
-            return (base, admin);
-        }
-    }
-    panic!("no free block of ports for the demo");
-}
 
 #[tokio::test]
 async fn read_your_writes_across_three_regions_with_a_two_second_delay() {

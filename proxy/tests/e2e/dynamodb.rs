@@ -4,11 +4,12 @@
 //! tests assert the routing, not the lag.
 
 use std::process::{Child, Command, Stdio};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use edge_router::tables::dynamodb::{DynamoSettings, DynamoTable};
 use edge_router::tables::Table;
 
+use crate::cache_regions::{cache_hit, first_miss, report, Applied};
 use crate::support::*;
 
 /// Only catches a hang.
@@ -49,10 +50,18 @@ async fn global_table(endpoint: &str, regions: &[&str]) -> String {
     name
 }
 
+/// `[tables]` of a DynamoDB-backed region, with `extra` lines.
+fn tables_section(table: &str, endpoint: &str, extra: &str) -> String {
+    format!(
+        "\n[tables]\nbackend = \"dynamodb\"\ntable = \"{table}\"\nendpoint = \"{endpoint}\"\n{extra}"
+    )
+}
+
 /// The config tail for a DynamoDB-backed region.
 fn tables_tail(table: &str, endpoint: &str, margin: &str) -> String {
     format!(
-        "\n[tables]\nbackend = \"dynamodb\"\ntable = \"{table}\"\nendpoint = \"{endpoint}\"\n\n[consistency]\nclock_margin = \"{margin}\"\n"
+        "{}\n[consistency]\nclock_margin = \"{margin}\"\n",
+        tables_section(table, endpoint, "")
     )
 }
 
@@ -344,4 +353,115 @@ async fn a_stalled_or_stopped_table_keeps_traffic_flowing_and_recovers() {
         "{}",
         edges[1].log_text()
     );
+}
+
+/// An origin whose every answer may be cached for 60 s and carries the
+/// surrogate key `t`; each body counts the requests it answered.
+async fn tagged_origin() -> std::net::SocketAddr {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    use std::sync::Arc;
+    use tokio::io::AsyncWriteExt;
+
+    let served = Arc::new(AtomicU64::new(0));
+    raw_origin(move |mut stream, _head| {
+        let n = served.fetch_add(1, Ordering::Relaxed) + 1;
+        async move {
+            let body = format!("{{\"served\":{n}}}");
+            let resp = format!(
+                "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncache-control: public, max-age=60\r\nsurrogate-key: t\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+                body.len()
+            );
+            let _ = stream.write_all(resp.as_bytes()).await;
+            let _ = stream.shutdown().await;
+        }
+    })
+    .await
+}
+
+/// Three regions caching one route over one DynamoDB global table: a purge
+/// by tag through us-east-1's admin clears the other two. us-east-1's peer
+/// entry for ap-southeast-1 points at a closed port, so its fan-out never
+/// reaches ap-southeast-1, which can only learn the purge from its replica.
+#[tokio::test]
+async fn three_proxies_purge_through_dynamodb() {
+    const TEST: &str = "three_proxies_purge_through_dynamodb";
+    let endpoint = endpoint_from_env();
+    let table = global_table(&endpoint, &REGIONS).await;
+    let mut regions = Vec::new();
+    for name in REGIONS {
+        regions.push(RegionSpec::new(name, vec![tagged_origin().await]));
+    }
+    let tail = tables_section(
+        &table,
+        &endpoint,
+        "create_if_missing = true\npoll_interval = \"100ms\"\n",
+    );
+    let t = Tweaks {
+        route_extra: "cache = true",
+        tail: Box::leak(tail.into_boxed_str()),
+        ..Tweaks::default()
+    };
+    let closed = free_port();
+    let cut: Vec<RegionSpec> = regions
+        .iter()
+        .map(|r| RegionSpec {
+            name: r.name,
+            port: if r.name == "ap-southeast-1" {
+                closed
+            } else {
+                r.port
+            },
+            admin: r.admin,
+            backends: r.backends.clone(),
+        })
+        .collect();
+    let mut edges = Vec::new();
+    for (i, r) in regions.iter().enumerate() {
+        let config = if i == 0 {
+            config_for(&cut, i, &t)
+        } else {
+            config_for(&regions, i, &t)
+        };
+        edges.push(Edge::start_with_env(&config, r.port, r.admin, &AWS_ENV).await);
+    }
+    let c = client();
+    let urls: Vec<String> = edges.iter().map(|e| e.url("/p")).collect();
+    for url in &urls {
+        cache_hit(&c, url).await;
+    }
+    let mut before = Vec::new();
+    for edge in &edges[1..] {
+        before.push(Applied::parse(&metrics(&c, edge).await));
+    }
+
+    let purged = Instant::now();
+    let resp = c
+        .post(edges[0].admin_url("/purge"))
+        .bearer_auth(ADMIN_TOKEN)
+        .json(&serde_json::json!({ "tags": ["t"] }))
+        .send()
+        .await
+        .expect("POST /purge");
+    let status = resp.status().as_u16();
+    let body = resp.text().await.unwrap_or_default();
+    assert_eq!(status, 202, "{body}\n{}", edges[0].log_text());
+    let times = first_miss(&c, &urls[1..], purged).await;
+    let mut grew = Vec::new();
+    for (edge, was) in edges[1..].iter().zip(&before) {
+        grew.push(Applied::parse(&metrics(&c, edge).await).since(*was));
+    }
+    report(TEST, &REGIONS[1..], &times, &grew);
+    assert_eq!(
+        (grew[1].direct, grew[1].table),
+        (0.0, 1.0),
+        "ap-southeast-1 can only learn the purge from DynamoDB: {:?}\n{}",
+        grew[1],
+        edges[2].log_text()
+    );
+    // Both paths have had time to deliver to eu-west-1 (MiniStack
+    // replicates at once; a poll is 100 ms): it applied the purge once.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let now = metrics(&c, &edges[1]).await;
+    let once = Applied::parse(&now).since(before[0]);
+    assert_eq!(once.total(), 1.0, "eu-west-1 applied the purge {once:?}");
 }

@@ -1,9 +1,12 @@
 //! End-to-end tests: the real `edge-router` binary, real origins, real sockets on 127.0.0.1.
 
+mod demo_harness;
 mod support;
 
 mod access_log;
 mod admin;
+mod cache;
+mod cache_regions;
 mod check_cli;
 mod consistency;
 mod drain;
