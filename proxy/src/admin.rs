@@ -71,7 +71,7 @@ impl AdminApp {
         };
         let spec = match serde_json::from_slice::<PurgeSpec>(&body)
             .map_err(|e| format!("bad purge body: {e}"))
-            .and_then(PurgeSpec::normalized)
+            .and_then(|spec| spec.normalized(cache.path_rules))
         {
             Ok(s) => s,
             Err(msg) => return json(StatusCode::BAD_REQUEST, serde_json::json!({"error": msg})),

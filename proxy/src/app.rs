@@ -14,7 +14,8 @@ use pingora::services::background::background_service;
 use pingora::services::listening::Service;
 
 use crate::admin::AdminApp;
-use crate::cache::invalidation::{Consumer, Invalidation, InvalidationSettings};
+use crate::cache::consumer::Consumer;
+use crate::cache::invalidation::{Invalidation, InvalidationSettings, Publisher};
 use crate::cache::signing::PurgeSigner;
 use crate::cache::store::MemoryStore;
 use crate::cache::EdgeCache;
@@ -127,6 +128,7 @@ fn prime_metrics(metrics: &Metrics, config: &Config, topo: &Topology) {
         "heartbeat_read",
         "ensure",
         "invalidation_read",
+        "invalidation_row",
     ] {
         metrics.table_errors.with_label_values(&[op]);
     }
@@ -203,9 +205,18 @@ pub fn add_region(
         ));
         server.add_service(background_service(
             &format!("cache invalidations {region}"),
-            Consumer(invalidation.clone()),
+            Consumer::new(invalidation.clone()),
         ));
-        Arc::new(EdgeCache::new(store, invalidation, config.cache.clone()))
+        server.add_service(background_service(
+            &format!("cache purge rows {region}"),
+            Publisher(invalidation.clone()),
+        ));
+        Arc::new(EdgeCache::new(
+            store,
+            invalidation,
+            config.cache.clone(),
+            config.server.path_rules,
+        ))
     });
 
     let proxy = EdgeProxy {

@@ -976,14 +976,24 @@ impl ProxyHttp for EdgeProxy {
             None => format!("{version} {}", self.via_name),
         };
         upstream_request.insert_header(http::header::VIA, via)?;
-        if !(trusted && has_proto) {
-            upstream_request.insert_header("x-forwarded-proto", "http")?;
-        }
         let host = request_host(session.req_header())
             .unwrap_or_default()
             .to_string();
-        if !(trusted && has_host) {
-            upstream_request.insert_header("x-forwarded-host", host.as_str())?;
+        if session.cache.enabled() {
+            // What the response may depend on is what the key holds: the
+            // host without its port, and nothing a client or an upstream
+            // proxy says about it (cache poisoning).
+            let key_host = cache::key_host(session.req_header());
+            upstream_request.insert_header(http::header::HOST, key_host.as_str())?;
+            upstream_request.insert_header("x-forwarded-host", key_host.as_str())?;
+            upstream_request.insert_header("x-forwarded-proto", "http")?;
+        } else {
+            if !(trusted && has_proto) {
+                upstream_request.insert_header("x-forwarded-proto", "http")?;
+            }
+            if !(trusted && has_host) {
+                upstream_request.insert_header("x-forwarded-host", host.as_str())?;
+            }
         }
         upstream_request.insert_header("x-request-id", ctx.request_id.as_str())?;
         if ctx.target_region.is_some_and(|r| r != self.local()) {
@@ -1038,13 +1048,22 @@ impl ProxyHttp for EdgeProxy {
             ctx.cache.not_modified = Some(upstream_response.headers.clone());
         }
         if ctx.write && (200..400).contains(&status) && ctx.cache.route.is_some() {
-            if let Some(cache) = &self.cache {
-                // Before the client hears of the write: its next read here
-                // must not be the old copy.
+            if let Some(cache) = self.cache.clone() {
+                // Before the client hears of the write (and before its
+                // token is issued): its next read anywhere must not be the
+                // old copy.
                 let req = session.req_header();
-                let host = request_host(req).unwrap_or_default();
-                let urls = cache_request::invalidated_urls(req, upstream_response, host);
-                cache.invalidation.publish_async(PurgeSpec::urls(urls));
+                let host = cache::key_host(req);
+                let urls = cache_request::invalidated_urls(
+                    req,
+                    upstream_response,
+                    &host,
+                    cache.path_rules,
+                );
+                cache
+                    .invalidation
+                    .publish_write(PurgeSpec::urls(urls))
+                    .await;
             }
         }
         let from_peer = ctx.target_region.is_some_and(|r| r != self.local());
@@ -1075,6 +1094,9 @@ impl ProxyHttp for EdgeProxy {
     ) -> Result<()> {
         resp.insert_header("x-edge-region", self.region_name(self.local()))?;
         if ctx.cache.route.is_some() {
+            // Tags are for purging here, not for clients (as Fastly and Cloudflare do).
+            resp.remove_header("surrogate-key");
+            resp.remove_header("cache-tag");
             let result = cache::result_of(session.cache.phase(), ctx.cache.served_stale);
             ctx.cache_result = Some(result);
             resp.insert_header("x-cache", result)?;
@@ -1147,6 +1169,7 @@ impl ProxyHttp for EdgeProxy {
         };
         if cache_request::use_cache(&facts).is_ok() {
             cache.enable(session);
+            ctx.cache.purge_seq = cache.store.purge_seq();
         }
         Ok(())
     }
@@ -1202,6 +1225,12 @@ impl ProxyHttp for EdgeProxy {
             let key = cache::key_of(session);
             let url = String::from_utf8_lossy(key.primary_key());
             let tags = cache_rules::response_tags(&resp.headers);
+            if cache.store.purged_since(ctx.cache.purge_seq, &url, &tags) {
+                // Produced before a purge that covers it: served, not stored.
+                return Ok(RespCacheable::Uncacheable(NoCacheReason::Custom(
+                    "purged-in-flight",
+                )));
+            }
             if cache.invalidation.settling(&url, &tags, unix_ms()) {
                 // Served, not stored: this region's data may predate the purge.
                 return Ok(RespCacheable::Uncacheable(NoCacheReason::Custom(

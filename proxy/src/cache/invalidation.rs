@@ -1,14 +1,7 @@
-//! Purges between regions: applied here, written to the replicated table
-//! (the durable path) and sent straight to every peer (the fast path),
-//! with one id so that each region applies a purge once, whichever path
-//! brings it first.
-//!
-//! The consumer polls this region's replica every `tables.poll_interval`.
-//! Replication keeps no order across items, so each poll re-reads from the
-//! oldest point a late row could still arrive at: the lowest heartbeat
-//! watermark of any region (its rows up to there are visible here, as far
-//! as partitions replicate alike), less an overlap for clock skew and
-//! partition-to-partition differences. Ids already applied are skipped.
+//! Purges between regions: applied here, sent straight to every peer (the
+//! fast path, [`super::fanout`]) and written to the replicated table (the
+//! durable path, read back by [`super::consumer`]), with one id so that each
+//! region applies a purge once, whichever path brings it first.
 //!
 //! A purge from another region can arrive (by the fan-out in one RTT)
 //! before the data its write changed has replicated here: a fill in the
@@ -17,9 +10,10 @@
 //! time (its heartbeat watermark), responses the purge covers are served
 //! but not stored.
 //!
-//! While the rows cannot be read for `cache.max_unsynced`, the cache serves
-//! no hits (a purge may be waiting unseen); after an outage longer than the
-//! rows' retention, rows may have expired unseen, so the cache is cleared.
+//! A row that cannot be written waits in a queue that [`Publisher`] retries
+//! (in batches, concurrently, never in the way of reading); its sort key
+//! is stamped when it is written, so that peers reading behind the
+//! writer's heartbeats find it.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -27,28 +21,21 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use bytes::Bytes;
-use http_body_util::Full;
-use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::client::legacy::Client;
-use hyper_util::rt::TokioExecutor;
 use parking_lot::Mutex;
 use pingora::server::ShutdownWatch;
 use pingora::services::background::BackgroundService;
+use tokio::task::JoinSet;
 
-use super::purge::{sort_key, Purge, PurgeSpec};
+use super::fanout::Fanout;
+use super::purge::{Purge, PurgeSpec, MAX_TARGETS};
 use super::signing::PurgeSigner;
 use super::store::MemoryStore;
 use crate::clock::unix_ms;
 use crate::config::PeerAddr;
 use crate::metrics::Metrics;
 use crate::tables::heartbeat::LagState;
-use crate::tables::{SharedTable, TableError, QUERY_PAGE};
+use crate::tables::{SharedTable, TableError};
 use crate::telemetry::WarnLimiter;
-
-/// Re-read this far behind the watermark: clock skew between regions and
-/// partitions replicating at different speeds.
-const OVERLAP_MS: u64 = 2_000;
 
 /// Path on the traffic listener where peers deliver purges.
 pub const PURGE_PATH: &str = "/.edge/purge";
@@ -61,11 +48,19 @@ pub const PURGE_SIGNATURE: &str = "x-edge-purge";
 const SETTLE_LIMIT_MS: u64 = 60_000;
 
 /// Purges remembered while they settle; the oldest are forgotten beyond this.
-const MAX_SETTLING: usize = 4096;
+const MAX_SETTLING: usize = 1024;
 
-/// Rows waiting to be written beyond this are folded into one `all` purge:
-/// nothing acknowledged is dropped, at the price of a cold cache.
-const MAX_PENDING: usize = 10_000;
+/// Purges waiting to be written beyond this are folded into one `all`
+/// purge: nothing acknowledged is dropped, at the price of a cold cache.
+const MAX_PENDING: usize = 100_000;
+
+/// A write's purge row gets this long before the response goes on without
+/// it (the row is then queued and retried).
+const WRITE_PUT_TIMEOUT: Duration = Duration::from_secs(1);
+
+/// Queued purges written per publisher round, and rows written at once.
+const FLUSH_BATCH: usize = 4096;
+const FLUSH_CONCURRENCY: usize = 8;
 
 /// How a purge reached this region.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -94,8 +89,9 @@ pub struct SyncState {
     /// Unix ms when the last poll that read every partition started (0: never).
     last_ok_ms: AtomicU64,
     max_unsynced_ms: u64,
-    bypassing: AtomicBool,
-    error: Mutex<Option<String>>,
+    /// A warning that hits stopped was logged (and recovery is worth a line).
+    warned: AtomicBool,
+    pub(super) error: Mutex<Option<String>>,
 }
 
 impl SyncState {
@@ -103,7 +99,7 @@ impl SyncState {
         SyncState {
             last_ok_ms: AtomicU64::new(0),
             max_unsynced_ms: max_unsynced.as_millis() as u64,
-            bypassing: AtomicBool::new(false),
+            warned: AtomicBool::new(false),
             error: Mutex::new(None),
         }
     }
@@ -118,10 +114,32 @@ impl SyncState {
     pub fn last_ok_ms(&self) -> Option<u64> {
         Some(self.last_ok_ms.load(Ordering::Relaxed)).filter(|t| *t != 0)
     }
+
+    /// Record a complete poll that started at `started`; the previous one.
+    pub(super) fn polled(&self, started: u64) -> Option<u64> {
+        Some(self.last_ok_ms.swap(started, Ordering::Relaxed)).filter(|t| *t != 0)
+    }
+
+    /// Log the transitions an operator needs: hits stopped, hits back.
+    pub(super) fn log_transition(&self, now: u64, started_ms: u64) {
+        let synced = self.synced(now);
+        let since = self.last_ok_ms().unwrap_or(started_ms);
+        if !synced && now.saturating_sub(since) > self.max_unsynced_ms {
+            if !self.warned.swap(true, Ordering::Relaxed) {
+                tracing::warn!(
+                    error = self.error.lock().as_deref().unwrap_or("-"),
+                    never_synced = self.last_ok_ms().is_none(),
+                    "cache bypassed: invalidations unread for longer than cache.max_unsynced"
+                );
+            }
+        } else if synced && self.warned.swap(false, Ordering::Relaxed) {
+            tracing::info!("cache serving hits again: invalidations caught up");
+        }
+    }
 }
 
-/// Ids applied here, with their row time; forgotten once older than any
-/// row a poll can still return.
+/// Ids applied here, with their row time; forgotten once no poll or
+/// replay can bring them again.
 #[derive(Default)]
 struct Applied {
     ids: HashMap<String, u64>,
@@ -141,20 +159,20 @@ struct Settling {
 
 /// The purge hub of one region.
 pub struct Invalidation {
-    store: &'static MemoryStore,
-    sync: SyncState,
-    table: SharedTable,
-    lag: Arc<LagState>,
-    region: String,
-    shards: u32,
-    poll_interval: Duration,
-    retention: Duration,
-    metrics: Arc<Metrics>,
+    pub(super) store: &'static MemoryStore,
+    pub(super) sync: SyncState,
+    pub(super) table: SharedTable,
+    pub(super) lag: Arc<LagState>,
+    pub(super) region: String,
+    pub(super) shards: u32,
+    pub(super) poll_interval: Duration,
+    pub(super) retention: Duration,
+    pub(super) metrics: Arc<Metrics>,
+    pub(super) started_ms: u64,
+    pub(super) warnings: WarnLimiter,
     applied: Mutex<Applied>,
     pending: Mutex<VecDeque<Purge>>,
     fanout: Fanout,
-    started_ms: u64,
-    warnings: WarnLimiter,
     settling: Mutex<VecDeque<Settling>>,
     settle_margin_ms: u64,
 }
@@ -201,11 +219,11 @@ impl Invalidation {
             poll_interval: settings.poll_interval,
             retention: settings.retention,
             metrics,
+            started_ms: unix_ms(),
+            warnings: WarnLimiter::new(Duration::from_secs(30)),
             applied: Mutex::default(),
             pending: Mutex::default(),
             fanout: Fanout::new(settings.peers, settings.signer, settings.fanout_timeout),
-            started_ms: unix_ms(),
-            warnings: WarnLimiter::new(Duration::from_secs(30)),
             settling: Mutex::default(),
             settle_margin_ms: settings.settle_margin.as_millis() as u64,
         }
@@ -216,15 +234,18 @@ impl Invalidation {
         &self.sync
     }
 
-    /// Apply a purge unless its id was applied already; the objects it
-    /// removed, or `None` for a repeat.
+    /// Apply a purge unless it (and every purge folded into it) was applied
+    /// already; the objects it removed, or `None` for a repeat.
     pub fn apply(&self, purge: &Purge, path: PurgePath) -> Option<u64> {
         {
             let mut applied = self.applied.lock();
-            if applied.ids.contains_key(&purge.id) {
+            let ids = std::iter::once(&purge.id).chain(&purge.also);
+            if ids.clone().all(|id| applied.ids.contains_key(id)) {
                 return None;
             }
-            applied.ids.insert(purge.id.clone(), purge.time_ms);
+            for id in ids {
+                applied.ids.insert(id.clone(), purge.time_ms);
+            }
             applied.total += 1;
         }
         self.hold_fills(purge);
@@ -242,6 +263,12 @@ impl Invalidation {
         }
         tracing::info!(id = %purge.id, from = %purge.region, path = path.label(), objects = result.objects, soft = purge.spec.soft, "purge applied");
         Some(result.objects)
+    }
+
+    /// Forget ids older than `horizon` (no poll reads that far back, and a
+    /// direct purge that old is refused as a replay).
+    pub(super) fn forget_before(&self, horizon: u64) {
+        self.applied.lock().ids.retain(|_, t| *t >= horizon);
     }
 
     /// Remember a purge from another region until this replica has its data.
@@ -284,62 +311,88 @@ impl Invalidation {
         settling.iter().any(|s| s.spec.matches(url, tags))
     }
 
-    /// An admin purge: written to the table first (the answer promises
-    /// durability), then applied here and sent to the peers.
+    /// Write one purge's row, its sort key stamped now.
+    async fn put(&self, purge: &Purge) -> Result<(), TableError> {
+        let mut row = purge.clone();
+        row.time_ms = unix_ms();
+        let result = self
+            .table
+            .put(row.to_row(self.shards, self.retention.as_secs()))
+            .await;
+        if result.is_err() {
+            self.metrics.purge_publish_errors.inc();
+        }
+        result
+    }
+
+    /// An admin purge: applied here, sent to the peers, and written to the
+    /// table; `Err` (answered 503) when the table did not take the row, so
+    /// the caller knows other regions may not get it.
     pub async fn publish_durable(&self, spec: PurgeSpec) -> Result<(Purge, u64), TableError> {
         let purge = Purge::new(&self.region, unix_ms(), spec);
-        let row = purge.to_row(self.shards, self.retention.as_secs());
-        let mut last = None;
+        let objects = self.apply(&purge, PurgePath::Local).unwrap_or(0);
+        self.fanout.send(&purge, &self.metrics);
+        let mut last = Err(TableError::Unreachable("not tried".to_string()));
         for attempt in 0..3u32 {
             if attempt > 0 {
                 tokio::time::sleep(Duration::from_millis(100 << attempt)).await;
             }
-            match self.table.put(row.clone()).await {
-                Ok(()) => {
-                    last = None;
-                    break;
-                }
-                Err(e) => {
-                    self.metrics.purge_publish_errors.inc();
-                    last = Some(e);
-                }
+            last = self.put(&purge).await;
+            if last.is_ok() {
+                break;
             }
         }
-        if let Some(e) = last {
-            tracing::warn!(error = %e, "purge not accepted: the table did not take its row");
-            return Err(e);
+        match last {
+            Ok(()) => Ok((purge, objects)),
+            Err(e) => {
+                tracing::warn!(id = %purge.id, error = %e, "purge not accepted: the table did not take its row");
+                Err(e)
+            }
         }
-        let objects = self.apply(&purge, PurgePath::Local).unwrap_or(0);
-        self.fanout.send(&purge, &self.metrics);
-        Ok((purge, objects))
     }
 
-    /// A purge caused by a write through this region: applied here at once,
-    /// sent to the peers, and written to the table by the consumer (retried
-    /// until written).
-    pub fn publish_async(&self, spec: PurgeSpec) {
+    /// A purge caused by a write through this region: applied here, sent
+    /// to the peers, and its row written before the write's response goes
+    /// on (so a consistency token issued after it covers the row); a row
+    /// the table does not take in time is queued and retried.
+    pub async fn publish_write(&self, spec: PurgeSpec) {
         let purge = Purge::new(&self.region, unix_ms(), spec);
         self.apply(&purge, PurgePath::Local);
         self.fanout.send(&purge, &self.metrics);
+        let written = tokio::time::timeout(WRITE_PUT_TIMEOUT, self.put(&purge)).await;
+        if !matches!(written, Ok(Ok(()))) {
+            if self.warnings.allow() {
+                tracing::warn!(id = %purge.id, "a write's purge row was not written in time; queued and retried (peers the fan-out missed get it later)");
+            }
+            self.enqueue(vec![purge]);
+        }
+    }
+
+    fn enqueue(&self, purges: Vec<Purge>) {
         let mut pending = self.pending.lock();
-        if pending.len() >= MAX_PENDING {
-            // The table has been down a long time: one purge of everything
-            // stands for every purge waiting, so none is lost.
+        for p in purges {
+            pending.push_back(p);
+        }
+        if pending.len() > MAX_PENDING {
+            // The table has been refusing rows for a long time: one purge
+            // of everything stands for every purge waiting, so none is lost.
             tracing::error!(
                 waiting = pending.len(),
                 "purge rows cannot be written; replacing the queue with one purge of everything"
             );
-            pending.clear();
-            pending.push_back(Purge::new(
+            let all = Purge::new(
                 &self.region,
                 unix_ms(),
                 PurgeSpec {
                     all: true,
                     ..PurgeSpec::default()
                 },
-            ));
+            );
+            // Without `also` (the ids would not fit in a row): every region,
+            // this one included, applies it.
+            pending.clear();
+            pending.push_back(all);
         }
-        pending.push_back(purge);
     }
 
     /// Rows waiting to be written.
@@ -350,6 +403,52 @@ impl Invalidation {
     /// Purges applied since start.
     pub fn applied_total(&self) -> u64 {
         self.applied.lock().total
+    }
+
+    /// Write a batch of queued purges: URL-only ones folded into rows of
+    /// up to `MAX_TARGETS` keys, the rest one row each, several at once.
+    /// What fails goes back to the front of the queue.
+    pub(super) async fn flush_pending(self: &Arc<Self>) {
+        let batch: Vec<Purge> = {
+            let mut pending = self.pending.lock();
+            let n = pending.len().min(FLUSH_BATCH);
+            pending.drain(..n).collect()
+        };
+        if batch.is_empty() {
+            return;
+        }
+        let rows = fold(batch, &self.region);
+        let mut failed = Vec::new();
+        let mut tasks = JoinSet::new();
+        let mut rows = rows.into_iter();
+        loop {
+            while tasks.len() < FLUSH_CONCURRENCY {
+                let Some(row) = rows.next() else { break };
+                let hub = self.clone();
+                tasks.spawn(async move {
+                    let ok = hub.put(&row).await.is_ok();
+                    (row, ok)
+                });
+            }
+            match tasks.join_next().await {
+                Some(Ok((_, true))) => {}
+                Some(Ok((row, false))) => failed.push(row),
+                Some(Err(_)) => {}
+                None => break,
+            }
+        }
+        if !failed.is_empty() {
+            if self.warnings.allow() {
+                tracing::warn!(
+                    rows = failed.len(),
+                    "purge rows not written yet; retrying every poll interval"
+                );
+            }
+            let mut pending = self.pending.lock();
+            for row in failed.into_iter().rev() {
+                pending.push_front(row);
+            }
+        }
     }
 
     /// The `/status` section.
@@ -376,222 +475,113 @@ impl Invalidation {
             "pending_publish": self.pending(),
         })
     }
-
-    /// Write waiting rows, oldest first; stop at the first failure.
-    async fn flush_pending(&self) {
-        loop {
-            let Some(next) = self.pending.lock().front().cloned() else {
-                return;
-            };
-            let row = next.to_row(self.shards, self.retention.as_secs());
-            match self.table.put(row).await {
-                Ok(()) => {
-                    let mut pending = self.pending.lock();
-                    if pending.front().is_some_and(|p| p.id == next.id) {
-                        pending.pop_front();
-                    }
-                }
-                Err(e) => {
-                    self.metrics.purge_publish_errors.inc();
-                    if self.warnings.allow() {
-                        tracing::warn!(error = %e, waiting = self.pending(), "purge rows not written yet; retrying every poll");
-                    }
-                    return;
-                }
-            }
-        }
-    }
-
-    /// The oldest row time a poll must still read.
-    fn lower_bound(&self, now: u64) -> u64 {
-        let lag = self.lag.snapshot();
-        let local = self.lag.regions().iter().position(|r| *r == self.region);
-        let oldest_watermark = lag
-            .watermarks_ms
-            .iter()
-            .enumerate()
-            .filter(|(i, _)| Some(*i) != local)
-            // A region whose watermark is unknown: everything we keep.
-            .map(|(_, w)| w.unwrap_or(0))
-            .min()
-            .unwrap_or(now);
-        let floor = now.saturating_sub(self.retention.as_millis() as u64);
-        oldest_watermark
-            .min(now)
-            .saturating_sub(OVERLAP_MS)
-            .max(floor)
-            // Rows from before this process started cover nothing it stored.
-            .max(self.started_ms.saturating_sub(OVERLAP_MS))
-    }
-
-    /// Read every partition from the lower bound and apply what is new.
-    async fn poll(&self) -> Result<(), TableError> {
-        let started = unix_ms();
-        let from = self.lower_bound(started);
-        let after = sort_key(from, "", "");
-        let mut rows = Vec::new();
-        for shard in 0..self.shards {
-            let pk = format!("inv#{shard}");
-            let mut cursor = after.clone();
-            loop {
-                let page = self.table.query(&pk, Some(&cursor), QUERY_PAGE).await?;
-                let full = page.len() == QUERY_PAGE;
-                if let Some(last) = page.last() {
-                    cursor = last.sk.clone();
-                }
-                rows.extend(page);
-                if !full {
-                    break;
-                }
-            }
-        }
-        let mut purges: Vec<Purge> = rows.iter().filter_map(Purge::from_row).collect();
-        purges.sort_by(|a, b| a.time_ms.cmp(&b.time_ms).then_with(|| a.id.cmp(&b.id)));
-        for p in &purges {
-            self.apply(p, PurgePath::Table);
-        }
-        self.applied.lock().ids.retain(|_, t| *t >= from);
-        let previous = self.sync.last_ok_ms.swap(started, Ordering::Relaxed);
-        if previous != 0 && started.saturating_sub(previous) > self.retention.as_millis() as u64 {
-            // Rows written during the outage may have expired unseen.
-            self.store.clear();
-            self.metrics.cache_cleared.inc();
-            tracing::warn!(
-                unsynced_s = (started - previous) / 1000,
-                "invalidations unread for longer than cache.purge_retention: the cache was cleared"
-            );
-        }
-        Ok(())
-    }
-
-    fn publish_gauges(&self, now: u64) {
-        self.store.settle();
-        self.metrics
-            .cache_size_bytes
-            .set(i64::try_from(self.store.bytes()).unwrap_or(i64::MAX));
-        self.metrics
-            .cache_objects
-            .set(i64::try_from(self.store.objects()).unwrap_or(i64::MAX));
-        let synced = self.sync.synced(now);
-        self.metrics.cache_synced.set(i64::from(synced));
-        let lag = match self.sync.last_ok_ms() {
-            Some(t) => now.saturating_sub(t) as f64 / 1000.0,
-            None => now.saturating_sub(self.started_ms) as f64 / 1000.0,
-        };
-        self.metrics.cache_consumer_lag.set(lag);
-        let was_bypassing = self.sync.bypassing.swap(!synced, Ordering::Relaxed);
-        match (was_bypassing, synced) {
-            (false, false) if self.sync.last_ok_ms().is_some() => tracing::warn!(
-                error = self.sync.error.lock().as_deref().unwrap_or("-"),
-                "cache bypassed: invalidations unread for longer than cache.max_unsynced"
-            ),
-            (true, true) => tracing::info!("cache serving hits again: invalidations caught up"),
-            _ => {}
-        }
-    }
-
-    async fn round(&self) {
-        self.flush_pending().await;
-        let result =
-            tokio::time::timeout(self.poll_interval.max(Duration::from_secs(5)), self.poll())
-                .await
-                .unwrap_or_else(|_| Err(TableError::Unreachable("poll timed out".to_string())));
-        match result {
-            Ok(()) => *self.sync.error.lock() = None,
-            Err(e) => {
-                self.metrics
-                    .table_errors
-                    .with_label_values(&["invalidation_read"])
-                    .inc();
-                if self.warnings.allow() {
-                    tracing::warn!(error = %e, "cannot read invalidations from the table");
-                }
-                *self.sync.error.lock() = Some(e.to_string());
-            }
-        }
-        self.publish_gauges(unix_ms());
-    }
 }
 
-/// The consumer: a background service polling the table.
-pub struct Consumer(pub Arc<Invalidation>);
+/// Fold URL-only purges into rows of up to `MAX_TARGETS` keys (the first
+/// purge's id, the others in `also`); other purges stay as they are.
+fn fold(batch: Vec<Purge>, region: &str) -> Vec<Purge> {
+    let mut out: Vec<Purge> = Vec::new();
+    let mut urls: Option<Purge> = None;
+    for p in batch {
+        let url_only =
+            !p.spec.all && !p.spec.soft && p.spec.prefixes.is_empty() && p.spec.tags.is_empty();
+        if !url_only {
+            out.push(p);
+            continue;
+        }
+        let fits = urls
+            .as_ref()
+            .is_some_and(|u| u.spec.keys.len() + p.spec.keys.len() <= MAX_TARGETS);
+        if !fits {
+            out.extend(urls.take());
+            let mut first = Purge::new(region, p.time_ms, PurgeSpec::default());
+            first.id = p.id.clone();
+            first.also = p.also.clone();
+            urls = Some(first);
+        } else if let Some(u) = urls.as_mut() {
+            u.also.push(p.id.clone());
+            u.also.extend(p.also.iter().cloned());
+        }
+        if let Some(u) = urls.as_mut() {
+            for k in p.spec.keys {
+                if !u.spec.keys.contains(&k) {
+                    u.spec.keys.push(k);
+                }
+            }
+        }
+    }
+    out.extend(urls);
+    out
+}
+
+/// Writes queued purge rows, apart from the consumer so that neither waits
+/// for the other.
+pub struct Publisher(pub Arc<Invalidation>);
 
 #[async_trait]
-impl BackgroundService for Consumer {
+impl BackgroundService for Publisher {
     async fn start(&self, mut shutdown: ShutdownWatch) {
-        let mut tick = tokio::time::interval(self.0.poll_interval);
+        let hub = &self.0;
+        let mut tick = tokio::time::interval(hub.poll_interval);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tokio::select! {
-                _ = shutdown.changed() => {
-                    // Rows for writes already answered: one last try.
-                    self.0.flush_pending().await;
-                    return;
-                }
-                _ = tick.tick() => self.0.round().await,
+                _ = shutdown.changed() => break,
+                _ = tick.tick() => hub.flush_pending().await,
             }
         }
-    }
-}
-
-/// Best-effort delivery of a purge to every peer, in the background.
-struct Fanout {
-    peers: Vec<(String, PeerAddr)>,
-    signer: Arc<PurgeSigner>,
-    timeout: Duration,
-    client: Client<HttpConnector, Full<Bytes>>,
-}
-
-impl Fanout {
-    fn new(peers: Vec<(String, PeerAddr)>, signer: Arc<PurgeSigner>, timeout: Duration) -> Fanout {
-        let mut connector = HttpConnector::new();
-        connector.set_connect_timeout(Some(timeout));
-        connector.set_nodelay(true);
-        let client = Client::builder(TokioExecutor::new())
-            .pool_idle_timeout(Duration::from_secs(30))
-            .build(connector);
-        Fanout {
-            peers,
-            signer,
-            timeout,
-            client,
+        // Rows for writes already answered: keep trying while the process
+        // drains, then say what could not be written.
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+        while hub.pending() > 0 && tokio::time::Instant::now() < deadline {
+            hub.flush_pending().await;
+            tokio::time::sleep(hub.poll_interval).await;
         }
-    }
-
-    fn send(&self, purge: &Purge, metrics: &Arc<Metrics>) {
-        if self.peers.is_empty() {
-            return;
-        }
-        let Ok(body) = serde_json::to_vec(purge) else {
-            return;
-        };
-        let body = Bytes::from(body);
-        let signature = self.signer.sign(&body);
-        for (name, peer) in &self.peers {
-            let req = http::Request::post(format!("http://{}{PURGE_PATH}", peer.addr))
-                .header(http::header::HOST, peer.authority.as_str())
-                .header(http::header::CONTENT_TYPE, "application/json")
-                .header(PURGE_SIGNATURE, signature.as_str())
-                .body(Full::new(body.clone()));
-            let Ok(req) = req else { continue };
-            let (client, metrics, timeout, name, id) = (
-                self.client.clone(),
-                metrics.clone(),
-                self.timeout,
-                name.clone(),
-                purge.id.clone(),
+        if hub.pending() > 0 {
+            tracing::error!(
+                rows = hub.pending(),
+                "shutting down with purge rows unwritten: regions the fan-out missed keep those objects until they expire"
             );
-            tokio::spawn(async move {
-                let ok = match tokio::time::timeout(timeout, client.request(req)).await {
-                    Ok(Ok(resp)) => resp.status().is_success(),
-                    _ => false,
-                };
-                let result = if ok { "ok" } else { "error" };
-                metrics.purge_fanout.with_label_values(&[result]).inc();
-                if !ok {
-                    tracing::debug!(peer = %name, id = %id, "direct purge not delivered; the table carries it");
-                }
-            });
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn url_purges_fold_into_rows_that_name_every_id() {
+        let url = |id: &str, k: &str| {
+            let mut p = Purge::new("r", 1, PurgeSpec::urls(vec![k.to_string()]));
+            p.id = id.to_string();
+            p
+        };
+        let tag = {
+            let mut p = Purge::new(
+                "r",
+                2,
+                PurgeSpec {
+                    tags: vec!["t".into()],
+                    ..PurgeSpec::default()
+                },
+            );
+            p.id = "tag".into();
+            p
+        };
+        let rows = fold(
+            vec![
+                url("a", "http://h/1"),
+                tag,
+                url("b", "http://h/2"),
+                url("c", "http://h/1"),
+            ],
+            "r",
+        );
+        assert_eq!(rows.len(), 2);
+        assert_eq!(rows[0].id, "tag");
+        assert_eq!(rows[1].id, "a");
+        assert_eq!(rows[1].also, ["b", "c"]);
+        assert_eq!(rows[1].spec.keys, ["http://h/1", "http://h/2"]);
     }
 }

@@ -8,6 +8,8 @@
 //! when its one decision serves it in this region and the invalidations
 //! are read (docs/cache.md: consistency outranks the cache).
 
+pub mod consumer;
+pub mod fanout;
 pub mod invalidation;
 pub mod purge;
 pub mod request;
@@ -18,10 +20,11 @@ pub mod store;
 use std::sync::Arc;
 
 use pingora::cache::lock::{CacheKeyLockImpl, CacheLock};
-use pingora::cache::{CacheKey, CachePhase, NoCacheReason};
+use pingora::cache::{CacheKey, CacheOptionOverrides, CachePhase, NoCacheReason};
 use pingora::proxy::Session;
 
 use crate::config::{CacheConfig, RouteCache};
+use crate::path::PathRules;
 use invalidation::Invalidation;
 use rules::RequestDirectives;
 use store::MemoryStore;
@@ -38,6 +41,8 @@ pub struct EdgeCache {
     pub invalidation: Arc<Invalidation>,
     /// `[cache]`.
     pub config: CacheConfig,
+    /// How request paths are normalised (purge URLs are normalised alike).
+    pub path_rules: PathRules,
 }
 
 impl EdgeCache {
@@ -46,6 +51,7 @@ impl EdgeCache {
         store: &'static MemoryStore,
         invalidation: Arc<Invalidation>,
         config: CacheConfig,
+        path_rules: PathRules,
     ) -> EdgeCache {
         let lock: &'static CacheLock = Box::leak(CacheLock::new_boxed(config.lock_timeout));
         EdgeCache {
@@ -53,31 +59,47 @@ impl EdgeCache {
             lock,
             invalidation,
             config,
+            path_rules,
         }
     }
 
     /// Turn Pingora's cache on for this request.
     pub fn enable(&self, session: &mut Session) {
+        // A waiter gives up after lock_timeout and fetches for itself (not
+        // stored): a fill held back by its slow client must not stall the key.
+        let mut overrides = CacheOptionOverrides::default();
+        overrides.wait_timeout = Some(self.config.lock_timeout);
+        overrides.max_lock_retries = Some(1);
         session
             .cache
-            .enable(self.store, None, None, Some(self.lock), None);
+            .enable(self.store, None, None, Some(self.lock), Some(overrides));
         let max = usize::try_from(self.config.max_object_size).unwrap_or(usize::MAX);
         session.cache.set_max_file_size_bytes(max);
     }
 }
 
-/// The cache key of a request: `http://host/path?query` (host lowercase,
-/// without port, so that every region and listener shares one key).
+/// The cache key of a request: `http://host/path?query`, the host as
+/// routing validated it (lowercase, no port, no trailing dot) so that every
+/// region and listener shares one key; the origin is sent the same host
+/// (`service.rs`), so no response can depend on what the key leaves out.
 pub fn key_of(session: &Session) -> CacheKey {
     let req = session.req_header();
-    let host = req
+    let pq = req.uri.path_and_query().map_or("/", |p| p.as_str());
+    CacheKey::new(purge::cache_url(&key_host(req), pq), "")
+}
+
+/// The host part of a request's cache key.
+pub fn key_host(req: &pingora::http::RequestHeader) -> String {
+    let raw = req
         .headers
         .get(http::header::HOST)
         .and_then(|h| h.to_str().ok())
         .or_else(|| req.uri.authority().map(|a| a.as_str()))
         .unwrap_or_default();
-    let pq = req.uri.path_and_query().map_or("/", |p| p.as_str());
-    CacheKey::new(purge::cache_url("http", host, pq), "")
+    // request_filter refused requests whose Host does not validate.
+    crate::host::validate_host(raw)
+        .map(|h| h.name.into_owned())
+        .unwrap_or_else(|_| raw.to_ascii_lowercase())
 }
 
 /// Per-request cache state.
@@ -91,6 +113,9 @@ pub struct CacheCtx {
     pub served_stale: bool,
     /// The header fields of a 304 that revalidated the stored copy.
     pub not_modified: Option<http::HeaderMap>,
+    /// The store's purge sequence when the request was let into the cache:
+    /// a response to it is not stored if a purge since then covers it.
+    pub purge_seq: u64,
 }
 
 /// `x-cache` for a request on a cache route, from Pingora's cache phase.

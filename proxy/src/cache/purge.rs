@@ -3,13 +3,16 @@
 //! A purge has an id, the region that accepted it and the time it was
 //! accepted; the same three travel on both paths (the direct fan-out to
 //! peers and the replicated table), so each region applies an id once.
-//! Keys and prefixes are URLs as the cache keys them: scheme, host without
-//! port (lowercase), path as routed, query.
+//! Keys and prefixes are URLs as the cache keys them: scheme, host as
+//! routing validates it (lowercase, no port, no trailing dot), path as
+//! routed (normalised with the server's path rules), query.
 
 use std::fmt::Write as _;
 
 use serde::{Deserialize, Serialize};
 
+use crate::host::validate_host;
+use crate::path::{normalize_path, PathRules};
 use crate::tables::{Attr, Item, EXPIRES_AT};
 
 /// Most targets (keys + prefixes + tags) one purge may name.
@@ -39,8 +42,9 @@ pub struct PurgeSpec {
 }
 
 impl PurgeSpec {
-    /// Check limits and put keys and prefixes in the form the cache keys use.
-    pub fn normalized(mut self) -> Result<PurgeSpec, String> {
+    /// Check limits and put keys and prefixes in the form the cache keys
+    /// use (`rules`: the server's path normalisation, as routing applies it).
+    pub fn normalized(mut self, rules: PathRules) -> Result<PurgeSpec, String> {
         let n = self.keys.len() + self.prefixes.len() + self.tags.len();
         if n == 0 && !self.all {
             return Err("a purge needs at least one of keys, prefixes, tags or all".into());
@@ -58,10 +62,10 @@ impl PurgeSpec {
             }
         }
         for k in &mut self.keys {
-            *k = normalize_url(k)?;
+            *k = normalize_url(k, rules)?;
         }
         for p in &mut self.prefixes {
-            *p = normalize_url(p)?;
+            *p = normalize_url(p, rules)?;
         }
         Ok(self)
     }
@@ -86,56 +90,43 @@ impl PurgeSpec {
     }
 }
 
-/// `http://Host:8080/a?b` => `http://host/a?b`: the form cache keys take.
-pub fn normalize_url(url: &str) -> Result<String, String> {
+/// `http://Host:8080/a/./b?c` => `http://host/a/b?c`: the form cache keys take.
+pub fn normalize_url(url: &str, rules: PathRules) -> Result<String, String> {
     let bad = || format!("`{url}` is not an absolute http(s) URL (http://host/path)");
     let (scheme, rest) = url.split_once("://").ok_or_else(bad)?;
     let scheme = scheme.to_ascii_lowercase();
     if scheme != "http" && scheme != "https" {
         return Err(bad());
     }
-    let (authority, path) = match rest.find(['/', '?']) {
+    let (authority, rest) = match rest.find(['/', '?']) {
         Some(i) => (&rest[..i], &rest[i..]),
         None => (rest, "/"),
     };
-    let host = strip_port(authority);
-    if host.is_empty() || host.contains('@') {
-        return Err(bad());
-    }
-    let path = if path.starts_with('?') {
-        format!("/{path}")
-    } else {
-        path.to_string()
+    let host = validate_host(authority).map_err(|e| format!("`{url}`: {e}"))?;
+    let (path, query) = match rest.split_once('?') {
+        Some((p, q)) => (p, Some(q)),
+        None => (rest, None),
     };
+    let path = if path.is_empty() { "/" } else { path };
+    let path = normalize_path(path, rules).map_err(|e| format!("`{url}`: {e}"))?;
+    let mut pq = path.into_owned();
+    if let Some(q) = query {
+        pq.push('?');
+        pq.push_str(q);
+    }
     // Every listener is plain HTTP today, so every key says `http`: an
     // `https://` URL names the same object.
-    Ok(cache_url("http", host, &path))
+    Ok(cache_url(&host.name, &pq))
 }
 
-/// The cache's primary key: `scheme://host/path?query`, host lowercase without port.
-pub fn cache_url(scheme: &str, host: &str, path_and_query: &str) -> String {
-    let mut s = String::with_capacity(scheme.len() + host.len() + path_and_query.len() + 3);
-    s.push_str(scheme);
-    s.push_str("://");
-    for c in strip_port(host).chars() {
-        s.push(c.to_ascii_lowercase());
-    }
+/// The cache's primary key: `http://host/path?query`, `host` as
+/// `validate_host` gives it (lowercase, no port, no trailing dot).
+pub fn cache_url(host: &str, path_and_query: &str) -> String {
+    let mut s = String::with_capacity(host.len() + path_and_query.len() + 7);
+    s.push_str("http://");
+    s.push_str(host);
     s.push_str(path_and_query);
     s
-}
-
-fn strip_port(authority: &str) -> &str {
-    if authority.starts_with('[') {
-        // IPv6 literal: `[::1]:8080`.
-        return match authority.find(']') {
-            Some(i) => &authority[..=i],
-            None => authority,
-        };
-    }
-    match authority.rsplit_once(':') {
-        Some((h, port)) if port.bytes().all(|b| b.is_ascii_digit()) => h,
-        _ => authority,
-    }
 }
 
 /// One purge as it travels: the same id, region and time on both paths.
@@ -149,6 +140,10 @@ pub struct Purge {
     pub time_ms: u64,
     /// What it removes.
     pub spec: PurgeSpec,
+    /// Ids of purges folded into this one (rows written after the table was
+    /// unreachable): a region that applied all of them already skips it.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub also: Vec<String>,
 }
 
 impl Purge {
@@ -163,6 +158,7 @@ impl Purge {
             region: region.to_string(),
             time_ms,
             spec,
+            also: Vec::new(),
         }
     }
 
@@ -177,6 +173,7 @@ impl Purge {
         )
         .with("spec", Attr::S(spec))
         .with(EXPIRES_AT, Attr::N(expires))
+        .with("also", Attr::S(self.also.join(",")))
     }
 
     /// Read a row back; `None` for rows this version cannot read.
@@ -186,11 +183,17 @@ impl Purge {
         let region = parts.next()?.to_string();
         let id = parts.next()?.to_string();
         let spec: PurgeSpec = serde_json::from_str(item.s("spec")?).ok()?;
+        let also = item
+            .s("also")
+            .filter(|a| !a.is_empty())
+            .map(|a| a.split(',').map(str::to_string).collect())
+            .unwrap_or_default();
         Some(Purge {
             id,
             region,
             time_ms,
             spec,
+            also,
         })
     }
 }
@@ -212,33 +215,39 @@ mod tests {
     use super::*;
 
     #[test]
-    fn urls_lose_port_and_case_of_scheme_and_host_only() {
+    fn urls_are_keyed_as_routing_sees_them() {
+        let n = |u: &str| normalize_url(u, PathRules::default());
         assert_eq!(
-            normalize_url("HTTP://Example.COM:8080/A/b?Q=1").as_deref(),
-            Ok("http://example.com/A/b?Q=1")
+            n("HTTP://Example.COM.:8080/A/./b//c/%7Ex?Q=1").as_deref(),
+            Ok("http://example.com/A/b/c/~x?Q=1")
         );
-        assert_eq!(normalize_url("http://h").as_deref(), Ok("http://h/"));
-        assert_eq!(normalize_url("http://h?x").as_deref(), Ok("http://h/?x"));
-        assert_eq!(
-            normalize_url("http://[::1]:80/x").as_deref(),
-            Ok("http://[::1]/x")
-        );
-        assert_eq!(normalize_url("https://h/x").as_deref(), Ok("http://h/x"));
-        for bad in ["/path", "ftp://h/x", "http:///x", "http://u@h/x"] {
-            assert!(normalize_url(bad).is_err(), "{bad}");
+        assert_eq!(n("http://h").as_deref(), Ok("http://h/"));
+        assert_eq!(n("http://h?x").as_deref(), Ok("http://h/?x"));
+        assert_eq!(n("http://[::1]:80/x").as_deref(), Ok("http://[::1]/x"));
+        assert_eq!(n("https://h/x").as_deref(), Ok("http://h/x"));
+        for bad in [
+            "/path",
+            "ftp://h/x",
+            "http:///x",
+            "http://u@h/x",
+            "http://h/a b",
+        ] {
+            assert!(n(bad).is_err(), "{bad}");
         }
     }
 
     #[test]
     fn a_purge_needs_a_target_and_matches_keys_prefixes_tags() {
-        assert!(PurgeSpec::default().normalized().is_err());
+        assert!(PurgeSpec::default()
+            .normalized(PathRules::default())
+            .is_err());
         let spec = PurgeSpec {
             keys: vec!["http://h:1/a".into()],
             prefixes: vec!["http://h/p/".into()],
             tags: vec!["t".into()],
             ..PurgeSpec::default()
         }
-        .normalized()
+        .normalized(PathRules::default())
         .unwrap();
         let none: &[Box<str>] = &[];
         assert!(spec.matches("http://h/a", none));
@@ -258,6 +267,9 @@ mod tests {
         );
         let row = p.to_row(4, 3600);
         assert!(row.pk.starts_with("inv#"));
+        let mut folded = p.clone();
+        folded.also = vec!["a1".into(), "b2".into()];
+        assert_eq!(Purge::from_row(&folded.to_row(4, 3600)), Some(folded));
         assert!(row.sk.starts_with("1700000000123#eu-west-1#"));
         assert_eq!(Purge::from_row(&row), Some(p));
         assert!(sort_key(999, "a", "x") < sort_key(1000, "a", "x"));

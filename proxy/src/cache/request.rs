@@ -7,6 +7,7 @@ use pingora::http::{RequestHeader, ResponseHeader};
 use super::invalidation::SyncState;
 use super::purge::{cache_url, normalize_url, Purge};
 use super::signing::PurgeSigner;
+use crate::path::PathRules;
 
 /// Why this request does not use the cache (it gets `x-cache: BYPASS`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -71,25 +72,30 @@ pub fn use_cache(f: &CacheFacts<'_>) -> Result<(), Bypass> {
 
 /// URLs a successful unsafe request invalidates (RFC 9111 4.4): its own,
 /// and `Location` / `Content-Location` when they name the same host.
-pub fn invalidated_urls(req: &RequestHeader, resp: &ResponseHeader, host: &str) -> Vec<String> {
+/// `host` is the request's validated host name; its path is already routed.
+pub fn invalidated_urls(
+    req: &RequestHeader,
+    resp: &ResponseHeader,
+    host: &str,
+    rules: PathRules,
+) -> Vec<String> {
     let pq = req.uri.path_and_query().map_or("/", |p| p.as_str());
-    let own = cache_url("http", host, pq);
-    let mut urls = vec![own.clone()];
-    let same_host = cache_url("http", host, "");
+    let mut urls = vec![cache_url(host, pq)];
+    let same_host = cache_url(host, "/");
     for name in [http::header::LOCATION, http::header::CONTENT_LOCATION] {
         let Some(v) = resp.headers.get(&name).and_then(|v| v.to_str().ok()) else {
             continue;
         };
-        let url = if v.starts_with('/') && !v.starts_with("//") {
-            Some(cache_url("http", host, v))
+        let absolute = if v.starts_with('/') && !v.starts_with("//") {
+            format!("http://{host}{v}")
         } else {
-            // Another host's cache entries are not ours to drop on this
-            // origin's word (RFC 9111 4.4).
-            normalize_url(v)
-                .ok()
-                .map(|u| u.replacen("https://", "http://", 1))
-                .filter(|u| u.starts_with(&same_host) && u[same_host.len()..].starts_with('/'))
+            v.to_string()
         };
+        // Another host's cache entries are not ours to drop on this
+        // origin's word (RFC 9111 4.4).
+        let url = normalize_url(&absolute, rules)
+            .ok()
+            .filter(|u| u.starts_with(&same_host));
         if let Some(u) = url {
             if !urls.contains(&u) {
                 urls.push(u);
@@ -124,10 +130,11 @@ pub fn peer_purge(
     if !PurgeSigner::fresh(purge.time_ms, now_ms) {
         return Err(PeerPurgeError::Stale);
     }
+    // The sender normalised it with the same rules; this only re-checks limits.
     let spec = purge
         .spec
         .clone()
-        .normalized()
+        .normalized(PathRules::default())
         .map_err(|_| PeerPurgeError::Malformed)?;
     Ok(Purge { spec, ..purge })
 }
@@ -151,13 +158,15 @@ mod tests {
 
     #[test]
     fn a_write_invalidates_itself_and_same_host_locations() {
+        let rules = PathRules::default();
         let urls = invalidated_urls(
             &req("/a?x=1"),
             &resp(&[
-                ("location", "/b"),
+                ("location", "/x/../b"),
                 ("content-location", "http://Shop.example:8080/c"),
             ]),
-            "shop.example:8080",
+            "shop.example",
+            rules,
         );
         assert_eq!(
             urls,
@@ -174,12 +183,14 @@ mod tests {
                 ("content-location", "//evil/x"),
             ]),
             "shop.example",
+            rules,
         );
         assert_eq!(other, ["http://shop.example/a"]);
         let prefix_host = invalidated_urls(
             &req("/a"),
             &resp(&[("location", "http://shop.example.evil/a")]),
             "shop.example",
+            rules,
         );
         assert_eq!(prefix_host, ["http://shop.example/a"]);
     }

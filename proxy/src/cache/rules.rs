@@ -265,15 +265,14 @@ impl RequestDirectives {
                     .duration_since(meta.fresh_until())
                     .unwrap_or_default()
                     .as_secs();
-                let origin_forbids = meta
-                    .headers()
-                    .get(http::header::CACHE_CONTROL)
-                    .and_then(|v| v.to_str().ok())
-                    .is_some_and(|v| {
-                        let v = v.to_ascii_lowercase();
-                        v.contains("must-revalidate")
-                            || v.contains("proxy-revalidate")
-                            || v.contains("s-maxage")
+                // RFC 9111 5.2.2: these forbid serving it stale, whatever
+                // the client accepts.
+                let origin_forbids = CacheControl::from_resp_headers(meta.response_header())
+                    .is_some_and(|c| {
+                        c.must_revalidate()
+                            || c.proxy_revalidate()
+                            || c.no_cache()
+                            || c.has_directive(&DirectiveKey::SMaxAge)
                     });
                 if staleness <= u64::from(max_stale) && !origin_forbids {
                     return (Some(ForcedFreshness::ForceFresh), true);

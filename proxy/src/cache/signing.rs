@@ -6,8 +6,9 @@ use hmac::Mac;
 
 use crate::keys::{KeyRing, Purpose};
 
-/// A direct purge older (or newer) than this is refused.
-const MAX_SKEW_MS: u64 = 10 * 60 * 1000;
+/// A direct purge older (or newer) than this is refused; applied ids are
+/// kept at least this long (consumer.rs), so a replay inside it is a repeat.
+const MAX_SKEW_MS: u64 = 60 * 1000;
 
 /// Signs and verifies `x-edge-purge`: `v1.<key id>.<hex hmac(body)>`.
 #[derive(Debug)]
@@ -85,7 +86,8 @@ mod tests {
         for bad in ["", "v1", "v1.x.zz", "v2.abc.00"] {
             assert!(!a.verify(bad, b"x"), "{bad}");
         }
-        assert!(PurgeSigner::fresh(1_000_000, 1_100_000));
+        assert!(PurgeSigner::fresh(1_000_000, 1_030_000));
+        assert!(!PurgeSigner::fresh(1_000_000, 1_100_000));
         assert!(!PurgeSigner::fresh(0, 1_000_000_000));
     }
 }

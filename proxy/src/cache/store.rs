@@ -42,6 +42,10 @@ const ENTRY_OVERHEAD: usize = 256;
 /// Purges remembered for fills in flight; a fill older than all of them is dropped.
 const RECENT_PURGES: usize = 4096;
 
+/// `Vary` variants kept per URL: request headers choose the variant, so a
+/// client could otherwise mint one per request. The oldest goes first.
+const MAX_VARIANTS: usize = 32;
+
 /// One stored response.
 struct Entry {
     /// Distinguishes this entry from a later one under the same key (the
@@ -191,6 +195,11 @@ impl MemoryStore {
         PurgeResult { objects }
     }
 
+    /// The purge sequence now: a request notes it when it enters the cache.
+    pub fn purge_seq(&self) -> u64 {
+        self.purge_seq.load(Ordering::SeqCst)
+    }
+
     fn note_purge(&self, spec: PurgeSpec) {
         let mut recent = self.recent.lock();
         let seq = self.purge_seq.fetch_add(1, Ordering::SeqCst) + 1;
@@ -202,7 +211,7 @@ impl MemoryStore {
 
     /// Was an object for `url` with `tags`, whose fill began at `since`,
     /// purged after that? Unknown (too many purges since) counts as yes.
-    fn purged_since(&self, since: u64, url: &str, tags: &[Box<str>]) -> bool {
+    pub fn purged_since(&self, since: u64, url: &str, tags: &[Box<str>]) -> bool {
         let recent = self.recent.lock();
         if let Some((oldest, _)) = recent.front() {
             if *oldest > since + 1 {
@@ -251,11 +260,23 @@ impl MemoryStore {
             tags,
         });
         self.map.insert(key, entry);
-        let mut idx = self.by_url.lock();
-        let keys = idx.entry(url).or_default();
-        match keys.iter_mut().find(|(k, _)| *k == key) {
-            Some(slot) => slot.1 = id,
-            None => keys.push((key, id)),
+        let evict = {
+            let mut idx = self.by_url.lock();
+            let keys = idx.entry(url).or_default();
+            match keys.iter_mut().find(|(k, _)| *k == key) {
+                Some(slot) => {
+                    slot.1 = id;
+                    None
+                }
+                None => {
+                    keys.push((key, id));
+                    (keys.len() > MAX_VARIANTS).then(|| keys.remove(0).0)
+                }
+            }
+        };
+        // Outside the index lock: removal runs the eviction listener, which takes it.
+        if let Some(oldest) = evict {
+            self.map.remove(&oldest);
         }
     }
 
@@ -363,7 +384,12 @@ impl HandleMiss for Fill {
 
     async fn finish(self: Box<Self>) -> Result<MissFinishType> {
         let fill = *self;
-        let body = fill.body.freeze();
+        // Exactly the bytes counted: a grown buffer can hold up to twice its length.
+        let body = if fill.body.capacity() > fill.body.len() + fill.body.len() / 8 {
+            Bytes::copy_from_slice(&fill.body)
+        } else {
+            fill.body.freeze()
+        };
         let size = body.len();
         fill.store
             .insert_checked(fill.since, fill.key, fill.meta, body, fill.url, fill.tags);
@@ -402,13 +428,21 @@ impl Storage for MemoryStore {
         _trace: &SpanHandle,
     ) -> Result<MissHandler> {
         let tags = response_tags(meta.headers());
+        // Sized once from Content-Length when it is known and allowed.
+        let expected = meta
+            .headers()
+            .get(http::header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse::<usize>().ok())
+            .filter(|n| *n <= self.max_object_size)
+            .unwrap_or(0);
         Ok(Box::new(Fill {
             store: self,
             key: key.combined_bin(),
             url: url_of(key),
             tags,
             meta: meta.serialize()?,
-            body: BytesMut::new(),
+            body: BytesMut::with_capacity(expected),
             since: self.purge_seq.load(Ordering::SeqCst),
         }))
     }
@@ -550,6 +584,21 @@ mod tests {
         assert!(!has(s, &key).await, "the purge outranks the fill in flight");
         fill(s, &key, &meta(&[]), "new").await;
         assert!(has(s, &key).await, "a fill after the purge is kept");
+    }
+
+    #[tokio::test]
+    async fn a_url_keeps_at_most_its_share_of_variants() {
+        let s = store();
+        for v in 0..(MAX_VARIANTS as u8 + 8) {
+            fill(s, &variant("http://h/v", v), &meta(&[]), "v").await;
+        }
+        assert!(
+            !has(s, &variant("http://h/v", 0)).await,
+            "the oldest went first"
+        );
+        assert!(has(s, &variant("http://h/v", MAX_VARIANTS as u8 + 7)).await);
+        let n = s.apply(&PurgeSpec::urls(vec!["http://h/v".into()])).objects;
+        assert_eq!(n, MAX_VARIANTS as u64);
     }
 
     #[tokio::test]

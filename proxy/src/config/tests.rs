@@ -424,3 +424,59 @@ fn path_rules_and_prefixes_are_validated() {
         "{e:?}"
     );
 }
+
+#[test]
+fn cache_settings_parse_sizes_and_refuse_what_could_never_work() {
+    let text = format!("{THREE}\n[cache]\nmax_bytes = \"64MiB\"\nmax_object_size = 1048576\n",)
+        .replace(
+            "upstream = \"api\"\n\"#",
+            "upstream = \"api\"\ncache = true\n\"#",
+        );
+    let text = text.replacen(
+        "path_prefix = \"/\"\nupstream = \"api\"",
+        "path_prefix = \"/\"\nupstream = \"api\"\ncache = true\ncache_heuristic = true",
+        1,
+    );
+    let c = parse("t.toml", &text, None).unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(c.cache.max_bytes, 64 << 20);
+    assert_eq!(c.cache.max_object_size, 1 << 20);
+    assert_eq!(c.cache.max_unsynced, Duration::from_secs(5));
+    assert_eq!(c.tables.poll_interval, Duration::from_millis(100));
+    assert!(c.routes[0].cache.is_none());
+    assert_eq!(
+        c.routes[1].cache,
+        Some(RouteCache {
+            heuristic: true,
+            set_cookie: false
+        })
+    );
+
+    let bad = format!(
+        "{THREE}\n[cache]\nmax_bytes = \"2MiB\"\nmax_object_size = \"4MiB\"\nmax_unsynced = \"50ms\"\nlock_timeout = \"0s\"\n"
+    );
+    let e = errors(&bad);
+    let paths: Vec<&str> = e.iter().map(|e| e.key_path.as_str()).collect();
+    assert_eq!(
+        paths,
+        [
+            "cache.max_object_size",
+            "cache.max_unsynced",
+            "cache.lock_timeout"
+        ],
+        "{e:#?}"
+    );
+    let e = errors(&format!("{THREE}\n[cache]\nmax_bytes = \"12 parsecs\"\n"));
+    assert_eq!(e[0].key_path, "cache.max_bytes", "{e:#?}");
+}
+
+#[test]
+fn a_cache_opt_in_without_cache_is_an_error() {
+    let text = THREE.replacen(
+        "policy = \"local\"",
+        "policy = \"local\"\ncache_set_cookie = true",
+        1,
+    );
+    let e = errors(&text);
+    assert_eq!(e[0].key_path, "routes[0].cache_set_cookie", "{e:#?}");
+    assert!(e[0].message.contains("cache = true"), "{e:#?}");
+}

@@ -1174,3 +1174,82 @@ async fn the_store_stays_within_max_bytes() {
         "RSS {rss_kib} KiB: the store grows without bound"
     );
 }
+
+// ---------------------------------------------------------------------------
+// What an adversary or a race could make the cache keep.
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_response_produced_before_a_purge_is_not_stored() {
+    let s = Site::start(&cached()).await;
+    // The first answer is slow: the purge lands while it is on its way.
+    s.origin.script("/race", |r: &Asked| {
+        let reply = Reply::fresh(format!("n={}", r.n));
+        if r.n == 1 {
+            reply.delay(Duration::from_millis(500))
+        } else {
+            reply
+        }
+    });
+    let slow = {
+        let http = s.http.clone();
+        let url = s.edge.url("/race");
+        tokio::spawn(async move { http.get(url).header("host", HOST).send().await })
+    };
+    let asked = eventually(HANG, || async { s.origin.count("/race") == 1 }).await;
+    assert!(asked.is_some(), "the first GET reached the origin");
+    s.purged(json!({"keys": [key("/race")]})).await;
+    let first = slow.await.expect("task").expect("GET");
+    assert_eq!(first.text().await.unwrap_or_default(), "n=1");
+    // Produced before the purge: served to its client, never to the next one.
+    let next = s.get("/race").await;
+    assert_ne!(
+        (next.x_cache(), next.text()),
+        ("HIT", "n=1".to_string()),
+        "{next:?}"
+    );
+    seen_as(&s.get("/race").await, "HIT", &next.text());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_origin_sees_only_what_the_key_holds() {
+    let s = Site::start(&cached()).await;
+    s.origin.reply(
+        "/tagged",
+        Reply::fresh("tagged")
+            .header("surrogate-key", "t1")
+            .header("cache-tag", "t2"),
+    );
+    // A port and forwarded host the key leaves out must not reach the
+    // origin, or a response built from them would be served to everyone.
+    let sneaky: &[(&str, &str)] = &[
+        ("host", "cache.test:1337"),
+        ("x-forwarded-host", "evil.example"),
+        ("x-forwarded-proto", "https"),
+    ];
+    let r = s.get_with("/tagged", sneaky).await;
+    seen_as(&r, "MISS", "tagged");
+    assert_eq!(
+        s.origin.last_header("/tagged", "host").as_deref(),
+        Some("cache.test")
+    );
+    assert_eq!(
+        s.origin
+            .last_header("/tagged", "x-forwarded-host")
+            .as_deref(),
+        Some("cache.test")
+    );
+    assert_eq!(
+        s.origin
+            .last_header("/tagged", "x-forwarded-proto")
+            .as_deref(),
+        Some("http")
+    );
+    // Tags are for purging, not for clients; a hit is the same object.
+    let hit = s.get("/tagged").await;
+    seen_as(&hit, "HIT", "tagged");
+    for r in [&r, &hit] {
+        assert_eq!(r.header("surrogate-key"), None, "{r:?}");
+        assert_eq!(r.header("cache-tag"), None, "{r:?}");
+    }
+    assert_eq!(s.purged(json!({"tags": ["t2"]})).await, 1);
+}

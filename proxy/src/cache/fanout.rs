@@ -1,0 +1,84 @@
+//! The direct path: a purge sent at once to every peer edge-router's
+//! traffic listener (`/.edge/purge`), signed, best effort. A peer it misses
+//! gets the purge from the replicated table.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::Full;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::TokioExecutor;
+
+use super::invalidation::{PURGE_PATH, PURGE_SIGNATURE};
+use super::purge::Purge;
+use super::signing::PurgeSigner;
+use crate::config::PeerAddr;
+use crate::metrics::Metrics;
+
+/// Best-effort delivery of a purge to every peer, in the background.
+pub(super) struct Fanout {
+    peers: Vec<(String, PeerAddr)>,
+    signer: Arc<PurgeSigner>,
+    timeout: Duration,
+    client: Client<HttpConnector, Full<Bytes>>,
+}
+
+impl Fanout {
+    pub(super) fn new(
+        peers: Vec<(String, PeerAddr)>,
+        signer: Arc<PurgeSigner>,
+        timeout: Duration,
+    ) -> Fanout {
+        let mut connector = HttpConnector::new();
+        connector.set_connect_timeout(Some(timeout));
+        connector.set_nodelay(true);
+        let client = Client::builder(TokioExecutor::new())
+            .pool_idle_timeout(Duration::from_secs(30))
+            .build(connector);
+        Fanout {
+            peers,
+            signer,
+            timeout,
+            client,
+        }
+    }
+
+    pub(super) fn send(&self, purge: &Purge, metrics: &Arc<Metrics>) {
+        if self.peers.is_empty() {
+            return;
+        }
+        let Ok(body) = serde_json::to_vec(purge) else {
+            return;
+        };
+        let body = Bytes::from(body);
+        let signature = self.signer.sign(&body);
+        for (name, peer) in &self.peers {
+            let req = http::Request::post(format!("http://{}{PURGE_PATH}", peer.addr))
+                .header(http::header::HOST, peer.authority.as_str())
+                .header(http::header::CONTENT_TYPE, "application/json")
+                .header(PURGE_SIGNATURE, signature.as_str())
+                .body(Full::new(body.clone()));
+            let Ok(req) = req else { continue };
+            let (client, metrics, timeout, name, id) = (
+                self.client.clone(),
+                metrics.clone(),
+                self.timeout,
+                name.clone(),
+                purge.id.clone(),
+            );
+            tokio::spawn(async move {
+                let ok = match tokio::time::timeout(timeout, client.request(req)).await {
+                    Ok(Ok(resp)) => resp.status().is_success(),
+                    _ => false,
+                };
+                let result = if ok { "ok" } else { "error" };
+                metrics.purge_fanout.with_label_values(&[result]).inc();
+                if !ok {
+                    tracing::debug!(peer = %name, id = %id, "direct purge not delivered; the table carries it");
+                }
+            });
+        }
+    }
+}
