@@ -98,6 +98,20 @@ pub struct EdgeProxy {
     pub purge_signer: Arc<PurgeSigner>,
 }
 
+/// Headers through which clients or proxies tell an origin about the URL;
+/// the cache key does not hold them, so a request that may be stored does
+/// not carry them (`Forwarded` may say `host=` and `proto=`).
+const URL_HINTS: &[&str] = &[
+    "forwarded",
+    "x-forwarded-port",
+    "x-forwarded-prefix",
+    "x-forwarded-server",
+    "x-original-url",
+    "x-rewrite-url",
+    "x-original-host",
+    "x-host",
+];
+
 /// Largest purge a peer may send.
 const MAX_PEER_PURGE: usize = 1 << 20;
 
@@ -342,8 +356,13 @@ impl EdgeProxy {
             }
             body.extend_from_slice(&chunk);
         }
-        match cache_request::peer_purge(&self.purge_signer, signature.as_deref(), &body, unix_ms())
-        {
+        match cache_request::peer_purge(
+            &self.purge_signer,
+            signature.as_deref(),
+            &body,
+            unix_ms(),
+            cache.path_rules,
+        ) {
             Ok(purge) => {
                 ctx.local_reply = Some("purge");
                 let applied = cache.invalidation.apply(&purge, PurgePath::Direct);
@@ -712,6 +731,13 @@ impl ProxyHttp for EdgeProxy {
         if let Some(rc) = self.route(ctx).and_then(|r| r.cache) {
             ctx.cache.route = Some(rc);
             ctx.cache.directives = RequestDirectives::of(req);
+            let trusted = ctx.hop_from.is_some()
+                || forwarding::is_trusted(client_ip(session), &self.trusted_proxies);
+            ctx.cache.https = trusted
+                && req
+                    .headers
+                    .get("x-forwarded-proto")
+                    .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"https"));
         }
         ctx.retryable = Retryable::of(&req.method, req.headers.contains_key("idempotency-key"));
         ctx.write = is_unsafe(&req.method);
@@ -981,12 +1007,16 @@ impl ProxyHttp for EdgeProxy {
             .to_string();
         if session.cache.enabled() {
             // What the response may depend on is what the key holds: the
-            // host without its port, and nothing a client or an upstream
-            // proxy says about it (cache poisoning).
+            // host without its port, the scheme, and nothing else a client
+            // or a proxy says about the URL (cache poisoning).
             let key_host = cache::key_host(session.req_header());
             upstream_request.insert_header(http::header::HOST, key_host.as_str())?;
             upstream_request.insert_header("x-forwarded-host", key_host.as_str())?;
-            upstream_request.insert_header("x-forwarded-proto", "http")?;
+            let proto = if ctx.cache.https { "https" } else { "http" };
+            upstream_request.insert_header("x-forwarded-proto", proto)?;
+            for name in URL_HINTS {
+                upstream_request.remove_header(*name);
+            }
         } else {
             if !(trusted && has_proto) {
                 upstream_request.insert_header("x-forwarded-proto", "http")?;
@@ -1174,8 +1204,8 @@ impl ProxyHttp for EdgeProxy {
         Ok(())
     }
 
-    fn cache_key_callback(&self, session: &Session, _ctx: &mut RequestCtx) -> Result<CacheKey> {
-        Ok(cache::key_of(session))
+    fn cache_key_callback(&self, session: &Session, ctx: &mut RequestCtx) -> Result<CacheKey> {
+        Ok(cache::key_of(session, ctx.cache.https))
     }
 
     async fn cache_hit_filter(
@@ -1222,7 +1252,7 @@ impl ProxyHttp for EdgeProxy {
         ctx: &mut RequestCtx,
     ) -> Result<RespCacheable> {
         if let Some(cache) = &self.cache {
-            let key = cache::key_of(session);
+            let key = cache::key_of(session, ctx.cache.https);
             let url = String::from_utf8_lossy(key.primary_key());
             let tags = cache_rules::response_tags(&resp.headers);
             if cache.store.purged_since(ctx.cache.purge_seq, &url, &tags) {

@@ -1,15 +1,20 @@
 //! The invalidation consumer: every `tables.poll_interval` it reads new
 //! purge rows from this region's replica and applies those not applied yet.
 //!
-//! Replication keeps no order across items, so a poll re-reads from the
+//! Replication keeps no order across items, so a poll reads from the
 //! oldest point a late row could still arrive at: the lowest heartbeat
 //! watermark of the regions (their rows up to there are visible here, as
 //! far as partitions replicate alike), less an overlap for clock skew and
-//! partition-to-partition differences. A region whose watermark is stuck
-//! (down, or partitioned from the table) would hold that point back and
-//! make every poll re-read everything since; such regions are left to a
-//! deep poll every few seconds instead. Both points only move forward, so
-//! a row once behind them is never read (and applied) again.
+//! partition-to-partition differences. That point moves only after a poll
+//! has succeeded, and only to what the watermarks read before that poll
+//! guarantee: a failed poll or an unknown watermark never moves it.
+//!
+//! A region whose watermark is stuck (down, or cut off from the table)
+//! would hold that point back and make every poll re-read everything since;
+//! frequent polls leave such regions out and a deep poll every few seconds
+//! reads back for them, at most `DEEP_MAX` (or the retention). A region
+//! stuck longer than that may have rows behind the window when it comes
+//! back: the cache is then cleared, as after this region's own outage.
 //!
 //! While the rows cannot be read for `cache.max_unsynced`, the cache serves
 //! no hits (a purge may be waiting unseen); after an outage longer than the
@@ -38,16 +43,37 @@ const STUCK_MS: u64 = 30_000;
 /// How often a poll also reads back to stuck regions' watermarks.
 const DEEP_EVERY_MS: u64 = 5_000;
 
-/// A direct purge older than this is refused (signing.rs), so applied ids
-/// are kept at least this long.
-const REPLAY_WINDOW_MS: u64 = 60_000;
+/// The deep poll reads back at most this far (or the rows' retention).
+const DEEP_MAX_MS: u64 = 15 * 60 * 1000;
 
-/// Where polls read from; both only move forward.
-#[derive(Debug, Default, Clone, Copy)]
+/// Applied ids are remembered at least this long: a direct purge older than
+/// 60 s is refused (signing.rs), and a row written up to this late (queued
+/// while the table refused writes) is still recognised.
+const ID_MEMORY_MS: u64 = 10 * 60 * 1000;
+
+/// How far back a deep poll reads: `DEEP_MAX_MS`, or the rows' retention.
+fn window(hub: &Invalidation) -> u64 {
+    DEEP_MAX_MS.min(hub.retention.as_millis() as u64)
+}
+
+/// Where polls read from. Both points only move forward, after a success.
+#[derive(Debug, Default, Clone)]
 struct Cursor {
-    shallow_from: u64,
+    /// Rows before this were read, counting every region.
     deep_from: u64,
+    /// Rows before this were read, counting the regions whose heartbeats are live.
+    shallow_from: u64,
     last_deep_ms: u64,
+    /// Per region (lag-snapshot order): since when its watermark has not been live.
+    stuck_since: Vec<Option<u64>>,
+}
+
+/// What the watermarks read before a poll allow the cursor to move to.
+struct Advance {
+    shallow: Option<u64>,
+    deep: Option<u64>,
+    /// A region stuck longer than the deep window is live again.
+    clear: bool,
 }
 
 /// The consumer: a background service polling the table.
@@ -59,61 +85,107 @@ pub struct Consumer {
 impl Consumer {
     /// A consumer applying through `hub`.
     pub fn new(hub: Arc<Invalidation>) -> Consumer {
+        let regions = hub.lag.regions().len();
+        let window = window(&hub);
+        // Rows written shortly before this process started can still be
+        // arriving: read back as far as a deep poll would.
+        let start = hub.started_ms.saturating_sub(window);
         Consumer {
+            cursor: Mutex::new(Cursor {
+                deep_from: start,
+                shallow_from: start,
+                last_deep_ms: 0,
+                stuck_since: vec![Some(hub.started_ms); regions],
+            }),
             hub,
-            cursor: Mutex::default(),
         }
     }
 
-    /// The points this poll reads from: (from, deep).
-    fn bounds(&self, now: u64) -> (u64, bool) {
+    /// Classify regions by the watermarks read now; what a successful poll
+    /// started now lets the cursor advance to.
+    fn observe(&self, now: u64) -> Advance {
         let hub = &self.hub;
         let lag = hub.lag.snapshot();
         let local = hub.lag.regions().iter().position(|r| *r == hub.region);
-        let others = || {
-            lag.watermarks_ms
-                .iter()
-                .enumerate()
-                .filter(move |(i, _)| Some(*i) != local)
-                .map(|(_, w)| *w)
-        };
-        // Rows older than this cover nothing this process stored, or have expired.
-        let floor = now
-            .saturating_sub(hub.retention.as_millis() as u64)
-            .max(hub.started_ms.saturating_sub(OVERLAP_MS));
-        let live = others()
-            .filter_map(|w| w.filter(|w| now.saturating_sub(*w) <= STUCK_MS))
-            .min()
-            .unwrap_or(now)
-            .min(now);
-        // Unknown counts as the oldest we keep.
-        let all = others()
-            .map(|w| w.unwrap_or(0))
-            .min()
-            .unwrap_or(now)
-            .min(now);
+        let window = window(hub);
         let mut c = self.cursor.lock();
-        c.shallow_from = c
-            .shallow_from
-            .max(live.saturating_sub(OVERLAP_MS).max(floor));
-        c.deep_from = c
-            .deep_from
-            .max(all.saturating_sub(OVERLAP_MS).max(floor))
-            .min(c.shallow_from);
+        let mut shallow = Some(now);
+        let mut deep = Some(now);
+        let mut clear = false;
+        for (i, w) in lag.watermarks_ms.iter().enumerate() {
+            if Some(i) == local {
+                continue;
+            }
+            let live = w.is_some_and(|w| now.saturating_sub(w) <= STUCK_MS);
+            let stuck_since = c.stuck_since.get_mut(i);
+            let Some(stuck_since) = stuck_since else {
+                continue;
+            };
+            if live {
+                if stuck_since.is_some_and(|t| now.saturating_sub(t) > window) {
+                    clear = true;
+                }
+                *stuck_since = None;
+            } else {
+                let since = *stuck_since.get_or_insert(now);
+                // Briefly unknown (a failed heartbeat read): move nothing.
+                if now.saturating_sub(since) <= STUCK_MS {
+                    shallow = None;
+                }
+            }
+            let w = w.map(|w| w.min(now));
+            shallow = match (shallow, live) {
+                (Some(s), true) => w.map(|w| s.min(w)),
+                (s, _) => s,
+            };
+            deep = match (deep, w) {
+                (Some(d), Some(w)) => Some(d.min(w)),
+                _ => None,
+            };
+        }
+        Advance {
+            shallow: shallow.map(|s| s.saturating_sub(OVERLAP_MS)),
+            deep: deep.map(|d| d.saturating_sub(OVERLAP_MS)),
+            clear,
+        }
+    }
+
+    /// Where this poll reads from, and whether it is a deep one.
+    fn from(&self, now: u64) -> (u64, bool) {
+        let c = self.cursor.lock();
         let deep =
             c.deep_from < c.shallow_from && now.saturating_sub(c.last_deep_ms) >= DEEP_EVERY_MS;
-        if deep {
-            c.last_deep_ms = now;
-        }
         (if deep { c.deep_from } else { c.shallow_from }, deep)
     }
 
-    /// Read every partition from the lower bound and apply what is new,
+    /// After a successful poll started at `started`.
+    fn advance(&self, started: u64, deep: bool, a: &Advance) {
+        let window = window(&self.hub);
+        let mut c = self.cursor.lock();
+        if let Some(s) = a.shallow {
+            c.shallow_from = c.shallow_from.max(s);
+        }
+        // A deep poll read everything from deep_from, so it may move; so
+        // may a shallow one when no region is stuck (the two points agree).
+        if let Some(d) = a.deep.filter(|d| deep || a.shallow == Some(*d)) {
+            c.deep_from = c.deep_from.max(d);
+        }
+        if deep {
+            c.last_deep_ms = started;
+        }
+        c.deep_from = c
+            .deep_from
+            .max(started.saturating_sub(window))
+            .min(c.shallow_from);
+    }
+
+    /// Read every partition from the read point and apply what is new,
     /// page by page.
     async fn poll(&self) -> Result<(), TableError> {
         let hub = &self.hub;
         let started = unix_ms();
-        let (from, _deep) = self.bounds(started);
+        let advance = self.observe(started);
+        let (from, deep) = self.from(started);
         let after = sort_key(from, "", "");
         for shard in 0..hub.shards {
             let pk = format!("inv#{shard}");
@@ -143,11 +215,17 @@ impl Consumer {
                 }
             }
         }
+        self.advance(started, deep, &advance);
+        if advance.clear {
+            hub.store.clear();
+            hub.metrics.cache_cleared.inc();
+            tracing::warn!("a region cut off from the table for longer than the deep poll reaches is back: its purges may be older than the read window, so the cache was cleared");
+        }
         let horizon = self
             .cursor
             .lock()
             .deep_from
-            .min(started.saturating_sub(REPLAY_WINDOW_MS));
+            .min(started.saturating_sub(ID_MEMORY_MS));
         hub.forget_before(horizon);
         let previous = hub.sync.polled(started);
         if let Some(previous) = previous {

@@ -62,6 +62,9 @@ const WRITE_PUT_TIMEOUT: Duration = Duration::from_secs(1);
 const FLUSH_BATCH: usize = 4096;
 const FLUSH_CONCURRENCY: usize = 8;
 
+/// Folded rows stay well under DynamoDB's 400 KB item limit.
+const MAX_FOLDED_BYTES: usize = 64 * 1024;
+
 /// How a purge reached this region.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum PurgePath {
@@ -243,8 +246,11 @@ impl Invalidation {
             if ids.clone().all(|id| applied.ids.contains_key(id)) {
                 return None;
             }
+            // Remembered by when they were applied here: a row written
+            // late (queued) carries a later time than its purge.
+            let now = unix_ms();
             for id in ids {
-                applied.ids.insert(id.clone(), purge.time_ms);
+                applied.ids.insert(id.clone(), now);
             }
             applied.total += 1;
         }
@@ -254,7 +260,8 @@ impl Invalidation {
             .purges_applied
             .with_label_values(&[path.label()])
             .inc();
-        if path != PurgePath::Local {
+        // Rows from before this process started are caught up on, not propagated.
+        if path != PurgePath::Local && purge.time_ms >= self.started_ms {
             let delay = unix_ms().saturating_sub(purge.time_ms) as f64 / 1000.0;
             self.metrics
                 .purge_propagation
@@ -265,8 +272,8 @@ impl Invalidation {
         Some(result.objects)
     }
 
-    /// Forget ids older than `horizon` (no poll reads that far back, and a
-    /// direct purge that old is refused as a replay).
+    /// Forget ids applied before `horizon` (no poll reads rows that old,
+    /// and a direct purge that old is refused as a replay).
     pub(super) fn forget_before(&self, horizon: u64) {
         self.applied.lock().ids.retain(|_, t| *t >= horizon);
     }
@@ -489,9 +496,11 @@ fn fold(batch: Vec<Purge>, region: &str) -> Vec<Purge> {
             out.push(p);
             continue;
         }
-        let fits = urls
-            .as_ref()
-            .is_some_and(|u| u.spec.keys.len() + p.spec.keys.len() <= MAX_TARGETS);
+        let bytes = |keys: &[String]| keys.iter().map(|k| k.len() + 3).sum::<usize>();
+        let fits = urls.as_ref().is_some_and(|u| {
+            u.spec.keys.len() + p.spec.keys.len() <= MAX_TARGETS
+                && bytes(&u.spec.keys) + bytes(&p.spec.keys) <= MAX_FOLDED_BYTES
+        });
         if !fits {
             out.extend(urls.take());
             let mut first = Purge::new(region, p.time_ms, PurgeSpec::default());

@@ -82,10 +82,18 @@ impl EdgeCache {
 /// routing validated it (lowercase, no port, no trailing dot) so that every
 /// region and listener shares one key; the origin is sent the same host
 /// (`service.rs`), so no response can depend on what the key leaves out.
-pub fn key_of(session: &Session) -> CacheKey {
+/// `https` is the scheme a trusted proxy in front says the client used
+/// (`X-Forwarded-Proto`): an origin may answer the two differently.
+pub fn key_of(session: &Session, https: bool) -> CacheKey {
     let req = session.req_header();
     let pq = req.uri.path_and_query().map_or("/", |p| p.as_str());
-    CacheKey::new(purge::cache_url(&key_host(req), pq), "")
+    let url = purge::cache_url(&key_host(req), pq);
+    let primary = if https {
+        url.replacen("http://", "https://", 1)
+    } else {
+        url
+    };
+    CacheKey::new(primary, "")
 }
 
 /// The host part of a request's cache key.
@@ -116,6 +124,8 @@ pub struct CacheCtx {
     /// The store's purge sequence when the request was let into the cache:
     /// a response to it is not stored if a purge since then covers it.
     pub purge_seq: u64,
+    /// A trusted proxy says the client used HTTPS (part of the key).
+    pub https: bool,
 }
 
 /// `x-cache` for a request on a cache route, from Pingora's cache phase.

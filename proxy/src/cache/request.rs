@@ -122,6 +122,7 @@ pub fn peer_purge(
     signature: Option<&str>,
     body: &[u8],
     now_ms: u64,
+    rules: PathRules,
 ) -> Result<Purge, PeerPurgeError> {
     if !signature.is_some_and(|s| signer.verify(s, body)) {
         return Err(PeerPurgeError::Signature);
@@ -130,11 +131,12 @@ pub fn peer_purge(
     if !PurgeSigner::fresh(purge.time_ms, now_ms) {
         return Err(PeerPurgeError::Stale);
     }
-    // The sender normalised it with the same rules; this only re-checks limits.
+    // The sender normalised it; the same rules (every region's config
+    // normalises paths alike) leave it as it is, and limits are re-checked.
     let spec = purge
         .spec
         .clone()
-        .normalized(PathRules::default())
+        .normalized(rules)
         .map_err(|_| PeerPurgeError::Malformed)?;
     Ok(Purge { spec, ..purge })
 }
@@ -205,18 +207,33 @@ mod tests {
         );
         let body = serde_json::to_vec(&p).unwrap();
         let sig = signer.sign(&body);
-        assert_eq!(peer_purge(&signer, Some(&sig), &body, 1_000_500), Ok(p));
         assert_eq!(
-            peer_purge(&signer, None, &body, 1_000_500),
+            peer_purge(&signer, Some(&sig), &body, 1_000_500, PathRules::default()),
+            Ok(p)
+        );
+        assert_eq!(
+            peer_purge(&signer, None, &body, 1_000_500, PathRules::default()),
             Err(PeerPurgeError::Signature)
         );
         assert_eq!(
-            peer_purge(&signer, Some(&sig), &body, 1_000_000_000),
+            peer_purge(
+                &signer,
+                Some(&sig),
+                &body,
+                1_000_000_000,
+                PathRules::default()
+            ),
             Err(PeerPurgeError::Stale)
         );
         let junk = b"{}";
         assert_eq!(
-            peer_purge(&signer, Some(&signer.sign(junk)), junk, 1),
+            peer_purge(
+                &signer,
+                Some(&signer.sign(junk)),
+                junk,
+                1,
+                PathRules::default()
+            ),
             Err(PeerPurgeError::Malformed)
         );
     }

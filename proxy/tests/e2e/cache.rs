@@ -1225,6 +1225,9 @@ async fn the_origin_sees_only_what_the_key_holds() {
         ("host", "cache.test:1337"),
         ("x-forwarded-host", "evil.example"),
         ("x-forwarded-proto", "https"),
+        ("x-forwarded-port", "1337"),
+        ("x-original-url", "/admin"),
+        ("forwarded", "host=evil.example;proto=https"),
     ];
     let r = s.get_with("/tagged", sneaky).await;
     seen_as(&r, "MISS", "tagged");
@@ -1244,6 +1247,13 @@ async fn the_origin_sees_only_what_the_key_holds() {
             .as_deref(),
         Some("http")
     );
+    for hint in ["x-forwarded-port", "x-original-url", "forwarded"] {
+        assert_eq!(
+            s.origin.last_header("/tagged", hint),
+            None,
+            "{hint} reached the origin"
+        );
+    }
     // Tags are for purging, not for clients; a hit is the same object.
     let hit = s.get("/tagged").await;
     seen_as(&hit, "HIT", "tagged");
@@ -1252,4 +1262,24 @@ async fn the_origin_sees_only_what_the_key_holds() {
         assert_eq!(r.header("cache-tag"), None, "{r:?}");
     }
     assert_eq!(s.purged(json!({"tags": ["t2"]})).await, 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_scheme_a_trusted_proxy_reports_is_part_of_the_key() {
+    let t = Tweaks {
+        server_extra: "trusted_proxies = [\"127.0.0.1/32\"]",
+        ..cached()
+    };
+    let s = Site::start(&t).await;
+    s.origin.script("/scheme", |r: &Asked| {
+        let proto = r.header("x-forwarded-proto").unwrap_or("-").to_string();
+        Reply::fresh(proto)
+    });
+    let https: &[(&str, &str)] = &[("x-forwarded-proto", "https")];
+    seen_as(&s.get_with("/scheme", https).await, "MISS", "https");
+    seen_as(&s.get("/scheme").await, "MISS", "http");
+    seen_as(&s.get_with("/scheme", https).await, "HIT", "https");
+    seen_as(&s.get("/scheme").await, "HIT", "http");
+    // One purge names the object, whichever scheme fetched it.
+    assert_eq!(s.purged(json!({"keys": [key("/scheme")]})).await, 2);
 }
