@@ -3,7 +3,8 @@
 
 For each round: fill /static/pN in every region (until HIT), purge it by key
 through region 0's admin listener, then poll regions 1 and 2 until each
-answers MISS; the time from the purge's 202 to that MISS is one sample.
+answers MISS; the time from sending the purge to that MISS is one sample
+(the 202 comes once the row is in the table; the fan-out starts before).
 Run it once with the direct path and once with the direct path cut
 (`--cut`: the links from region 0 are blocked, so the purge arrives through
 the simulated table after the replication delay).
@@ -105,10 +106,10 @@ def main():
                 if wait_until(lambda: x_cache(base + i, path) == "HIT", 10, 0.01) is None:
                     sys.exit(f"{REGIONS[i]} never cached {path}")
             body = json.dumps({"keys": [f"http://bench.test{path}"]}).encode()
+            t0 = time.monotonic()
             status, _, resp = request(admin, "POST", "/purge", body, auth)
             if status != 202:
                 sys.exit(f"purge answered {status}: {resp!r}")
-            t0 = time.monotonic()
             pending = {1, 2}
             while pending and time.monotonic() - t0 < 20:
                 for i in list(pending):
@@ -119,7 +120,7 @@ def main():
                 sys.exit(f"round {n}: regions {pending} never saw the purge")
         path_name = "table (direct path cut)" if a.cut else "direct + table"
         print(f"purge propagation, {a.rounds} purges by key through {REGIONS[0]}, "
-              f"replication delay {a.delay}, {path_name}; ms from the 202 to the first MISS")
+              f"replication delay {a.delay}, {path_name}; ms from sending the purge to the first MISS")
         print(f"{'region':<16}{'p50':>8}{'p90':>8}{'p99':>8}{'max':>8}")
         for r, s in samples.items():
             print(f"{r:<16}{pct(s, .5):8.1f}{pct(s, .9):8.1f}{pct(s, .99):8.1f}{max(s):8.1f}")
