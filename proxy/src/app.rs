@@ -135,6 +135,7 @@ fn prime_metrics(metrics: &Metrics, config: &Config, topo: &Topology) {
     if config.routes.iter().any(|r| r.cache.is_some()) {
         for path in ["local", "direct", "table"] {
             metrics.purges_applied.with_label_values(&[path]);
+            metrics.purges_repeated.with_label_values(&[path]);
         }
         for cause in ["size", "purge", "expired"] {
             metrics.cache_evictions.with_label_values(&[cause]);

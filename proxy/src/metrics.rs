@@ -67,6 +67,8 @@ pub struct Metrics {
     pub cache_evictions: IntCounterVec,
     /// Purges applied here, by the path that brought them (local, direct, table).
     pub purges_applied: IntCounterVec,
+    /// Purges that arrived again by another path (or a replay) and were skipped, by path.
+    pub purges_repeated: IntCounterVec,
     /// Time from a purge's acceptance to its application here, by path.
     pub purge_propagation: HistogramVec,
     /// Seconds since the invalidation consumer last read every partition.
@@ -197,6 +199,11 @@ impl Metrics {
             purges_applied: counter(
                 "edge_cache_purges_applied_total",
                 "Purges applied in this region, by the path that brought each first (local, direct, table).",
+                &["path"],
+            )?,
+            purges_repeated: counter(
+                "edge_cache_purges_repeated_total",
+                "Purges already applied that arrived again (the second path, a replay) and were skipped, by path.",
                 &["path"],
             )?,
             purge_propagation,

@@ -244,6 +244,10 @@ impl Invalidation {
             let mut applied = self.applied.lock();
             let ids = std::iter::once(&purge.id).chain(&purge.also);
             if ids.clone().all(|id| applied.ids.contains_key(id)) {
+                self.metrics
+                    .purges_repeated
+                    .with_label_values(&[path.label()])
+                    .inc();
                 return None;
             }
             // Remembered by when they were applied here: a row written

@@ -274,32 +274,64 @@ pub(crate) fn report(test: &str, names: &[&str], times: &[Duration], grew: &[App
     }
 }
 
+/// A demo (replication `delay`) with `path` cached in every region; the
+/// path's URL in each region.
+async fn cached_everywhere(delay: &str, path: &str) -> (Demo, reqwest::Client, Vec<String>) {
+    let demo = Demo::start(delay).await;
+    let c = client();
+    let urls = everywhere(&demo, path);
+    cache_everywhere(&c, &demo, path).await;
+    (demo, c, urls)
+}
+
+/// Purge `spec` through us-east-1 (202 expected), wait until every region
+/// answers MISS for `urls`, print when and by which path; the 202's body
+/// and what each region applied since `before`.
+async fn purge_and_watch(
+    test: &str,
+    demo: &Demo,
+    c: &reqwest::Client,
+    urls: &[String],
+    before: &[Applied],
+    spec: serde_json::Value,
+) -> (serde_json::Value, Vec<Applied>) {
+    let purged = Instant::now();
+    let (status, body) = demo.purge(0, spec).await;
+    assert_eq!(status, 202, "{body}");
+    let times = first_miss(c, urls, purged).await;
+    let grew = growth(&applied_everywhere(demo).await, before);
+    report(test, &REGION_NAMES, &times, &grew);
+    (body, grew)
+}
+
 #[tokio::test]
 async fn a_purge_by_tag_through_one_region_clears_all_three() {
     const TEST: &str = "a_purge_by_tag_through_one_region_clears_all_three";
-    let demo = Demo::start("300ms").await;
-    let c = client();
-    let urls = everywhere(&demo, "/static/a");
-    cache_everywhere(&c, &demo, "/static/a").await;
+    let (demo, c, urls) = cached_everywhere("300ms", "/static/a").await;
     let before = applied_everywhere(&demo).await;
-
-    let purged = Instant::now();
     let spec = json!({ "tags": ["static"] });
-    let (status, body) = demo.purge(0, spec).await;
-    assert_eq!(status, 202, "{body}");
+    let (body, _) = purge_and_watch(TEST, &demo, &c, &urls, &before, spec).await;
     assert!(
         body["id"].as_str().is_some_and(|id| !id.is_empty()),
         "{body}"
     );
     // us-east-1 held one object tagged `static`: /static/a.
     assert_eq!(body["applied"], 1, "{body}");
-    let times = first_miss(&c, &urls, purged).await;
-    let grew = growth(&applied_everywhere(&demo).await, &before);
-    report(TEST, &REGION_NAMES, &times, &grew);
 
-    // By now the table has brought the purge too (replication 300 ms, a
-    // poll every 100 ms): each region applied it once all the same.
-    tokio::time::sleep(Duration::from_secs(1)).await;
+    // The table brings the purge too (replication 300 ms, a poll every
+    // 100 ms): each region sees it a second time and skips it.
+    for r in REGIONS {
+        let repeated = eventually(GUARD, || async {
+            let m = demo.metrics(r).await;
+            sample(&m, "edge_cache_purges_repeated_total", "path=\"table\"") >= 1.0
+        })
+        .await;
+        assert!(
+            repeated.is_some(),
+            "{}: the table's copy never arrived",
+            REGION_NAMES[r as usize]
+        );
+    }
     let grew = growth(&applied_everywhere(&demo).await, &before);
     for (name, g) in REGION_NAMES.iter().zip(&grew) {
         assert_eq!(g.total(), 1.0, "{name} applied the purge {g:?}");
@@ -378,19 +410,10 @@ async fn a_put_through_one_region_clears_the_url_everywhere() {
 #[tokio::test]
 async fn direct_path_beats_replication() {
     const TEST: &str = "direct_path_beats_replication";
-    let demo = Demo::start("2s").await;
-    let c = client();
-    let urls = everywhere(&demo, "/static/d");
-    cache_everywhere(&c, &demo, "/static/d").await;
+    let (demo, c, urls) = cached_everywhere("2s", "/static/d").await;
     let before = applied_everywhere(&demo).await;
-
-    let purged = Instant::now();
     let spec = json!({ "keys": [key("/static/d")] });
-    let (status, body) = demo.purge(0, spec).await;
-    assert_eq!(status, 202, "{body}");
-    let times = first_miss(&c, &urls, purged).await;
-    let grew = growth(&applied_everywhere(&demo).await, &before);
-    report(TEST, &REGION_NAMES, &times, &grew);
+    let (_, grew) = purge_and_watch(TEST, &demo, &c, &urls, &before, spec).await;
     // Replication takes 2 s: the fan-out applied it in the other regions.
     for (name, g) in REGION_NAMES.iter().zip(&grew).skip(1) {
         assert_eq!(
@@ -403,22 +426,14 @@ async fn direct_path_beats_replication() {
 #[tokio::test]
 async fn a_region_cut_off_from_the_fanout_gets_the_purge_from_the_table() {
     const TEST: &str = "a_region_cut_off_from_the_fanout_gets_the_purge_from_the_table";
-    let demo = Demo::start("300ms").await;
-    let c = client();
-    let urls = everywhere(&demo, "/static/e");
-    cache_everywhere(&c, &demo, "/static/e").await;
+    let (demo, c, urls) = cached_everywhere("300ms", "/static/e").await;
     demo.set_link(0, 1, "blocked").await;
     let before = applied_everywhere(&demo).await;
     let fanout_errors = |m: &str| sample(m, "edge_purge_fanout_total", "result=\"error\"");
     let errors_before = fanout_errors(&demo.metrics(0).await);
 
-    let purged = Instant::now();
     let spec = json!({ "prefixes": [key("/static/")] });
-    let (status, body) = demo.purge(0, spec).await;
-    assert_eq!(status, 202, "{body}");
-    let times = first_miss(&c, &urls, purged).await;
-    let grew = growth(&applied_everywhere(&demo).await, &before);
-    report(TEST, &REGION_NAMES, &times, &grew);
+    let (_, grew) = purge_and_watch(TEST, &demo, &c, &urls, &before, spec).await;
     let (cut_off, reached) = (grew[1], grew[2]);
     assert_eq!(
         (cut_off.direct, cut_off.table),
