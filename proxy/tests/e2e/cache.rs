@@ -1283,3 +1283,87 @@ async fn the_scheme_a_trusted_proxy_reports_is_part_of_the_key() {
     // One purge names the object, whichever scheme fetched it.
     assert_eq!(s.purged(json!({"keys": [key("/scheme")]})).await, 2);
 }
+
+// ---------------------------------------------------------------------------
+// Misbehaving peers.
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_body_cut_short_is_never_stored() {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use tokio::io::AsyncWriteExt;
+    // A cacheable answer whose connection ends 100 bytes into a 1,000-byte
+    // body, every time: nothing of it may be served as a stored copy.
+    let asked = Arc::new(AtomicUsize::new(0));
+    let seen = asked.clone();
+    let backend = raw_origin(move |mut stream: tokio::net::TcpStream, _head: String| {
+        let seen = seen.clone();
+        async move {
+            seen.fetch_add(1, Ordering::SeqCst);
+            let head = "HTTP/1.1 200 OK\r\nCache-Control: public, max-age=60\r\nContent-Length: 1000\r\n\r\n";
+            let _ = stream.write_all(head.as_bytes()).await;
+            let _ = stream.write_all(&[b'x'; 100]).await;
+            let _ = stream.shutdown().await;
+        }
+    })
+    .await;
+    let regions = vec![RegionSpec::new("solo", vec![backend])];
+    let edge = start_region(&regions, 0, &cached()).await;
+    let http = client();
+    let synced = eventually(HANG, || async {
+        status_json(&http, &edge).await["cache"]["synced"] == true
+    })
+    .await;
+    assert!(synced.is_some(), "the cache never synced");
+    for n in 1..=2 {
+        let resp = http
+            .get(edge.url("/cut"))
+            .header("host", HOST)
+            .send()
+            .await
+            .expect("the head arrives");
+        let x_cache = resp
+            .headers()
+            .get("x-cache")
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("")
+            .to_string();
+        assert_ne!(x_cache, "HIT", "attempt {n}: a truncated body was stored");
+        let body = resp.bytes().await;
+        assert!(
+            body.is_err(),
+            "attempt {n}: the client saw a complete response: {body:?}"
+        );
+        assert_eq!(
+            asked.load(Ordering::SeqCst),
+            n,
+            "attempt {n} went to the origin"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_forged_purge_on_the_traffic_listener_is_refused() {
+    let s = Site::start(&cached()).await;
+    s.origin.reply("/kept", Reply::fresh("kept"));
+    seen_as(&s.get("/kept").await, "MISS", "kept");
+    let forged = json!({
+        "id": "f00d",
+        "region": "us-east-1",
+        "time_ms": 0,
+        "spec": {"all": true}
+    });
+    for signature in [None, Some("v1.00000000.00"), Some("garbage")] {
+        let mut req = s
+            .http
+            .post(s.edge.url("/.edge/purge"))
+            .header("host", HOST)
+            .body(forged.to_string());
+        if let Some(sig) = signature {
+            req = req.header("x-edge-purge", sig);
+        }
+        let resp = req.send().await.expect("POST /.edge/purge");
+        assert_eq!(resp.status().as_u16(), 403, "{signature:?}");
+    }
+    seen_as(&s.get("/kept").await, "HIT", "kept");
+    assert_eq!(s.origin.count("/kept"), 1);
+}
