@@ -1,11 +1,18 @@
 //! TLS material for edge-router.
 //!
-//! Two halves kept apart: [`SniTable`] *chooses* a
-//! certificate for a server name and is pure over a loaded set; [`load_pem`]
-//! *loads* a chain and key from PEM files. Listener wiring, reload and the dev
-//! CA build on these in a later release.
+//! [`SniTable`] *chooses* a certificate for a server name and is pure over a
+//! loaded set; [`load_pem`] *loads* a chain and key from PEM files;
+//! [`dir`] loads a directory of pairs; [`resolver`] serves them to rustls
+//! by SNI and reloads them; [`dev`] writes a development CA and leaf;
+//! [`tls`] builds the server configuration with an explicit crypto provider
+//! (the process has two compiled in: never rely on a default).
 #![forbid(unsafe_code)]
 #![deny(missing_docs)]
+
+pub mod dev;
+pub mod dir;
+pub mod resolver;
+pub mod tls;
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -30,6 +37,36 @@ pub enum CertError {
     /// A server name pattern that is neither a host name nor `*.suffix`.
     #[error("invalid server name pattern `{0}`")]
     BadPattern(String),
+    /// A certificate directory could not be listed.
+    #[error("{path}: {source}")]
+    Dir {
+        /// The directory.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// A certificate directory held no `NAME.crt` + `NAME.key` pair.
+    #[error("{0}: no certificate pair (NAME.crt or NAME.pem with NAME.key)")]
+    Empty(PathBuf),
+    /// A certificate that is not X.509 as expected.
+    #[error("{path}: not a readable X.509 certificate: {why}")]
+    Parse {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        why: String,
+    },
+    /// A key that does not load, or does not match its certificate.
+    #[error("{path}: {why}")]
+    Key {
+        /// The key file.
+        path: PathBuf,
+        /// Why.
+        why: String,
+    },
+    /// Writing the development CA failed.
+    #[error("development certificates: {0}")]
+    Dev(String),
 }
 
 /// A certificate chain and its private key, as read from PEM.

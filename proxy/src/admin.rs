@@ -25,6 +25,7 @@ pub struct AdminApp {
     table: String,
     token: Option<String>,
     cache: Option<Arc<EdgeCache>>,
+    tls: Vec<Arc<edge_certs::resolver::DirResolver>>,
 }
 
 /// Largest `POST /purge` body.
@@ -49,7 +50,38 @@ impl AdminApp {
             table,
             token: token.filter(|t| !t.is_empty()),
             cache: None,
+            tls: Vec::new(),
         }
+    }
+
+    /// Show the TLS listeners' certificates in `/status`.
+    pub fn with_tls(mut self, tls: Vec<Arc<edge_certs::resolver::DirResolver>>) -> Self {
+        self.tls = tls;
+        self
+    }
+
+    fn tls_json(&self) -> serde_json::Value {
+        let now = std::time::SystemTime::now();
+        let listeners: Vec<serde_json::Value> = self
+            .tls
+            .iter()
+            .map(|r| {
+                let certs: Vec<serde_json::Value> = r
+                    .certs()
+                    .iter()
+                    .map(|c| {
+                        serde_json::json!({
+                            "name": c.name,
+                            "dns_names": c.dns_names,
+                            "not_after": c.not_after,
+                            "expires_in_s": c.expires_in(now),
+                        })
+                    })
+                    .collect();
+                serde_json::json!({"dir": r.dir().display().to_string(), "certs": certs})
+            })
+            .collect();
+        serde_json::Value::Array(listeners)
     }
 
     /// Serve `POST /purge` and the `/status` cache section for `cache`.
@@ -189,6 +221,7 @@ impl ServeHttp for AdminApp {
                 let mut doc = self.health.status_json();
                 doc["draining"] = self.lifecycle.is_draining().into();
                 doc["tables"] = self.lag.status_json(&self.table);
+                doc["tls"] = self.tls_json();
                 doc["cache"] = match &self.cache {
                     Some(c) => c.invalidation.status_json(c.config.max_bytes),
                     None => serde_json::json!({"enabled": false}),

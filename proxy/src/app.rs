@@ -6,7 +6,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
+use edge_certs::resolver::DirResolver;
 use edge_policies::ReasonKind;
+use pingora::listeners::tls::TlsSettings;
 use pingora::listeners::{L4BufferSettings, ListenerConfig};
 use pingora::server::configuration::ServerConf;
 use pingora::server::Server;
@@ -33,6 +35,7 @@ use crate::snapshot::Snapshots;
 use crate::tables::heartbeat::{HeartbeatSettings, Heartbeats, LagState};
 use crate::tables::SharedTable;
 use crate::telemetry::WarnLimiter;
+use crate::tls::CertWatch;
 use crate::token::TokenSigner;
 
 /// Read buffer of each client connection's socket (Pingora's default: 64 KiB).
@@ -269,10 +272,32 @@ pub fn add_region(
         header_read_timeout: config.server.header_read_timeout,
         keepalive_timeout: config.server.keepalive_timeout,
     };
+    let mut tls_resolvers = Vec::new();
     let mut traffic = Service::new(
         format!("edge-router {region}"),
         EdgeApp::new(http, limits, metrics.clone(), lifecycle.clone()),
     );
+    for t in &config.server.tls {
+        let resolver = Arc::new(
+            DirResolver::load(&t.certs, edge_certs::tls::provider())
+                .with_context(|| format!("TLS listener {}", t.listen))?,
+        );
+        for c in resolver.certs() {
+            tracing::info!(listener = %t.listen, cert = %c.name, names = ?c.dns_names, "TLS certificate loaded");
+        }
+        // The resolver answers by SNI; the files named here are never read.
+        let mut settings = TlsSettings::intermediate("", "")?;
+        settings.set_cert_resolver(resolver.clone());
+        if t.h2 {
+            settings.enable_h2();
+        }
+        traffic.add_listener(
+            ListenerConfig::tcp(t.listen.to_string())
+                .tls(settings)
+                .l4_buffer(L4BufferSettings::default().read(CLIENT_READ_BUFFER)),
+        );
+        tls_resolvers.push(resolver);
+    }
     for addr in &config.server.listen {
         // Pingora gives every accepted connection a 64 KiB read buffer for
         // its whole life; idle keep-alive clients then cost ~64 KiB each.
@@ -294,12 +319,19 @@ pub fn add_region(
         table.describe(),
         secrets.admin_token,
     )
-    .with_cache(cache);
+    .with_cache(cache)
+    .with_tls(tls_resolvers.clone());
     let mut admin = Service::new(format!("admin {region}"), admin_app);
     admin.add_tcp(&config.admin.listen.to_string());
     admin.threads = Some(1);
     server.add_service(admin);
 
+    if !tls_resolvers.is_empty() {
+        server.add_service(background_service(
+            &format!("tls certificates {region}"),
+            CertWatch::new(tls_resolvers, metrics.clone()),
+        ));
+    }
     let prober = Prober::new(health, config.server.health_path.clone());
     server.add_service(background_service(&format!("health {region}"), prober));
     let heartbeats = Heartbeats::new(

@@ -31,4 +31,5 @@ pub mod service;
 pub mod snapshot;
 pub mod tables;
 pub mod telemetry;
+pub mod tls;
 pub mod token;

@@ -58,6 +58,21 @@ enum Command {
     /// Run several regions on loopback, each with two demo origins, to watch routing and failover live.
     #[command(long_about = demo::LONG_ABOUT)]
     Demo(demo::DemoArgs),
+    /// TLS certificates.
+    Cert {
+        #[command(subcommand)]
+        command: CertCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum CertCommand {
+    /// Create a development CA and a certificate for localhost into DIR (default certs/dev).
+    Dev {
+        /// Where to write `default.crt`/`default.key` (a listener's `certs`) and `ca/ca.crt`.
+        #[arg(long, default_value = "certs/dev")]
+        dir: PathBuf,
+    },
 }
 
 fn region_override() -> Option<String> {
@@ -72,10 +87,49 @@ fn load_or_report(path: &std::path::Path) -> Result<config::Config, ExitCode> {
 }
 
 fn main() -> ExitCode {
+    // Two crypto providers are compiled in (ring through Pingora, aws-lc-rs
+    // through the AWS SDK): name the one every TLS object of the process uses.
+    let _ = rustls::crypto::ring::default_provider().install_default();
     let cli = Cli::parse();
     match cli.command {
+        Command::Cert {
+            command: CertCommand::Dev { dir },
+        } => match edge_certs::dev::write_dev(&dir) {
+            Ok(files) => {
+                println!(
+                    "wrote {} and {} (a listener's `certs = \"{}\"`), and the CA {} (key {}, 0600)",
+                    files.leaf_cert.display(),
+                    files.leaf_key.display(),
+                    dir.display(),
+                    files.ca_cert.display(),
+                    files.ca_key.display()
+                );
+                println!(
+                    "trust the CA: curl --cacert {ca} https://localhost:8443/ ; system-wide on Debian/Ubuntu: sudo cp {ca} /usr/local/share/ca-certificates/edge-router-dev.crt && sudo update-ca-certificates",
+                    ca = files.ca_cert.display()
+                );
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("edge-router cert dev: {e}");
+                ExitCode::FAILURE
+            }
+        },
         Command::Check { config } => match load_or_report(&config) {
             Ok(c) => {
+                // As `nginx -t` does: the certificates must load too.
+                let mut bad = false;
+                for (i, t) in c.server.tls.iter().enumerate() {
+                    if let Err(e) =
+                        edge_certs::dir::load_dir(&t.certs, &edge_certs::tls::provider())
+                    {
+                        eprintln!("{}: server.tls[{i}].certs: {e}", config.display());
+                        bad = true;
+                    }
+                }
+                if bad {
+                    return ExitCode::from(EXIT_CONFIG);
+                }
                 for w in &c.warnings {
                     eprintln!("warning: {w}");
                 }

@@ -81,6 +81,10 @@ pub struct Metrics {
     pub purge_publish_errors: IntCounter,
     /// Direct purges sent to peers, by result (ok, error).
     pub purge_fanout: IntCounterVec,
+    /// Seconds until each TLS certificate expires (negative once expired).
+    pub tls_cert_expiry: IntGaugeVec,
+    /// Reloads of TLS certificate directories, by result (ok, error).
+    pub tls_reloads: IntCounterVec,
 }
 
 impl Metrics {
@@ -219,6 +223,16 @@ impl Metrics {
             purge_publish_errors: plain(
                 "edge_purge_publish_errors_total",
                 "Failed writes of purge rows to the table (each is retried until written).",
+            )?,
+            tls_cert_expiry: gauge(
+                "edge_tls_cert_expiry_seconds",
+                "Seconds until a TLS listener's certificate expires (negative once expired), by pair name.",
+                &["name"],
+            )?,
+            tls_reloads: counter(
+                "edge_tls_reloads_total",
+                "Reloads of TLS certificate directories after their files changed, by result (ok, error: the old certificates keep serving).",
+                &["result"],
             )?,
             purge_fanout: counter(
                 "edge_purge_fanout_total",

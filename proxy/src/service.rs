@@ -207,6 +207,17 @@ fn client_ip(session: &Session) -> Option<IpAddr> {
         .map(|a| forwarding::canonical_ip(a.ip()))
 }
 
+/// The scheme the client used on this listener (`x-forwarded-proto` comes
+/// from here, not from a constant).
+fn listener_scheme(session: &Session) -> &'static str {
+    let tls = session.digest().is_some_and(|d| d.ssl_digest.is_some());
+    if tls {
+        "https"
+    } else {
+        "http"
+    }
+}
+
 /// The host a request names: the URI's authority (absolute-form, HTTP/2
 /// `:authority`) or the Host header. Both present and different is refused,
 /// so the proxy and the backend cannot read two hosts from one request.
@@ -733,11 +744,12 @@ impl ProxyHttp for EdgeProxy {
             ctx.cache.directives = RequestDirectives::of(req);
             let trusted = ctx.hop_from.is_some()
                 || forwarding::is_trusted(client_ip(session), &self.trusted_proxies);
-            ctx.cache.https = trusted
-                && req
-                    .headers
-                    .get("x-forwarded-proto")
-                    .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"https"));
+            ctx.cache.https = listener_scheme(session) == "https"
+                || trusted
+                    && req
+                        .headers
+                        .get("x-forwarded-proto")
+                        .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"https"));
         }
         ctx.retryable = Retryable::of(&req.method, req.headers.contains_key("idempotency-key"));
         ctx.write = is_unsafe(&req.method);
@@ -984,7 +996,7 @@ impl ProxyHttp for EdgeProxy {
         match (trusted, prior_forwarded) {
             (true, Some(prev)) => {
                 let host = request_host(session.req_header()).unwrap_or_default();
-                let mine = forwarding::forwarded_element(ip, host, "http");
+                let mine = forwarding::forwarded_element(ip, host, listener_scheme(session));
                 upstream_request.insert_header("forwarded", format!("{prev}, {mine}"))?;
             }
             (false, Some(_)) => {
@@ -1019,7 +1031,7 @@ impl ProxyHttp for EdgeProxy {
             }
         } else {
             if !(trusted && has_proto) {
-                upstream_request.insert_header("x-forwarded-proto", "http")?;
+                upstream_request.insert_header("x-forwarded-proto", listener_scheme(session))?;
             }
             if !(trusted && has_host) {
                 upstream_request.insert_header("x-forwarded-host", host.as_str())?;

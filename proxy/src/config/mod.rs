@@ -148,6 +148,19 @@ pub struct ServerConfig {
     pub send_timeout: Duration,
     /// Open client connections at most (0: no limit).
     pub max_connections: usize,
+    /// TLS listeners.
+    pub tls: Vec<TlsListener>,
+}
+
+/// One `[[server.tls]]` listener.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TlsListener {
+    /// Where it listens.
+    pub listen: SocketAddr,
+    /// Directory of certificate pairs (SNI).
+    pub certs: std::path::PathBuf,
+    /// ALPN offers `h2`.
+    pub h2: bool,
 }
 
 /// `[admin]`, validated.
@@ -708,8 +721,52 @@ fn validate_server(
             )),
         }
     }
-    if raw.listen.is_empty() {
-        errors.push(loc.at_path(&p("listen"), "at least one listen address is needed"));
+    if raw.listen.is_empty() && raw.tls.is_empty() {
+        errors.push(loc.at_path(
+            &p("listen"),
+            "at least one listen address (or a [[server.tls]] listener) is needed",
+        ));
+    }
+    let mut tls = Vec::new();
+    for (i, t) in raw.tls.iter().enumerate() {
+        let at = |k: &str| {
+            vec![
+                Seg::from("server"),
+                Seg::from("tls"),
+                Seg::from(i),
+                Seg::from(k),
+            ]
+        };
+        let addr = t.listen.parse::<SocketAddr>();
+        if addr.is_err() {
+            errors.push(loc.at_path(
+                &at("listen"),
+                format!("`{}` is not an ip:port address", t.listen),
+            ));
+        }
+        if listen.iter().any(|l| Ok(*l) == addr) {
+            errors.push(loc.at_path(
+                &at("listen"),
+                "also a plain listener: one port cannot be both",
+            ));
+        }
+        let certs = std::path::PathBuf::from(&t.certs);
+        if !certs.is_dir() {
+            errors.push(loc.at_path(
+                &at("certs"),
+                format!(
+                    "`{}` is not a directory (of NAME.crt + NAME.key pairs)",
+                    t.certs
+                ),
+            ));
+        }
+        if let Ok(listen) = addr {
+            tls.push(TlsListener {
+                listen,
+                certs,
+                h2: t.h2,
+            });
+        }
     }
     if raw.threads == 0 {
         errors.push(loc.at_path(&p("threads"), "threads must be at least 1"));
@@ -792,6 +849,7 @@ fn validate_server(
         header_read_timeout: raw.header_read_timeout,
         send_timeout: raw.send_timeout,
         max_connections: raw.max_connections,
+        tls,
     }
 }
 

@@ -61,6 +61,22 @@ pub struct RawServer {
     /// Open client connections at most; beyond it new ones are closed. 0: no limit.
     #[serde(default = "default_max_connections")]
     pub max_connections: usize,
+    /// `[[server.tls]]`: TLS listeners.
+    #[serde(default)]
+    pub tls: Vec<RawTls>,
+}
+
+/// `[[server.tls]]`
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawTls {
+    /// `ip:port`.
+    pub listen: String,
+    /// Directory of `NAME.crt` + `NAME.key` pairs; chosen by SNI.
+    pub certs: String,
+    /// Offer HTTP/2 by ALPN.
+    #[serde(default = "default_true")]
+    pub h2: bool,
 }
 
 fn default_send_timeout() -> Duration {

@@ -480,3 +480,36 @@ fn a_cache_opt_in_without_cache_is_an_error() {
     assert_eq!(e[0].key_path, "routes[0].cache_set_cookie", "{e:#?}");
     assert!(e[0].message.contains("cache = true"), "{e:#?}");
 }
+
+#[test]
+fn tls_listeners_need_an_address_a_directory_and_their_own_port() {
+    let dir = std::env::temp_dir();
+    let text = THREE.replacen(
+        "listen = [\"127.0.0.1:8080\"]",
+        &format!(
+            "listen = [\"127.0.0.1:8080\"]\n[[server.tls]]\nlisten = \"127.0.0.1:8443\"\ncerts = \"{}\"\n",
+            dir.display()
+        ),
+        1,
+    );
+    let c = parse("t.toml", &text, None).unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(c.server.tls.len(), 1);
+    assert!(c.server.tls[0].h2);
+    let bad = THREE.replacen(
+        "listen = [\"127.0.0.1:8080\"]",
+        "listen = [\"127.0.0.1:8080\"]\n[[server.tls]]\nlisten = \"127.0.0.1:8080\"\ncerts = \"/no/such/dir\"\n[[server.tls]]\nlisten = \"nowhere\"\ncerts = \"/no/such/dir\"\n",
+        1,
+    );
+    let e = errors(&bad);
+    let paths: Vec<&str> = e.iter().map(|e| e.key_path.as_str()).collect();
+    assert_eq!(
+        paths,
+        [
+            "server.tls[0].listen",
+            "server.tls[0].certs",
+            "server.tls[1].listen",
+            "server.tls[1].certs"
+        ],
+        "{e:#?}"
+    );
+}

@@ -18,4 +18,5 @@ mod outlier;
 mod request_path;
 mod retries;
 mod slow_clients;
+mod tls;
 mod upstream_abort;
