@@ -16,6 +16,7 @@ use pingora::services::background::background_service;
 use pingora::services::listening::Service;
 
 use crate::admin::AdminApp;
+use crate::backend_transport::BackendTransport;
 use crate::cache::consumer::Consumer;
 use crate::cache::invalidation::{Invalidation, InvalidationSettings, Publisher};
 use crate::cache::signing::PurgeSigner;
@@ -223,6 +224,14 @@ pub fn add_region(
         ))
     });
 
+    let backend_transports = config
+        .upstreams
+        .iter()
+        .map(|u| {
+            BackendTransport::load(&u.transport)
+                .map_err(|e| anyhow::anyhow!("upstream `{}`: {e}", u.name))
+        })
+        .collect::<anyhow::Result<Vec<_>>>()?;
     let proxy = EdgeProxy {
         health: health.clone(),
         routes: RouteTable::new(config.routes.clone()),
@@ -264,6 +273,7 @@ pub fn add_region(
         peers_check_tokens: !config.server.hop_format_v1,
         cache: cache.clone(),
         purge_signer,
+        backend_transports: backend_transports.clone(),
     };
     let mut http = pingora::proxy::HttpProxy::new(proxy, server.configuration.clone());
     http.handle_init_modules();
@@ -332,7 +342,11 @@ pub fn add_region(
             CertWatch::new(tls_resolvers, metrics.clone()),
         ));
     }
-    let prober = Prober::new(health, config.server.health_path.clone());
+    let prober = Prober::new(
+        health,
+        config.server.health_path.clone(),
+        backend_transports,
+    );
     server.add_service(background_service(&format!("health {region}"), prober));
     let heartbeats = Heartbeats::new(
         table,

@@ -12,6 +12,7 @@
 
 pub mod admin;
 pub mod app;
+pub mod backend_transport;
 pub mod cache;
 pub mod clock;
 pub mod config;

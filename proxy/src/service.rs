@@ -29,6 +29,7 @@ use pingora::prelude::*;
 use pingora::proxy::FailToProxy;
 use pingora::{Error, ErrorSource, ErrorType};
 
+use crate::backend_transport::BackendTransport;
 use crate::cache::invalidation::{PurgePath, PURGE_PATH, PURGE_SIGNATURE};
 use crate::cache::purge::PurgeSpec;
 use crate::cache::request::{self as cache_request, CacheFacts, PeerPurgeError};
@@ -53,8 +54,6 @@ use crate::token::{self, TokenCheck, TokenSigner, TOKEN_COOKIE, TOKEN_HEADER};
 
 /// Attempts per request: the first, another backend, then the next region.
 const MAX_ATTEMPTS: usize = 3;
-/// Idle upstream connections are kept this long for reuse.
-const UPSTREAM_IDLE: Duration = Duration::from_secs(60);
 
 /// Everything one region's proxy needs to handle a request.
 pub struct EdgeProxy {
@@ -96,6 +95,8 @@ pub struct EdgeProxy {
     pub cache: Option<Arc<EdgeCache>>,
     /// Verifies purges peers send to `/.edge/purge`.
     pub purge_signer: Arc<PurgeSigner>,
+    /// Per upstream (config order): TLS and protocol towards its backends.
+    pub backend_transports: Vec<BackendTransport>,
 }
 
 /// Headers through which clients or proxies tell an origin about the URL;
@@ -601,15 +602,6 @@ fn strip_token_cookies(resp: &mut ResponseHeader) -> Result<()> {
     Ok(())
 }
 
-fn peer_for(addr: std::net::SocketAddr, connect: Duration, read: Duration) -> Box<HttpPeer> {
-    // `new` resolves through ToSocketAddrs, which for an already-parsed SocketAddr cannot fail.
-    let mut peer = HttpPeer::new(addr, false, String::new());
-    peer.options.connection_timeout = Some(connect);
-    peer.options.read_timeout = Some(read);
-    peer.options.idle_timeout = Some(UPSTREAM_IDLE);
-    Box::new(peer)
-}
-
 #[async_trait]
 impl ProxyHttp for EdgeProxy {
     type CTX = RequestCtx;
@@ -930,7 +922,7 @@ impl ProxyHttp for EdgeProxy {
                 let peer = topo.regions[index].peer.as_ref().ok_or_else(|| {
                     Error::explain(ErrorType::InternalError, "chosen region has no peer")
                 })?;
-                return Ok(peer_for(
+                return Ok(BackendTransport::plain().peer(
                     peer.addr,
                     upstream.config.connect_timeout,
                     upstream.config.read_timeout,
@@ -941,7 +933,7 @@ impl ProxyHttp for EdgeProxy {
                 Some(b) => {
                     ctx.backend = Some(b);
                     let addr = upstream.backends[b].addr;
-                    return Ok(peer_for(
+                    return Ok(self.backend_transports[route.upstream].peer(
                         addr,
                         upstream.config.connect_timeout,
                         upstream.config.read_timeout,

@@ -256,6 +256,32 @@ pub struct UpstreamConfig {
     pub retry_budget: RetryBudgetConfig,
     /// Backends per region name.
     pub backends: BTreeMap<String, Vec<SocketAddr>>,
+    /// How backends are spoken to.
+    pub transport: UpstreamTransport,
+}
+
+/// The protocol to an upstream's backends.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum UpstreamProtocol {
+    /// HTTP/1.1 (over TLS when `tls`).
+    Http1,
+    /// HTTP/2 over TLS, negotiated by ALPN.
+    H2,
+    /// HTTP/2 in cleartext, prior knowledge (gRPC servers without TLS).
+    H2c,
+}
+
+/// TLS and protocol towards an upstream's backends.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UpstreamTransport {
+    /// TLS to the backends.
+    pub tls: bool,
+    /// Server name sent and verified; `None`: the backend's address.
+    pub sni: Option<String>,
+    /// CA bundle to verify against; `None`: the system's roots.
+    pub ca: Option<std::path::PathBuf>,
+    /// The protocol.
+    pub protocol: UpstreamProtocol,
 }
 
 /// How a route matches the Host header.
@@ -1057,6 +1083,42 @@ fn validate_upstream(
     // An upstream with mistakes is still returned so routes naming it do not
     // report a second, misleading "unknown upstream".
     let _ = before;
+    let protocol = match raw.protocol.as_str() {
+        "http1" => UpstreamProtocol::Http1,
+        "h2" => UpstreamProtocol::H2,
+        "h2c" => UpstreamProtocol::H2c,
+        other => {
+            errors.push(loc.at_path(
+                &at(&[Seg::from("protocol")]),
+                format!("`{other}` is not `http1`, `h2` or `h2c`"),
+            ));
+            UpstreamProtocol::Http1
+        }
+    };
+    match (protocol, raw.tls) {
+        (UpstreamProtocol::H2, false) => errors.push(loc.at_path(
+            &at(&[Seg::from("protocol")]),
+            "`h2` is negotiated over TLS: set `tls = true`, or use `h2c` for cleartext HTTP/2",
+        )),
+        (UpstreamProtocol::H2c, true) => errors.push(loc.at_path(
+            &at(&[Seg::from("protocol")]),
+            "`h2c` is cleartext: with `tls = true` use `h2`",
+        )),
+        _ => {}
+    }
+    for (key, set) in [("sni", raw.sni.is_some()), ("ca", raw.ca.is_some())] {
+        if set && !raw.tls {
+            errors.push(loc.at_path(
+                &at(&[Seg::from(key)]),
+                format!("`{key}` applies with `tls = true` only"),
+            ));
+        }
+    }
+    if let Some(ca) = &raw.ca {
+        if !std::path::Path::new(ca).is_file() {
+            errors.push(loc.at_path(&at(&[Seg::from("ca")]), format!("`{ca}` is not a file")));
+        }
+    }
     Some(UpstreamConfig {
         name,
         primary_region: raw.primary_region,
@@ -1083,6 +1145,12 @@ fn validate_upstream(
             min_retry_concurrency: raw.retry_budget.min_retry_concurrency,
         },
         backends,
+        transport: UpstreamTransport {
+            tls: raw.tls,
+            sni: raw.sni,
+            ca: raw.ca.map(std::path::PathBuf::from),
+            protocol,
+        },
     })
 }
 

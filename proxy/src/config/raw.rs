@@ -222,6 +222,20 @@ pub struct RawUpstream {
     /// Backends per region, `host:port`.
     #[serde(default)]
     pub backends: BTreeMap<String, Vec<String>>,
+    /// Reach the backends over TLS.
+    #[serde(default)]
+    pub tls: bool,
+    /// Server name sent and verified (default: the backend's address).
+    pub sni: Option<String>,
+    /// PEM bundle of the CAs the backends' certificates are checked against (default: the system's).
+    pub ca: Option<String>,
+    /// `http1`, `h2` (over TLS, by ALPN) or `h2c` (HTTP/2 in cleartext, prior knowledge).
+    #[serde(default = "default_protocol")]
+    pub protocol: String,
+}
+
+fn default_protocol() -> String {
+    "http1".to_string()
 }
 
 fn default_connect_timeout() -> Duration {

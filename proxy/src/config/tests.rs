@@ -513,3 +513,26 @@ fn tls_listeners_need_an_address_a_directory_and_their_own_port() {
         "{e:#?}"
     );
 }
+
+#[test]
+fn upstream_transports_refuse_combinations_that_cannot_work() {
+    let with = |extra: &str| {
+        THREE.replacen(
+            "[upstreams.api]\n",
+            &format!("[upstreams.api]\n{extra}\n"),
+            1,
+        )
+    };
+    let c = parse("t.toml", &with("protocol = \"h2c\""), None).unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(c.upstreams[0].transport.protocol, UpstreamProtocol::H2c);
+    for (extra, path) in [
+        ("protocol = \"h2\"", "upstreams.api.protocol"),
+        ("tls = true\nprotocol = \"h2c\"", "upstreams.api.protocol"),
+        ("protocol = \"spdy\"", "upstreams.api.protocol"),
+        ("sni = \"x.test\"", "upstreams.api.sni"),
+        ("tls = true\nca = \"/no/such/file\"", "upstreams.api.ca"),
+    ] {
+        let e = errors(&with(extra));
+        assert_eq!(e[0].key_path, path, "{extra}: {e:#?}");
+    }
+}

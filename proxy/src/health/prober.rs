@@ -16,12 +16,14 @@ use bytes::Bytes;
 use http_body_util::{BodyExt, Empty, Limited};
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
-use hyper_util::rt::TokioExecutor;
+use hyper_util::rt::{TokioExecutor, TokioIo};
 use pingora::server::ShutdownWatch;
 use pingora::services::background::BackgroundService;
 use rand::Rng;
 
 use super::{HealthState, RegionReport};
+use crate::backend_transport::BackendTransport;
+use crate::config::UpstreamProtocol;
 
 /// How often ejections are checked for expiry.
 const EJECTION_TICK: Duration = Duration::from_millis(100);
@@ -33,11 +35,18 @@ pub struct Prober {
     state: Arc<HealthState>,
     health_path: String,
     client: Client<HttpConnector, Empty<Bytes>>,
+    /// Per upstream: how its backends are spoken to (and so probed).
+    transports: Vec<BackendTransport>,
 }
 
 impl Prober {
-    /// Probes for `state`; peers are probed on `health_path`.
-    pub fn new(state: Arc<HealthState>, health_path: String) -> Prober {
+    /// Probes for `state`; peers are probed on `health_path`; backends of
+    /// upstream `i` over `transports[i]`.
+    pub fn new(
+        state: Arc<HealthState>,
+        health_path: String,
+        transports: Vec<BackendTransport>,
+    ) -> Prober {
         let mut connector = HttpConnector::new();
         connector.set_nodelay(true);
         let client = Client::builder(TokioExecutor::new())
@@ -47,6 +56,74 @@ impl Prober {
             state,
             health_path,
             client,
+            transports,
+        }
+    }
+}
+
+/// A probe of a backend spoken to over TLS or HTTP/2: a fresh connection
+/// each time (handshake included, as a new upstream connection would make),
+/// true on a 2xx.
+async fn probe_transport(
+    t: &BackendTransport,
+    addr: SocketAddr,
+    path: &str,
+    timeout: Duration,
+) -> bool {
+    let fut = async {
+        let tcp = tokio::net::TcpStream::connect(addr).await.ok()?;
+        let _ = tcp.set_nodelay(true);
+        let req = http::Request::get(path)
+            .header(http::header::USER_AGENT, "edge-router-health/1")
+            .header(http::header::HOST, t.sni_for(addr))
+            .body(Empty::<Bytes>::new())
+            .ok()?;
+        let status = match t.probe_tls_config() {
+            Some(config) => {
+                let name = rustls::pki_types::ServerName::try_from(t.sni_for(addr)).ok()?;
+                let tls = tokio_rustls::TlsConnector::from(config)
+                    .connect(name, tcp)
+                    .await
+                    .ok()?;
+                send(t.protocol, TokioIo::new(tls), req).await?
+            }
+            None => send(t.protocol, TokioIo::new(tcp), req).await?,
+        };
+        Some((200..300).contains(&status))
+    };
+    tokio::time::timeout(timeout, fut)
+        .await
+        .ok()
+        .flatten()
+        .unwrap_or(false)
+}
+
+/// One request on a fresh connection, HTTP/1.1 or HTTP/2 as configured.
+async fn send<IO>(
+    protocol: UpstreamProtocol,
+    io: IO,
+    mut req: http::Request<Empty<Bytes>>,
+) -> Option<u16>
+where
+    IO: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
+{
+    match protocol {
+        UpstreamProtocol::Http1 => {
+            let (mut sender, conn) = hyper::client::conn::http1::handshake(io).await.ok()?;
+            tokio::spawn(conn);
+            Some(sender.send_request(req).await.ok()?.status().as_u16())
+        }
+        UpstreamProtocol::H2 | UpstreamProtocol::H2c => {
+            // HTTP/2 takes the authority from the URI, not a Host header.
+            let host = req.headers_mut().remove(http::header::HOST)?;
+            let uri = format!("http://{}{}", host.to_str().ok()?, req.uri().path());
+            *req.uri_mut() = uri.parse().ok()?;
+            let (mut sender, conn) =
+                hyper::client::conn::http2::handshake(TokioExecutor::new(), io)
+                    .await
+                    .ok()?;
+            tokio::spawn(conn);
+            Some(sender.send_request(req).await.ok()?.status().as_u16())
         }
     }
 }
@@ -102,12 +179,18 @@ impl BackgroundService for Prober {
                     self.client.clone(),
                     u.config.health.clone(),
                 );
+                let transport = self.transports.get(ui).cloned();
                 let addr = u.backends[bi].addr;
                 tasks.spawn(async move {
                     loop {
-                        let ok = get(&client, addr, &cfg.path, cfg.timeout, false)
-                            .await
-                            .is_some_and(|(s, _)| (200..300).contains(&s));
+                        let ok = match &transport {
+                            Some(t) if t.tls || t.protocol != UpstreamProtocol::Http1 => {
+                                probe_transport(t, addr, &cfg.path, cfg.timeout).await
+                            }
+                            _ => get(&client, addr, &cfg.path, cfg.timeout, false)
+                                .await
+                                .is_some_and(|(s, _)| (200..300).contains(&s)),
+                        };
                         state.observe_probe(ui, bi, ok);
                         tokio::time::sleep(jittered(cfg.interval, cfg.jitter)).await;
                     }

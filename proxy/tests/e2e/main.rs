@@ -20,3 +20,4 @@ mod retries;
 mod slow_clients;
 mod tls;
 mod upstream_abort;
+mod upstream_tls;
