@@ -174,6 +174,11 @@ pub fn add_region(
     let lag = Arc::new(LagState::new(
         health.topo.regions.iter().map(|r| r.name.clone()).collect(),
     ));
+    let peer_transport = match &config.server.peer_tls {
+        Some(p) => BackendTransport::for_peers(p)
+            .map_err(|e| anyhow::anyhow!("mutual TLS between regions: {e}"))?,
+        None => BackendTransport::plain(),
+    };
     let purge_signer = Arc::new(PurgeSigner::new(
         &secrets.hop_key,
         secrets.previous_hop_key.as_deref(),
@@ -200,6 +205,7 @@ pub fn add_region(
             peers,
             signer: purge_signer.clone(),
             settle_margin: config.consistency.clock_margin,
+            peer_transport: peer_transport.clone(),
         };
         let invalidation = Arc::new(Invalidation::new(
             store,
@@ -274,6 +280,8 @@ pub fn add_region(
         cache: cache.clone(),
         purge_signer,
         backend_transports: backend_transports.clone(),
+        peer_transport: peer_transport.clone(),
+        peers_need_certificates: config.server.peer_tls.is_some(),
     };
     let mut http = pingora::proxy::HttpProxy::new(proxy, server.configuration.clone());
     http.handle_init_modules();
@@ -298,6 +306,21 @@ pub fn add_region(
         // The resolver answers by SNI; the files named here are never read.
         let mut settings = TlsSettings::intermediate("", "")?;
         settings.set_cert_resolver(resolver.clone());
+        if let Some(ca) = peer_transport.ca.as_ref().filter(|_| peer_transport.tls) {
+            // Peers present a certificate from the regions' CA; other
+            // clients present none. One that presents a bad one is refused.
+            let mut roots = rustls::RootCertStore::empty();
+            for c in ca {
+                roots.add(c.clone())?;
+            }
+            let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
+                Arc::new(roots),
+                edge_certs::tls::provider(),
+            )
+            .allow_unauthenticated()
+            .build()?;
+            settings.set_client_cert_verifier(verifier);
+        }
         if t.h2 {
             settings.enable_h2();
         }
@@ -346,6 +369,7 @@ pub fn add_region(
         health,
         config.server.health_path.clone(),
         backend_transports,
+        peer_transport,
     );
     server.add_service(background_service(&format!("health {region}"), prober));
     let heartbeats = Heartbeats::new(

@@ -11,10 +11,27 @@ use std::time::Duration;
 
 use pingora::protocols::ALPN;
 use pingora::upstreams::peer::HttpPeer;
-use pingora::utils::tls::{parse_x509, WrappedX509};
-use rustls::pki_types::CertificateDer;
+use pingora::utils::tls::{parse_x509, CertKey, WrappedX509};
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 
-use crate::config::{UpstreamProtocol, UpstreamTransport};
+use crate::config::{PeerTls, UpstreamProtocol, UpstreamTransport};
+
+/// A client certificate presented to the other side (mutual TLS).
+struct ClientCert {
+    chain: Vec<CertificateDer<'static>>,
+    key: PrivateKeyDer<'static>,
+    pingora: Arc<CertKey>,
+}
+
+impl Clone for ClientCert {
+    fn clone(&self) -> Self {
+        ClientCert {
+            chain: self.chain.clone(),
+            key: self.key.clone_key(),
+            pingora: self.pingora.clone(),
+        }
+    }
+}
 
 /// Idle upstream connections are kept this long for reuse.
 pub const UPSTREAM_IDLE: Duration = Duration::from_secs(60);
@@ -31,6 +48,9 @@ pub struct BackendTransport {
     ca_pingora: Option<Arc<[WrappedX509]>>,
     /// The protocol.
     pub protocol: UpstreamProtocol,
+    client: Option<ClientCert>,
+    /// The rustls configuration probes and one-shot requests use (built once).
+    probe: Option<Arc<rustls::ClientConfig>>,
 }
 
 impl std::fmt::Debug for BackendTransport {
@@ -40,6 +60,7 @@ impl std::fmt::Debug for BackendTransport {
             .field("sni", &self.sni)
             .field("ca", &self.ca.as_ref().map(Vec::len))
             .field("protocol", &self.protocol)
+            .field("client_cert", &self.client.is_some())
             .finish()
     }
 }
@@ -53,7 +74,40 @@ impl BackendTransport {
             ca: None,
             ca_pingora: None,
             protocol: UpstreamProtocol::Http1,
+            client: None,
+            probe: None,
         }
+    }
+
+    /// Peers over mutual TLS: verified against the regions' CA, presenting
+    /// this region's certificate.
+    pub fn for_peers(p: &PeerTls) -> Result<BackendTransport, String> {
+        use rustls::pki_types::pem::PemObject;
+        let mut t = BackendTransport::load(&UpstreamTransport {
+            tls: true,
+            sni: None,
+            ca: Some(p.ca.clone()),
+            protocol: UpstreamProtocol::Http1,
+        })?;
+        let chain = CertificateDer::pem_file_iter(&p.cert)
+            .and_then(|it| it.collect::<Result<Vec<_>, _>>())
+            .map_err(|e| format!("{}: {e}", p.cert.display()))?;
+        if chain.is_empty() {
+            return Err(format!("{}: no certificate", p.cert.display()));
+        }
+        let key = PrivateKeyDer::from_pem_file(&p.key)
+            .map_err(|e| format!("{}: {e}", p.key.display()))?;
+        let pingora = Arc::new(CertKey::new(
+            chain.iter().map(|c| c.as_ref().to_vec()).collect(),
+            key.secret_der().to_vec(),
+        ));
+        t.client = Some(ClientCert {
+            chain,
+            key,
+            pingora,
+        });
+        t.probe = t.build_probe_config();
+        Ok(t)
     }
 
     /// Load `t`'s CA bundle.
@@ -69,13 +123,17 @@ impl BackendTransport {
                 .collect::<Vec<_>>()
                 .into()
         });
-        Ok(BackendTransport {
+        let mut out = BackendTransport {
             tls: t.tls,
             sni: t.sni.clone(),
             ca,
             ca_pingora,
             protocol: t.protocol,
-        })
+            client: None,
+            probe: None,
+        };
+        out.probe = out.build_probe_config();
+        Ok(out)
     }
 
     /// The server name for a backend at `addr`.
@@ -85,10 +143,22 @@ impl BackendTransport {
 
     /// A peer for the backend at `addr`.
     pub fn peer(&self, addr: SocketAddr, connect: Duration, read: Duration) -> Box<HttpPeer> {
-        let sni = if self.tls {
-            self.sni_for(addr)
-        } else {
-            String::new()
+        self.peer_named(addr, None, connect, read)
+    }
+
+    /// A peer at `addr` whose TLS server name is `name` (peer regions: the
+    /// host their URL names), or the configured one.
+    pub fn peer_named(
+        &self,
+        addr: SocketAddr,
+        name: Option<&str>,
+        connect: Duration,
+        read: Duration,
+    ) -> Box<HttpPeer> {
+        let sni = match (self.tls, name) {
+            (false, _) => String::new(),
+            (true, Some(n)) => n.to_string(),
+            (true, None) => self.sni_for(addr),
         };
         // `new` resolves through ToSocketAddrs, which for an already-parsed SocketAddr cannot fail.
         let mut peer = HttpPeer::new(addr, self.tls, sni);
@@ -99,6 +169,7 @@ impl BackendTransport {
             peer.options.verify_cert = true;
             peer.options.verify_hostname = true;
             peer.options.ca = self.ca_pingora.clone();
+            peer.client_cert_key = self.client.as_ref().map(|c| c.pingora.clone());
         }
         match self.protocol {
             UpstreamProtocol::Http1 => peer.options.alpn = ALPN::H1,
@@ -108,8 +179,13 @@ impl BackendTransport {
         Box::new(peer)
     }
 
-    /// The rustls client configuration the health prober uses for this upstream.
+    /// The rustls client configuration the health prober (and other
+    /// one-shot requests) use for these backends; `None` without TLS.
     pub fn probe_tls_config(&self) -> Option<Arc<rustls::ClientConfig>> {
+        self.probe.clone()
+    }
+
+    fn build_probe_config(&self) -> Option<Arc<rustls::ClientConfig>> {
         if !self.tls {
             return None;
         }
@@ -127,16 +203,86 @@ impl BackendTransport {
             }
         }
         let provider = edge_certs::tls::provider();
-        let mut config = rustls::ClientConfig::builder_with_provider(provider)
+        let builder = rustls::ClientConfig::builder_with_provider(provider)
             .with_safe_default_protocol_versions()
             .ok()?
-            .with_root_certificates(roots)
-            .with_no_client_auth();
+            .with_root_certificates(roots);
+        let mut config = match &self.client {
+            Some(c) => builder
+                .with_client_auth_cert(c.chain.clone(), c.key.clone_key())
+                .ok()?,
+            None => builder.with_no_client_auth(),
+        };
         config.alpn_protocols = match self.protocol {
             UpstreamProtocol::H2 => vec![b"h2".to_vec()],
             _ => vec![b"http/1.1".to_vec()],
         };
         Some(Arc::new(config))
+    }
+}
+
+impl BackendTransport {
+    /// One request on a fresh connection to `addr` (TLS with server name
+    /// `name`, and the HTTP version, as configured): probes and purges,
+    /// which are too rare to keep connections for.
+    pub async fn one_shot<B>(
+        &self,
+        addr: SocketAddr,
+        name: &str,
+        mut req: http::Request<B>,
+    ) -> Option<http::Response<hyper::body::Incoming>>
+    where
+        B: hyper::body::Body + Send + Unpin + 'static,
+        B::Data: Send,
+        B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    {
+        use hyper_util::rt::{TokioExecutor, TokioIo};
+        let tcp = tokio::net::TcpStream::connect(addr).await.ok()?;
+        let _ = tcp.set_nodelay(true);
+        let h2 = self.protocol != UpstreamProtocol::Http1;
+        if h2 {
+            // HTTP/2 takes the authority from the URI, not a Host header.
+            let host = req
+                .headers_mut()
+                .remove(http::header::HOST)
+                .and_then(|h| h.to_str().ok().map(str::to_string))
+                .unwrap_or_else(|| name.to_string());
+            let scheme = if self.tls { "https" } else { "http" };
+            let pq = req
+                .uri()
+                .path_and_query()
+                .map_or("/", |p| p.as_str())
+                .to_string();
+            *req.uri_mut() = format!("{scheme}://{host}{pq}").parse().ok()?;
+        }
+        macro_rules! exchange {
+            ($io:expr) => {
+                if h2 {
+                    let (mut sender, conn) =
+                        hyper::client::conn::http2::handshake(TokioExecutor::new(), $io)
+                            .await
+                            .ok()?;
+                    tokio::spawn(conn);
+                    sender.send_request(req).await.ok()
+                } else {
+                    let (mut sender, conn) =
+                        hyper::client::conn::http1::handshake($io).await.ok()?;
+                    tokio::spawn(conn);
+                    sender.send_request(req).await.ok()
+                }
+            };
+        }
+        match &self.probe {
+            Some(config) => {
+                let server = rustls::pki_types::ServerName::try_from(name.to_string()).ok()?;
+                let tls = tokio_rustls::TlsConnector::from(config.clone())
+                    .connect(server, tcp)
+                    .await
+                    .ok()?;
+                exchange!(TokioIo::new(tls))
+            }
+            None => exchange!(TokioIo::new(tcp)),
+        }
     }
 }
 

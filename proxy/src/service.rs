@@ -97,6 +97,10 @@ pub struct EdgeProxy {
     pub purge_signer: Arc<PurgeSigner>,
     /// Per upstream (config order): TLS and protocol towards its backends.
     pub backend_transports: Vec<BackendTransport>,
+    /// How peer regions are reached (mutual TLS when `server.peer_ca` is set).
+    pub peer_transport: BackendTransport,
+    /// Mutual TLS between regions: hops and health detail only for peers with a certificate.
+    pub peers_need_certificates: bool,
 }
 
 /// Headers through which clients or proxies tell an origin about the URL;
@@ -206,6 +210,15 @@ fn client_ip(session: &Session) -> Option<IpAddr> {
         .client_addr()
         .and_then(|a| a.as_inet())
         .map(|a| forwarding::canonical_ip(a.ip()))
+}
+
+/// The connection presented a client certificate that the TLS listener
+/// verified against `server.peer_ca`: another region's edge-router.
+fn peer_authenticated(session: &Session) -> bool {
+    session
+        .digest()
+        .and_then(|d| d.ssl_digest.as_ref())
+        .is_some_and(|t| !t.cert_digest.is_empty())
 }
 
 /// The scheme the client used on this listener (`x-forwarded-proto` comes
@@ -336,8 +349,13 @@ impl EdgeProxy {
             (false, false) => ("unavailable", 503),
             (false, true) => ("ok", 200),
         };
-        let report = self.health.report(status);
-        let body = serde_json::to_vec(&report).unwrap_or_default();
+        // The detail (backends, regions) is for peers; with mutual TLS
+        // between regions, others (the accelerator's checks) get the status.
+        let body = if self.peers_need_certificates && !peer_authenticated(session) {
+            serde_json::to_vec(&serde_json::json!({ "status": status })).unwrap_or_default()
+        } else {
+            serde_json::to_vec(&self.health.report(status)).unwrap_or_default()
+        };
         self.reply(session, ctx, code, "application/json", body.into())
             .await?;
         Ok(true)
@@ -726,6 +744,12 @@ impl ProxyHttp for EdgeProxy {
                 path: path_and_query(req),
             };
             match self.hop.verify(hop, unix_ms(), signed) {
+                // With mutual TLS between regions, a hop counts only on a
+                // connection whose client certificate chains to the regions'
+                // CA: a leaked secret alone does not make a client a peer.
+                Some(_) if self.peers_need_certificates && !peer_authenticated(session) => {
+                    self.invalid_hop(ctx)
+                }
                 Some(src) => ctx.hop_from = Some(src.to_string()),
                 None => self.invalid_hop(ctx),
             }
@@ -922,8 +946,14 @@ impl ProxyHttp for EdgeProxy {
                 let peer = topo.regions[index].peer.as_ref().ok_or_else(|| {
                     Error::explain(ErrorType::InternalError, "chosen region has no peer")
                 })?;
-                return Ok(BackendTransport::plain().peer(
+                let transport = if peer.tls {
+                    &self.peer_transport
+                } else {
+                    &BackendTransport::plain()
+                };
+                return Ok(transport.peer_named(
                     peer.addr,
+                    Some(&peer.host),
                     upstream.config.connect_timeout,
                     upstream.config.read_timeout,
                 ));

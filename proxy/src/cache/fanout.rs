@@ -14,6 +14,7 @@ use hyper_util::rt::TokioExecutor;
 use super::invalidation::{PURGE_PATH, PURGE_SIGNATURE};
 use super::purge::Purge;
 use super::signing::PurgeSigner;
+use crate::backend_transport::BackendTransport;
 use crate::config::PeerAddr;
 use crate::metrics::Metrics;
 
@@ -23,6 +24,8 @@ pub(super) struct Fanout {
     signer: Arc<PurgeSigner>,
     timeout: Duration,
     client: Client<HttpConnector, Full<Bytes>>,
+    /// How `https://` peers are reached (mutual TLS).
+    tls: BackendTransport,
 }
 
 impl Fanout {
@@ -30,6 +33,7 @@ impl Fanout {
         peers: Vec<(String, PeerAddr)>,
         signer: Arc<PurgeSigner>,
         timeout: Duration,
+        tls: BackendTransport,
     ) -> Fanout {
         let mut connector = HttpConnector::new();
         connector.set_connect_timeout(Some(timeout));
@@ -42,6 +46,7 @@ impl Fanout {
             signer,
             timeout,
             client,
+            tls,
         }
     }
 
@@ -68,10 +73,23 @@ impl Fanout {
                 name.clone(),
                 purge.id.clone(),
             );
+            let tls = peer
+                .tls
+                .then(|| (self.tls.clone(), peer.addr, peer.host.clone()));
             tokio::spawn(async move {
-                let ok = match tokio::time::timeout(timeout, client.request(req)).await {
-                    Ok(Ok(resp)) => resp.status().is_success(),
-                    _ => false,
+                let ok = match tls {
+                    // A fresh mutual-TLS connection per purge.
+                    Some((t, addr, host)) => {
+                        let sent = t.one_shot(addr, &host, req);
+                        matches!(
+                            tokio::time::timeout(timeout, sent).await,
+                            Ok(Some(resp)) if resp.status().is_success()
+                        )
+                    }
+                    None => matches!(
+                        tokio::time::timeout(timeout, client.request(req)).await,
+                        Ok(Ok(resp)) if resp.status().is_success()
+                    ),
                 };
                 let result = if ok { "ok" } else { "error" };
                 metrics.purge_fanout.with_label_values(&[result]).inc();

@@ -201,6 +201,8 @@ pub struct InvalidationSettings {
     /// `consistency.clock_margin`: how far past a purge's time its region's
     /// watermark must be before fills it covers are stored again.
     pub settle_margin: Duration,
+    /// How `https://` peers are reached (mutual TLS).
+    pub peer_transport: crate::backend_transport::BackendTransport,
 }
 
 impl Invalidation {
@@ -226,7 +228,12 @@ impl Invalidation {
             warnings: WarnLimiter::new(Duration::from_secs(30)),
             applied: Mutex::default(),
             pending: Mutex::default(),
-            fanout: Fanout::new(settings.peers, settings.signer, settings.fanout_timeout),
+            fanout: Fanout::new(
+                settings.peers,
+                settings.signer,
+                settings.fanout_timeout,
+                settings.peer_transport,
+            ),
             settling: Mutex::default(),
             settle_margin_ms: settings.settle_margin.as_millis() as u64,
         }

@@ -150,6 +150,19 @@ pub struct ServerConfig {
     pub max_connections: usize,
     /// TLS listeners.
     pub tls: Vec<TlsListener>,
+    /// Mutual TLS between regions (`server.peer_ca`, `peer_cert`, `peer_key`).
+    pub peer_tls: Option<PeerTls>,
+}
+
+/// The material for mutual TLS between regions.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PeerTls {
+    /// CA bundle every region's certificate chains to.
+    pub ca: std::path::PathBuf,
+    /// This region's certificate (presented to peers, as client and server).
+    pub cert: std::path::PathBuf,
+    /// Its key.
+    pub key: std::path::PathBuf,
 }
 
 /// One `[[server.tls]]` listener.
@@ -179,6 +192,10 @@ pub struct PeerAddr {
     pub addr: SocketAddr,
     /// `host:port` as written, for logs.
     pub authority: String,
+    /// `https://`: reached over TLS, with this region's client certificate.
+    pub tls: bool,
+    /// The host as written (the TLS server name).
+    pub host: String,
 }
 
 /// One region.
@@ -512,6 +529,17 @@ fn validate(
             "at most 64 regions are supported",
         ));
     }
+    if server.peer_tls.is_none() {
+        if let Some(r) = regions
+            .iter()
+            .find(|r| r.peer.as_ref().is_some_and(|p| p.tls))
+        {
+            errors.push(loc.at_path(
+                &[Seg::from("regions"), Seg::Key(r.name.clone()), Seg::from("peer")],
+                "an https:// peer needs [server] peer_ca, peer_cert and peer_key (mutual TLS between regions)",
+            ));
+        }
+    }
     let region_names: HashSet<&str> = regions.iter().map(|r| r.name.as_str()).collect();
     let upstreams: Vec<UpstreamConfig> = s
         .upstreams
@@ -753,6 +781,28 @@ fn validate_server(
             "at least one listen address (or a [[server.tls]] listener) is needed",
         ));
     }
+    let peer_tls = match (&raw.peer_ca, &raw.peer_cert, &raw.peer_key) {
+        (None, None, None) => None,
+        (Some(ca), Some(cert), Some(key)) => {
+            for (k, v) in [("peer_ca", ca), ("peer_cert", cert), ("peer_key", key)] {
+                if !std::path::Path::new(v).is_file() {
+                    errors.push(loc.at_path(&p(k), format!("`{v}` is not a file")));
+                }
+            }
+            Some(PeerTls {
+                ca: ca.into(),
+                cert: cert.into(),
+                key: key.into(),
+            })
+        }
+        _ => {
+            errors.push(loc.at_path(
+                &p("peer_ca"),
+                "mutual TLS between regions needs all three of peer_ca, peer_cert and peer_key",
+            ));
+            None
+        }
+    };
     let mut tls = Vec::new();
     for (i, t) in raw.tls.iter().enumerate() {
         let at = |k: &str| {
@@ -876,6 +926,7 @@ fn validate_server(
         send_timeout: raw.send_timeout,
         max_connections: raw.max_connections,
         tls,
+        peer_tls,
     }
 }
 
@@ -952,21 +1003,29 @@ fn validate_regions(
 }
 
 fn parse_peer(url: &str) -> Result<PeerAddr, String> {
-    let rest = if let Some(rest) = url.strip_prefix("http://") {
-        rest
-    } else if url.starts_with("https://") {
-        return Err(format!("`{url}`: https peers are not supported in this release; use http:// inside the private network"));
+    let (rest, tls) = if let Some(rest) = url.strip_prefix("http://") {
+        (rest, false)
+    } else if let Some(rest) = url.strip_prefix("https://") {
+        (rest, true)
     } else {
-        return Err(format!("`{url}` is not a URL of the form http://host:port"));
+        return Err(format!(
+            "`{url}` is not a URL of the form http://host:port or https://host:port"
+        ));
     };
     let authority = rest.trim_end_matches('/');
     if authority.is_empty() || authority.contains('/') {
         return Err(format!("`{url}` must be http://host:port with no path"));
     }
     let addr = resolve(authority)?;
+    let host = match authority.rsplit_once(':') {
+        Some((h, _)) => h.trim_start_matches('[').trim_end_matches(']'),
+        None => authority,
+    };
     Ok(PeerAddr {
         addr,
         authority: authority.to_string(),
+        tls,
+        host: host.to_string(),
     })
 }
 

@@ -64,6 +64,12 @@ pub struct RawServer {
     /// `[[server.tls]]`: TLS listeners.
     #[serde(default)]
     pub tls: Vec<RawTls>,
+    /// CA bundle of the regions' certificates (mutual TLS between regions).
+    pub peer_ca: Option<String>,
+    /// This region's certificate for peers.
+    pub peer_cert: Option<String>,
+    /// Its key.
+    pub peer_key: Option<String>,
 }
 
 /// `[[server.tls]]`

@@ -16,7 +16,7 @@ use bytes::Bytes;
 use http_body_util::{BodyExt, Empty, Limited};
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
-use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::rt::TokioExecutor;
 use pingora::server::ShutdownWatch;
 use pingora::services::background::BackgroundService;
 use rand::Rng;
@@ -37,6 +37,8 @@ pub struct Prober {
     client: Client<HttpConnector, Empty<Bytes>>,
     /// Per upstream: how its backends are spoken to (and so probed).
     transports: Vec<BackendTransport>,
+    /// How `https://` peers are reached.
+    peer_transport: BackendTransport,
 }
 
 impl Prober {
@@ -46,6 +48,7 @@ impl Prober {
         state: Arc<HealthState>,
         health_path: String,
         transports: Vec<BackendTransport>,
+        peer_transport: BackendTransport,
     ) -> Prober {
         let mut connector = HttpConnector::new();
         connector.set_nodelay(true);
@@ -57,75 +60,42 @@ impl Prober {
             health_path,
             client,
             transports,
+            peer_transport,
         }
     }
 }
 
 /// A probe of a backend spoken to over TLS or HTTP/2: a fresh connection
 /// each time (handshake included, as a new upstream connection would make),
-/// true on a 2xx.
+/// the status and (when wanted) the body.
 async fn probe_transport(
     t: &BackendTransport,
     addr: SocketAddr,
+    name: &str,
     path: &str,
     timeout: Duration,
-) -> bool {
+    want_body: bool,
+) -> Option<(u16, Bytes)> {
     let fut = async {
-        let tcp = tokio::net::TcpStream::connect(addr).await.ok()?;
-        let _ = tcp.set_nodelay(true);
         let req = http::Request::get(path)
             .header(http::header::USER_AGENT, "edge-router-health/1")
-            .header(http::header::HOST, t.sni_for(addr))
+            .header(http::header::HOST, name)
             .body(Empty::<Bytes>::new())
             .ok()?;
-        let status = match t.probe_tls_config() {
-            Some(config) => {
-                let name = rustls::pki_types::ServerName::try_from(t.sni_for(addr)).ok()?;
-                let tls = tokio_rustls::TlsConnector::from(config)
-                    .connect(name, tcp)
-                    .await
-                    .ok()?;
-                send(t.protocol, TokioIo::new(tls), req).await?
-            }
-            None => send(t.protocol, TokioIo::new(tcp), req).await?,
+        let resp = t.one_shot(addr, name, req).await?;
+        let status = resp.status().as_u16();
+        let body = if want_body {
+            Limited::new(resp.into_body(), MAX_REPORT_BYTES)
+                .collect()
+                .await
+                .ok()?
+                .to_bytes()
+        } else {
+            Bytes::new()
         };
-        Some((200..300).contains(&status))
+        Some((status, body))
     };
-    tokio::time::timeout(timeout, fut)
-        .await
-        .ok()
-        .flatten()
-        .unwrap_or(false)
-}
-
-/// One request on a fresh connection, HTTP/1.1 or HTTP/2 as configured.
-async fn send<IO>(
-    protocol: UpstreamProtocol,
-    io: IO,
-    mut req: http::Request<Empty<Bytes>>,
-) -> Option<u16>
-where
-    IO: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
-{
-    match protocol {
-        UpstreamProtocol::Http1 => {
-            let (mut sender, conn) = hyper::client::conn::http1::handshake(io).await.ok()?;
-            tokio::spawn(conn);
-            Some(sender.send_request(req).await.ok()?.status().as_u16())
-        }
-        UpstreamProtocol::H2 | UpstreamProtocol::H2c => {
-            // HTTP/2 takes the authority from the URI, not a Host header.
-            let host = req.headers_mut().remove(http::header::HOST)?;
-            let uri = format!("http://{}{}", host.to_str().ok()?, req.uri().path());
-            *req.uri_mut() = uri.parse().ok()?;
-            let (mut sender, conn) =
-                hyper::client::conn::http2::handshake(TokioExecutor::new(), io)
-                    .await
-                    .ok()?;
-            tokio::spawn(conn);
-            Some(sender.send_request(req).await.ok()?.status().as_u16())
-        }
-    }
+    tokio::time::timeout(timeout, fut).await.ok().flatten()
 }
 
 /// One GET with a timeout: the status and body, or None on any failure.
@@ -185,7 +155,16 @@ impl BackgroundService for Prober {
                     loop {
                         let ok = match &transport {
                             Some(t) if t.tls || t.protocol != UpstreamProtocol::Http1 => {
-                                probe_transport(t, addr, &cfg.path, cfg.timeout).await
+                                probe_transport(
+                                    t,
+                                    addr,
+                                    &t.sni_for(addr),
+                                    &cfg.path,
+                                    cfg.timeout,
+                                    false,
+                                )
+                                .await
+                                .is_some_and(|(s, _)| (200..300).contains(&s))
                             }
                             _ => get(&client, addr, &cfg.path, cfg.timeout, false)
                                 .await
@@ -221,18 +200,27 @@ impl BackgroundService for Prober {
                 self.client.clone(),
                 self.health_path.clone(),
             );
+            let transport = peer.tls.then(|| self.peer_transport.clone());
             tasks.spawn(async move {
                 loop {
                     let started = Instant::now();
-                    let result = get(&client, peer.addr, &path, timeout, true)
-                        .await
-                        .and_then(|(status, body)| {
-                            let rtt = started.elapsed();
-                            (status == 200).then_some(())?;
-                            serde_json::from_slice::<RegionReport>(&body)
-                                .ok()
-                                .map(|r| (rtt, r))
-                        });
+                    // Over TLS the probe makes a new connection (and so
+                    // measures the handshake too, alike for every peer):
+                    // a report from a server without a certificate from the
+                    // regions' CA is never read.
+                    let answer = match &transport {
+                        Some(t) => {
+                            probe_transport(t, peer.addr, &peer.host, &path, timeout, true).await
+                        }
+                        None => get(&client, peer.addr, &path, timeout, true).await,
+                    };
+                    let result = answer.and_then(|(status, body)| {
+                        let rtt = started.elapsed();
+                        (status == 200).then_some(())?;
+                        serde_json::from_slice::<RegionReport>(&body)
+                            .ok()
+                            .map(|r| (rtt, r))
+                    });
                     state.observe_peer(ri, result, healthy, unhealthy);
                     tokio::time::sleep(jittered(interval, jitter)).await;
                 }

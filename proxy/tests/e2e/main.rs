@@ -15,6 +15,7 @@ mod dynamodb;
 mod failover;
 mod hop;
 mod outlier;
+mod peer_tls;
 mod request_path;
 mod retries;
 mod slow_clients;
