@@ -82,32 +82,38 @@ impl BackendTransport {
     /// Peers over mutual TLS: verified against the regions' CA, presenting
     /// this region's certificate.
     pub fn for_peers(p: &PeerTls) -> Result<BackendTransport, String> {
-        use rustls::pki_types::pem::PemObject;
-        let mut t = BackendTransport::load(&UpstreamTransport {
+        BackendTransport::load(&UpstreamTransport {
             tls: true,
             sni: None,
             ca: Some(p.ca.clone()),
             protocol: UpstreamProtocol::Http1,
-        })?;
-        let chain = CertificateDer::pem_file_iter(&p.cert)
+            client_cert: Some((p.cert.clone(), p.key.clone())),
+        })
+    }
+
+    fn load_client(cert: &Path, key: &Path) -> Result<ClientCert, String> {
+        use rustls::pki_types::pem::PemObject;
+        let chain = CertificateDer::pem_file_iter(cert)
             .and_then(|it| it.collect::<Result<Vec<_>, _>>())
-            .map_err(|e| format!("{}: {e}", p.cert.display()))?;
+            .map_err(|e| format!("{}: {e}", cert.display()))?;
         if chain.is_empty() {
-            return Err(format!("{}: no certificate", p.cert.display()));
+            return Err(format!("{}: no certificate", cert.display()));
         }
-        let key = PrivateKeyDer::from_pem_file(&p.key)
-            .map_err(|e| format!("{}: {e}", p.key.display()))?;
+        for c in &chain {
+            // Pingora parses these again and would panic on one it cannot read.
+            edge_certs::dir::describe(c).map_err(|e| format!("{}: {e}", cert.display()))?;
+        }
+        let key =
+            PrivateKeyDer::from_pem_file(key).map_err(|e| format!("{}: {e}", key.display()))?;
         let pingora = Arc::new(CertKey::new(
             chain.iter().map(|c| c.as_ref().to_vec()).collect(),
             key.secret_der().to_vec(),
         ));
-        t.client = Some(ClientCert {
+        Ok(ClientCert {
             chain,
             key,
             pingora,
-        });
-        t.probe = t.build_probe_config();
-        Ok(t)
+        })
     }
 
     /// Load `t`'s CA bundle.
@@ -123,13 +129,17 @@ impl BackendTransport {
                 .collect::<Vec<_>>()
                 .into()
         });
+        let client = match &t.client_cert {
+            Some((cert, key)) => Some(BackendTransport::load_client(cert, key)?),
+            None => None,
+        };
         let mut out = BackendTransport {
             tls: t.tls,
             sni: t.sni.clone(),
             ca,
             ca_pingora,
             protocol: t.protocol,
-            client: None,
+            client,
             probe: None,
         };
         out.probe = out.build_probe_config();

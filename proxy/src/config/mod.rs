@@ -299,6 +299,8 @@ pub struct UpstreamTransport {
     pub ca: Option<std::path::PathBuf>,
     /// The protocol.
     pub protocol: UpstreamProtocol,
+    /// Client certificate and key presented to the backends.
+    pub client_cert: Option<(std::path::PathBuf, std::path::PathBuf)>,
 }
 
 /// How a route matches the Host header.
@@ -1165,7 +1167,30 @@ fn validate_upstream(
         )),
         _ => {}
     }
-    for (key, set) in [("sni", raw.sni.is_some()), ("ca", raw.ca.is_some())] {
+    let client_cert = match (&raw.client_cert, &raw.client_key) {
+        (Some(c), Some(k)) => {
+            for (key, v) in [("client_cert", c), ("client_key", k)] {
+                if !std::path::Path::new(v).is_file() {
+                    errors
+                        .push(loc.at_path(&at(&[Seg::from(key)]), format!("`{v}` is not a file")));
+                }
+            }
+            Some((c.into(), k.into()))
+        }
+        (None, None) => None,
+        _ => {
+            errors.push(loc.at_path(
+                &at(&[Seg::from("client_cert")]),
+                "client_cert and client_key go together",
+            ));
+            None
+        }
+    };
+    for (key, set) in [
+        ("sni", raw.sni.is_some()),
+        ("ca", raw.ca.is_some()),
+        ("client_cert", raw.client_cert.is_some()),
+    ] {
         if set && !raw.tls {
             errors.push(loc.at_path(
                 &at(&[Seg::from(key)]),
@@ -1209,6 +1234,7 @@ fn validate_upstream(
             sni: raw.sni,
             ca: raw.ca.map(std::path::PathBuf::from),
             protocol,
+            client_cert,
         },
     })
 }

@@ -238,6 +238,10 @@ pub struct RawUpstream {
     /// `http1`, `h2` (over TLS, by ALPN) or `h2c` (HTTP/2 in cleartext, prior knowledge).
     #[serde(default = "default_protocol")]
     pub protocol: String,
+    /// Client certificate presented to the backends (mutual TLS).
+    pub client_cert: Option<String>,
+    /// Its key.
+    pub client_key: Option<String>,
 }
 
 fn default_protocol() -> String {

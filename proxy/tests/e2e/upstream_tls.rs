@@ -124,17 +124,36 @@ async fn grpc_h2c_server() -> SocketAddr {
 /// Serve a plain answer naming the HTTP version over TLS with `cert`/`key`
 /// (ALPN h2 and http/1.1).
 async fn tls_server(cert: &Path, key: &Path) -> SocketAddr {
+    tls_server_requiring(cert, key, None).await
+}
+
+/// [`tls_server`], requiring a client certificate from `client_ca` when given.
+async fn tls_server_requiring(cert: &Path, key: &Path, client_ca: Option<&Path>) -> SocketAddr {
     let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(cert)
         .expect("cert")
         .collect::<Result<_, _>>()
         .expect("cert");
     let key = PrivateKeyDer::from_pem_file(key).expect("key");
-    let mut config = rustls::ServerConfig::builder_with_provider(provider())
+    let builder = rustls::ServerConfig::builder_with_provider(provider())
         .with_safe_default_protocol_versions()
-        .expect("versions")
-        .with_no_client_auth()
-        .with_single_cert(chain, key)
-        .expect("server config");
+        .expect("versions");
+    let builder = match client_ca {
+        Some(ca) => {
+            let mut roots = rustls::RootCertStore::empty();
+            for c in CertificateDer::pem_file_iter(ca).expect("ca") {
+                roots.add(c.expect("ca")).expect("root");
+            }
+            let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
+                Arc::new(roots),
+                provider(),
+            )
+            .build()
+            .expect("verifier");
+            builder.with_client_cert_verifier(verifier)
+        }
+        None => builder.with_no_client_auth(),
+    };
+    let mut config = builder.with_single_cert(chain, key).expect("server config");
     config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
     let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
     let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
@@ -305,4 +324,41 @@ async fn grpc_unary_and_server_streaming_calls_keep_their_trailers() {
             .collect();
         assert_eq!(got, expected, "{method}");
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_backend_requiring_a_client_certificate_gets_the_configured_one() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let files = edge_certs::dev::write_dev(dir.path()).expect("dev CA");
+    // The backend trusts client certificates from the same dev CA (the dev
+    // leaf has the client usage too).
+    let backend =
+        tls_server_requiring(&files.leaf_cert, &files.leaf_key, Some(&files.ca_cert)).await;
+    let c = client();
+    let base = format!(
+        "tls = true\nsni = \"localhost\"\nca = \"{}\"",
+        files.ca_cert.display()
+    );
+    let (without, _) = edge_with(backend, leak(base.clone()), dir.path()).await;
+    let seen = try_get(&c, &without.url("/no-client-cert")).await;
+    assert!(
+        seen.status >= 500,
+        "served without a client certificate: {}",
+        seen.status
+    );
+    let with = leak(format!(
+        "{base}\nclient_cert = \"{}\"\nclient_key = \"{}\"",
+        files.leaf_cert.display(),
+        files.leaf_key.display()
+    ));
+    let (edge, _) = edge_with(backend, with, dir.path()).await;
+    let ok = eventually(std::time::Duration::from_secs(20), || async {
+        try_get(&c, &edge.url("/client-cert")).await.status == 200
+    })
+    .await;
+    assert!(
+        ok.is_some(),
+        "never served with the client certificate; log:\n{}",
+        edge.log_text()
+    );
 }
