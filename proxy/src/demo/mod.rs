@@ -100,6 +100,11 @@ pub struct DemoArgs {
     /// Replication delay between any two regions' replicas (e.g. 500ms, 2s; at most 1h).
     #[arg(long, default_value = "1s", value_parser = control::parse_delay)]
     replication_delay: Duration,
+    /// Also a TLS listener per region (BASE+10+i) with the development
+    /// certificates (certs/dev, created if missing), and peers reached over
+    /// mutual TLS.
+    #[arg(long)]
+    tls: bool,
 }
 
 struct DemoRegion {
@@ -107,7 +112,15 @@ struct DemoRegion {
     proxy: u16,
     admin: u16,
     origins: [u16; 2],
+    /// The TLS listener (`--tls`).
+    tls: Option<u16>,
 }
+
+/// Where `--tls` keeps the development certificates.
+const DEV_CERTS: &str = "certs/dev";
+
+/// TLS listeners are at BASE+10+i.
+const TLS_OFFSET: usize = 10;
 
 /// Every port the demo will bind.
 struct Plan {
@@ -131,6 +144,11 @@ fn plan(args: &DemoArgs) -> anyhow::Result<Plan> {
                     port(args.base_port, 100 + 2 * i)?,
                     port(args.base_port, 101 + 2 * i)?,
                 ],
+                tls: if args.tls {
+                    Some(port(args.base_port, TLS_OFFSET + i)?)
+                } else {
+                    None
+                },
             })
         })
         .collect::<anyhow::Result<Vec<_>>>()?;
@@ -141,15 +159,31 @@ fn plan(args: &DemoArgs) -> anyhow::Result<Plan> {
 }
 
 /// The config a region would have if it were deployed by hand; `peer_port`
-/// says where region `me` reaches region `j` (through the demo's relay).
-fn region_config(regions: &[DemoRegion], me: usize, peer_port: &dyn Fn(usize) -> u16) -> String {
+/// says where region `me` reaches region `j` (through the demo's relay);
+/// `certs` (with `--tls`) is the development certificates' directory.
+fn region_config(
+    regions: &[DemoRegion],
+    me: usize,
+    peer_port: &dyn Fn(usize) -> u16,
+    certs: Option<&std::path::Path>,
+) -> String {
     let r = &regions[me];
     let mut t = String::new();
     let _ = writeln!(
         t,
-        "[server]\nregion = \"{}\"\nlisten = [\"127.0.0.1:{}\"]\nthreads = 1\ndebug_headers = true\nrtt_tolerance = \"50ms\"\ndrain_period = \"1s\"\n",
+        "[server]\nregion = \"{}\"\nlisten = [\"127.0.0.1:{}\"]\nthreads = 1\ndebug_headers = true\nrtt_tolerance = \"50ms\"\ndrain_period = \"1s\"",
         r.name, r.proxy
     );
+    if let (Some(dir), Some(port)) = (certs, r.tls) {
+        // The development leaf serves clients and is each region's
+        // certificate towards its peers (mutual TLS between regions).
+        let d = dir.display();
+        let _ = writeln!(
+            t,
+            "peer_ca = \"{d}/ca/ca.crt\"\npeer_cert = \"{d}/default.crt\"\npeer_key = \"{d}/default.key\"\n[[server.tls]]\nlisten = \"127.0.0.1:{port}\"\ncerts = \"{d}\""
+        );
+    }
+    let _ = writeln!(t);
     let _ = writeln!(t, "[admin]\nlisten = \"127.0.0.1:{}\"\n", r.admin);
     // The table itself is handed over by `run` (one simulated global table
     // for every region); the section still says what a real deployment
@@ -163,9 +197,13 @@ fn region_config(regions: &[DemoRegion], me: usize, peer_port: &dyn Fn(usize) ->
         // Each region's nearest neighbour is the next one round the ring.
         let order = (j + regions.len() - me) % regions.len();
         let port = if j == me { other.proxy } else { peer_port(j) };
+        let url = match (certs, j == me) {
+            (Some(_), false) => format!("https://localhost:{port}"),
+            _ => format!("http://127.0.0.1:{port}"),
+        };
         let _ = writeln!(
             t,
-            "[regions.{}]\npeer = \"http://127.0.0.1:{port}\"\norder = {order}\n",
+            "[regions.{}]\npeer = \"{url}\"\norder = {order}\n",
             other.name
         );
     }
@@ -214,6 +252,7 @@ impl Plan {
         self.regions
             .iter()
             .flat_map(|r| [r.proxy, r.admin, r.origins[0], r.origins[1]])
+            .chain(self.regions.iter().filter_map(|r| r.tls))
             .chain([self.control])
             .collect()
     }
@@ -530,6 +569,28 @@ fn print_table(plan: &Plan, admin_token: &str, delay: Duration) {
     println!("{out}");
 }
 
+/// With `--tls`: the TLS listeners and how to trust them.
+fn print_tls(plan: &Plan, dir: &std::path::Path) {
+    let mut out =
+        String::from("\nTLS (development CA; peers talk to each other over mutual TLS):\n");
+    for r in &plan.regions {
+        if let Some(port) = r.tls {
+            let _ = writeln!(out, "  {:<16} https://localhost:{port}", r.name);
+        }
+    }
+    if let Some(first) = plan.regions.first().and_then(|r| r.tls) {
+        step(
+            &mut out,
+            &format!(
+                "curl -si --cacert {}/ca/ca.crt https://localhost:{first}/hello",
+                dir.display()
+            ),
+            "HTTP/2 over TLS, x-forwarded-proto: https to the origin",
+        );
+    }
+    println!("{out}");
+}
+
 /// The cache: `/static/` cached in every region, one purge clears them all.
 fn walkthrough_cache(out: &mut String, regions: &[DemoRegion], auth: &str) {
     let _ = writeln!(out, "\nCache (route /static/, purged in every region):");
@@ -695,12 +756,22 @@ pub fn run(args: DemoArgs) -> anyhow::Result<()> {
         .ok()
         .filter(|t| !t.is_empty())
         .unwrap_or_else(crate::forwarding::new_request_id);
+    let certs = if args.tls {
+        let dir = std::path::PathBuf::from(DEV_CERTS);
+        if !dir.join("default.crt").exists() || !dir.join("ca/ca.crt").exists() {
+            edge_certs::dev::write_dev(&dir).context("creating development certificates")?;
+        }
+        Some(dir.canonicalize().unwrap_or(dir))
+    } else {
+        None
+    };
     // One relay per ordered pair of regions, so that a link can be cut.
     let mut links = Vec::new();
     let mut link_ports = std::collections::HashMap::new();
     for (i, from) in plan.regions.iter().enumerate() {
         for (j, to) in plan.regions.iter().enumerate().filter(|(j, _)| *j != i) {
-            let target = SocketAddr::from(([127, 0, 0, 1], to.proxy));
+            // With --tls, peers talk to each other's TLS listener.
+            let target = SocketAddr::from(([127, 0, 0, 1], to.tls.unwrap_or(to.proxy)));
             let link = relay::Link::bind(from.name, to.name, target)
                 .context("binding a demo link relay")?;
             link_ports.insert((i, j), link.port()?);
@@ -712,7 +783,7 @@ pub fn run(args: DemoArgs) -> anyhow::Result<()> {
     let mut lifecycles = Vec::new();
     for (i, r) in plan.regions.iter().enumerate() {
         let port_to = |j: usize| link_ports.get(&(i, j)).copied().unwrap_or(0);
-        let text = region_config(&plan.regions, i, &port_to);
+        let text = region_config(&plan.regions, i, &port_to, certs.as_deref());
         let cfg = config::parse(&format!("demo:{}", r.name), &text, None)
             .map_err(|e| anyhow::anyhow!("generated demo config is invalid:\n{e}"))?;
         let secrets = Secrets {
@@ -724,6 +795,9 @@ pub fn run(args: DemoArgs) -> anyhow::Result<()> {
         lifecycles.push(app::add_region(&mut server, &cfg, secrets, Some(table))?);
     }
     print_table(&plan, &admin_token, args.replication_delay);
+    if let Some(dir) = &certs {
+        print_tls(&plan, dir);
+    }
     server.run(RunArgs {
         shutdown_signal: Box::new(DrainThenStop::new(
             lifecycles,
@@ -744,6 +818,7 @@ mod tests {
             base_port: 18080,
             admin_base_port: 19901,
             replication_delay: Duration::from_secs(1),
+            tls: false,
         }
     }
 
@@ -754,7 +829,7 @@ mod tests {
             let regions = &plan.regions;
             for i in 0..regions.len() {
                 let direct = |j: usize| regions[j].proxy;
-                let cfg = config::parse("demo", &region_config(regions, i, &direct), None)
+                let cfg = config::parse("demo", &region_config(regions, i, &direct, None), None)
                     .unwrap_or_else(|e| panic!("{e}"));
                 assert_eq!(cfg.server.region, regions[i].name);
                 // The next region round the ring is the nearest.
@@ -771,7 +846,7 @@ mod tests {
         let plan = plan(&args(3)).unwrap();
         let cfg = config::parse(
             "demo",
-            &region_config(&plan.regions, 1, &|j| plan.regions[j].proxy),
+            &region_config(&plan.regions, 1, &|j| plan.regions[j].proxy, None),
             None,
         )
         .unwrap_or_else(|e| panic!("{e}"));
