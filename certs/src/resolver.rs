@@ -11,13 +11,47 @@ use rustls::crypto::CryptoProvider;
 use rustls::server::{ClientHello, ResolvesServerCert};
 use rustls::sign::CertifiedKey;
 
-use crate::dir::{load_dir, CertInfo, CertSet};
-use crate::CertError;
+use crate::dir::{describe, load_dir, CertInfo, CertSet};
+use crate::{load_pem, CertError};
+
+fn load_set(
+    dir: &Path,
+    extra: Option<&(PathBuf, PathBuf)>,
+    provider: &CryptoProvider,
+) -> Result<CertSet, CertError> {
+    let mut set = load_dir(dir, provider)?;
+    if let Some((cert, key)) = extra {
+        let pem = load_pem(cert, key)?;
+        let (names, not_after) = describe(&pem.chain[0]).map_err(|why| CertError::Parse {
+            path: cert.clone(),
+            why,
+        })?;
+        let certified = Arc::new(
+            CertifiedKey::from_der(pem.chain, pem.key, provider).map_err(|e| CertError::Key {
+                path: key.clone(),
+                why: e.to_string(),
+            })?,
+        );
+        for n in &names {
+            set.table.insert(n, certified.clone())?;
+        }
+        set.certs.push(CertInfo {
+            name: "peer".to_string(),
+            dns_names: names,
+            not_after,
+            path: cert.clone(),
+        });
+    }
+    Ok(set)
+}
 
 /// A `ResolvesServerCert` over a directory of pairs, reloadable.
 #[derive(Debug)]
 pub struct DirResolver {
     dir: PathBuf,
+    /// A pair outside the directory that answers its own names first (the
+    /// region's certificate towards its peers).
+    extra: Option<(PathBuf, PathBuf)>,
     provider: Arc<CryptoProvider>,
     current: ArcSwap<CertSet>,
 }
@@ -25,9 +59,20 @@ pub struct DirResolver {
 impl DirResolver {
     /// Load `dir` now; an error here means the listener cannot start.
     pub fn load(dir: &Path, provider: Arc<CryptoProvider>) -> Result<DirResolver, CertError> {
-        let set = load_dir(dir, &provider)?;
+        DirResolver::load_with(dir, None, provider)
+    }
+
+    /// Load `dir`, and `extra` (a certificate and key) answering its own
+    /// names ahead of the directory's pairs.
+    pub fn load_with(
+        dir: &Path,
+        extra: Option<(PathBuf, PathBuf)>,
+        provider: Arc<CryptoProvider>,
+    ) -> Result<DirResolver, CertError> {
+        let set = load_set(dir, extra.as_ref(), &provider)?;
         Ok(DirResolver {
             dir: dir.to_path_buf(),
+            extra,
             provider,
             current: ArcSwap::from_pointee(set),
         })
@@ -36,9 +81,17 @@ impl DirResolver {
     /// Load the directory again; on success the next handshake uses it, on
     /// error the current set keeps serving and the error says why.
     pub fn reload(&self) -> Result<(), CertError> {
-        let set = load_dir(&self.dir, &self.provider)?;
+        let set = load_set(&self.dir, self.extra.as_ref(), &self.provider)?;
         self.current.store(Arc::new(set));
         Ok(())
+    }
+
+    /// The files outside the directory that are part of the set.
+    pub fn extra_files(&self) -> Vec<PathBuf> {
+        self.extra
+            .iter()
+            .flat_map(|(c, k)| [c.clone(), k.clone()])
+            .collect()
     }
 
     /// What is serving now.

@@ -296,8 +296,15 @@ pub fn add_region(
         EdgeApp::new(http, limits, metrics.clone(), lifecycle.clone()),
     );
     for t in &config.server.tls {
+        // With mutual TLS between regions, peers are shown this region's
+        // peer certificate for its names, whatever the directory holds.
+        let extra = config
+            .server
+            .peer_tls
+            .as_ref()
+            .map(|p| (p.cert.clone(), p.key.clone()));
         let resolver = Arc::new(
-            DirResolver::load(&t.certs, edge_certs::tls::provider())
+            DirResolver::load_with(&t.certs, extra, edge_certs::tls::provider())
                 .with_context(|| format!("TLS listener {}", t.listen))?,
         );
         for c in resolver.certs() {
@@ -359,12 +366,11 @@ pub fn add_region(
     admin.threads = Some(1);
     server.add_service(admin);
 
-    if !tls_resolvers.is_empty() {
-        server.add_service(background_service(
-            &format!("tls certificates {region}"),
-            CertWatch::new(tls_resolvers, metrics.clone()),
-        ));
-    }
+    // Always: it also answers SIGHUP, whose default action would end the process.
+    server.add_service(background_service(
+        &format!("tls certificates {region}"),
+        CertWatch::new(tls_resolvers, metrics.clone()),
+    ));
     let prober = Prober::new(
         health,
         config.server.health_path.clone(),

@@ -142,7 +142,7 @@ impl BackendTransport {
             client,
             probe: None,
         };
-        out.probe = out.build_probe_config();
+        out.probe = out.build_probe_config()?;
         Ok(out)
     }
 
@@ -195,9 +195,9 @@ impl BackendTransport {
         self.probe.clone()
     }
 
-    fn build_probe_config(&self) -> Option<Arc<rustls::ClientConfig>> {
+    fn build_probe_config(&self) -> Result<Option<Arc<rustls::ClientConfig>>, String> {
         if !self.tls {
-            return None;
+            return Ok(None);
         }
         let mut roots = rustls::RootCertStore::empty();
         match &self.ca {
@@ -215,19 +215,19 @@ impl BackendTransport {
         let provider = edge_certs::tls::provider();
         let builder = rustls::ClientConfig::builder_with_provider(provider)
             .with_safe_default_protocol_versions()
-            .ok()?
+            .map_err(|e| e.to_string())?
             .with_root_certificates(roots);
         let mut config = match &self.client {
             Some(c) => builder
                 .with_client_auth_cert(c.chain.clone(), c.key.clone_key())
-                .ok()?,
+                .map_err(|e| format!("client certificate: {e}"))?,
             None => builder.with_no_client_auth(),
         };
         config.alpn_protocols = match self.protocol {
             UpstreamProtocol::H2 => vec![b"h2".to_vec()],
             _ => vec![b"http/1.1".to_vec()],
         };
-        Some(Arc::new(config))
+        Ok(Some(Arc::new(config)))
     }
 }
 
@@ -283,6 +283,8 @@ impl BackendTransport {
             };
         }
         match &self.probe {
+            // Never in clear to a backend or peer that is reached over TLS.
+            None if self.tls => None,
             Some(config) => {
                 let server = rustls::pki_types::ServerName::try_from(name.to_string()).ok()?;
                 let tls = tokio_rustls::TlsConnector::from(config.clone())

@@ -117,14 +117,37 @@ fn main() -> ExitCode {
         },
         Command::Check { config } => match load_or_report(&config) {
             Ok(c) => {
-                // As `nginx -t` does: the certificates must load too.
+                // As `nginx -t` does: the certificates and keys must load too.
                 let mut bad = false;
+                let mut fail = |what: String| {
+                    eprintln!("{}: {what}", config.display());
+                    bad = true;
+                };
+                let extra = c
+                    .server
+                    .peer_tls
+                    .as_ref()
+                    .map(|p| (p.cert.clone(), p.key.clone()));
                 for (i, t) in c.server.tls.iter().enumerate() {
+                    let loaded = edge_certs::resolver::DirResolver::load_with(
+                        &t.certs,
+                        extra.clone(),
+                        edge_certs::tls::provider(),
+                    );
+                    if let Err(e) = loaded {
+                        fail(format!("server.tls[{i}].certs: {e}"));
+                    }
+                }
+                if let Some(p) = &c.server.peer_tls {
+                    if let Err(e) = edge_router::backend_transport::BackendTransport::for_peers(p) {
+                        fail(format!("server.peer_ca / peer_cert / peer_key: {e}"));
+                    }
+                }
+                for u in &c.upstreams {
                     if let Err(e) =
-                        edge_certs::dir::load_dir(&t.certs, &edge_certs::tls::provider())
+                        edge_router::backend_transport::BackendTransport::load(&u.transport)
                     {
-                        eprintln!("{}: server.tls[{i}].certs: {e}", config.display());
-                        bad = true;
+                        fail(format!("upstreams.{}: {e}", u.name));
                     }
                 }
                 if bad {

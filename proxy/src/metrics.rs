@@ -226,8 +226,8 @@ impl Metrics {
             )?,
             tls_cert_expiry: gauge(
                 "edge_tls_cert_expiry_seconds",
-                "Seconds until a TLS listener's certificate expires (negative once expired), by pair name.",
-                &["name"],
+                "Seconds until a TLS listener's certificate expires (negative once expired), by directory and pair name (`peer`: the region's certificate towards its peers).",
+                &["dir", "name"],
             )?,
             tls_reloads: counter(
                 "edge_tls_reloads_total",

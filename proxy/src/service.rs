@@ -363,6 +363,14 @@ impl EdgeProxy {
 
     /// A purge sent by a peer's fan-out: verified, then applied once.
     async fn serve_peer_purge(&self, session: &mut Session, ctx: &mut RequestCtx) -> Result<bool> {
+        if self.peers_need_certificates && !peer_authenticated(session) {
+            // As for hops: with mutual TLS between regions, the secret alone
+            // does not make a sender a peer.
+            self.invalid_hop(ctx);
+            return self
+                .refuse(session, ctx, 403, "purge", "purges come from peers only")
+                .await;
+        }
         let Some(cache) = self.cache.clone() else {
             return self
                 .refuse(session, ctx, 404, "purge", "no route caches in this region")
@@ -760,12 +768,15 @@ impl ProxyHttp for EdgeProxy {
             ctx.cache.directives = RequestDirectives::of(req);
             let trusted = ctx.hop_from.is_some()
                 || forwarding::is_trusted(client_ip(session), &self.trusted_proxies);
-            ctx.cache.https = listener_scheme(session) == "https"
-                || trusted
-                    && req
-                        .headers
-                        .get("x-forwarded-proto")
-                        .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"https"));
+            // The scheme the client used: a trusted proxy's (or a peer's)
+            // word when it gives one, else this listener's; the same rule
+            // as x-forwarded-proto towards the origin.
+            let told = req
+                .headers
+                .get("x-forwarded-proto")
+                .filter(|_| trusted)
+                .map(|v| v.as_bytes().eq_ignore_ascii_case(b"https"));
+            ctx.cache.https = told.unwrap_or(listener_scheme(session) == "https");
         }
         ctx.retryable = Retryable::of(&req.method, req.headers.contains_key("idempotency-key"));
         ctx.write = is_unsafe(&req.method);

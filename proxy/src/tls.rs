@@ -72,11 +72,14 @@ impl CertWatch {
 
     fn publish_expiry(&self) {
         let now = SystemTime::now();
+        // Rebuilt each time: a pair removed from a directory leaves no series behind.
+        self.metrics.tls_cert_expiry.reset();
         for r in &self.resolvers {
+            let dir = r.dir().display().to_string();
             for c in r.certs() {
                 self.metrics
                     .tls_cert_expiry
-                    .with_label_values(&[c.name.as_str()])
+                    .with_label_values(&[dir.as_str(), c.name.as_str()])
                     .set(c.expires_in(now));
             }
         }
@@ -85,14 +88,42 @@ impl CertWatch {
 
 fn snapshot(r: &DirResolver) -> Snapshot {
     let mut out = Snapshot::new();
+    let mut paths: Vec<PathBuf> = r.extra_files();
     if let Ok(entries) = std::fs::read_dir(r.dir()) {
-        for e in entries.flatten() {
-            if let Ok(meta) = e.metadata() {
-                out.insert(e.path(), (meta.modified().ok(), meta.len()));
-            }
+        paths.extend(entries.flatten().map(|e| e.path()));
+    }
+    for path in paths {
+        // Followed through symlinks: a renewed target (certbot's
+        // live/ links) is a change.
+        if let Ok(meta) = std::fs::metadata(&path) {
+            out.insert(path, (meta.modified().ok(), meta.len()));
         }
     }
     out
+}
+
+impl CertWatch {
+    /// Reload every directory now (SIGHUP), whether or not files changed.
+    fn reload_all(&self) {
+        for r in &self.resolvers {
+            match r.reload() {
+                Ok(()) => {
+                    self.metrics.tls_reloads.with_label_values(&["ok"]).inc();
+                    tracing::info!(dir = %r.dir().display(), "SIGHUP: TLS certificates reloaded");
+                }
+                Err(e) => {
+                    self.metrics.tls_reloads.with_label_values(&["error"]).inc();
+                    tracing::warn!(dir = %r.dir().display(), error = %e, "SIGHUP: TLS certificates not reloaded; the previous ones keep serving");
+                }
+            }
+        }
+        if self.resolvers.is_empty() {
+            tracing::info!(
+                "SIGHUP: no TLS listener to reload (the config file is read at start only)"
+            );
+        }
+        self.publish_expiry();
+    }
 }
 
 #[async_trait]
@@ -100,10 +131,20 @@ impl BackgroundService for CertWatch {
     async fn start(&self, mut shutdown: ShutdownWatch) {
         let mut tick = tokio::time::interval(WATCH_EVERY);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        // Handling SIGHUP also keeps its default action (ending the process,
+        // as logrotate or `systemctl reload` would) from taking a region down.
+        let mut hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).ok();
         loop {
+            let hangup = async {
+                match hup.as_mut() {
+                    Some(s) => s.recv().await,
+                    None => std::future::pending().await,
+                }
+            };
             tokio::select! {
                 _ = shutdown.changed() => return,
                 _ = tick.tick() => self.check(),
+                Some(()) = hangup => self.reload_all(),
             }
         }
     }

@@ -531,6 +531,30 @@ fn validate(
             "at most 64 regions are supported",
         ));
     }
+    if server.peer_tls.is_some() {
+        // With mutual TLS, hops, purges and the health detail are for
+        // connections with a peer certificate: a peer on plain HTTP, or a
+        // region without a TLS listener, could never be one.
+        if server.tls.is_empty() {
+            errors.push(loc.at_path(
+                &[Seg::from("server"), Seg::from("peer_ca")],
+                "mutual TLS between regions needs a [[server.tls]] listener for peers to reach",
+            ));
+        }
+        if let Some(r) = regions
+            .iter()
+            .find(|r| r.name != server.region && r.peer.as_ref().is_some_and(|p| !p.tls))
+        {
+            errors.push(loc.at_path(
+                &[
+                    Seg::from("regions"),
+                    Seg::Key(r.name.clone()),
+                    Seg::from("peer"),
+                ],
+                "with server.peer_ca set, every peer is reached over https:// (mutual TLS)",
+            ));
+        }
+    }
     if server.peer_tls.is_none() {
         if let Some(r) = regions
             .iter()
@@ -1186,6 +1210,10 @@ fn validate_upstream(
             None
         }
     };
+    if raw.sni.as_deref() == Some("") {
+        // An empty name would leave the certificate's name unchecked.
+        errors.push(loc.at_path(&at(&[Seg::from("sni")]), "sni must not be empty"));
+    }
     for (key, set) in [
         ("sni", raw.sni.is_some()),
         ("ca", raw.ca.is_some()),

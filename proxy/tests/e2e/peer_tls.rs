@@ -99,14 +99,18 @@ async fn peers_speak_mutual_tls_and_a_client_cannot_pose_as_one() {
         .map(|(n, o)| RegionSpec::new(n, vec![o.addr()]))
         .collect();
     let tls_ports: Vec<u16> = names.iter().map(|_| free_port()).collect();
+    // The listeners' own directory holds a "public" certificate for the same
+    // name from another CA: peers must still be shown the peer certificate.
+    let public = Pki::new(&["public"]);
     let mut edges = Vec::new();
     for (i, name) in names.iter().enumerate() {
         let server_extra: &'static str = Box::leak(
             format!(
-                "peer_ca = \"{ca}\"\npeer_cert = \"{dir}/default.crt\"\npeer_key = \"{dir}/default.key\"\n[[server.tls]]\nlisten = \"127.0.0.1:{port}\"\ncerts = \"{dir}\"\n",
+                "peer_ca = \"{ca}\"\npeer_cert = \"{dir}/default.crt\"\npeer_key = \"{dir}/default.key\"\n[[server.tls]]\nlisten = \"127.0.0.1:{port}\"\ncerts = \"{public}\"\n",
                 ca = pki.ca().display(),
                 dir = pki.certs(name).display(),
                 port = tls_ports[i],
+                public = public.certs("public").display(),
             )
             .into_boxed_str(),
         );
@@ -194,6 +198,29 @@ async fn peers_speak_mutual_tls_and_a_client_cannot_pose_as_one() {
     assert!(
         metric_total(&m, "edge_hop_invalid_total") >= 1.0,
         "not counted as an invalid hop"
+    );
+
+    // A purge signed with the right secret, from a client without the peer
+    // certificate: refused.
+    let purge = serde_json::json!({
+        "id": "forged", "region": "us-east-1", "time_ms": edge_router::clock::unix_ms(),
+        "spec": {"all": true}
+    })
+    .to_string();
+    let signature = edge_router::cache::signing::PurgeSigner::new(HOP_SECRET.as_bytes(), None)
+        .sign(purge.as_bytes());
+    let answer = tls_request(
+        tls_ports[1],
+        &pki.ca(),
+        &format!(
+            "POST /.edge/purge HTTP/1.1\r\nHost: localhost\r\nx-edge-purge: {signature}\r\ncontent-length: {}\r\nConnection: close\r\n\r\n{purge}",
+            purge.len()
+        ),
+    )
+    .await;
+    assert!(
+        answer.starts_with("HTTP/1.1 403"),
+        "a purge without the peer certificate: {answer}"
     );
 
     // The health detail is for peers: a client without the certificate gets the status only.

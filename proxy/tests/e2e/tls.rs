@@ -349,7 +349,47 @@ async fn a_replaced_certificate_serves_the_next_handshake_and_a_broken_one_is_re
     assert_eq!(presented(port, "localhost").await, new);
     let m = metrics(&c, &edge).await;
     assert!(
-        m.contains("edge_tls_cert_expiry_seconds{name=\"default\""),
+        m.lines()
+            .any(|l| l.starts_with("edge_tls_cert_expiry_seconds{")
+                && l.contains("name=\"default\"")),
         "{m}"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sighup_reloads_certificates_and_does_not_end_the_process() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    pair(dir.path(), "default", &["localhost"]);
+    let (_origin, mut edge, port) = tls_edge(dir.path()).await;
+    let c = client();
+    let reloads = |m: &str| {
+        m.lines()
+            .filter(|l| l.starts_with("edge_tls_reloads_total") && l.contains("result=\"ok\""))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum::<f64>()
+    };
+    let before = reloads(&metrics(&c, &edge).await);
+    edge.signal("HUP");
+    let reloaded = eventually(HANG, || async {
+        reloads(&metrics(&c, &edge).await) > before
+    })
+    .await;
+    assert!(
+        reloaded.is_some(),
+        "SIGHUP did not reload; log:\n{}",
+        edge.log_text()
+    );
+    assert!(
+        edge.wait_exit(Duration::from_millis(500)).await.is_none(),
+        "SIGHUP ended the process"
+    );
+    let mut conn = connect(
+        port,
+        "localhost",
+        client_config(Some(Arc::new(Recorder::default())), None, &[b"http/1.1"]),
+    )
+    .await
+    .expect("still serving TLS");
+    let (status, _) = http1(&mut conn, "/after-hup", "localhost").await;
+    assert!(status.contains("200"), "{status}");
 }
