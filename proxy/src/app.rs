@@ -282,6 +282,11 @@ pub fn add_region(
         backend_transports: backend_transports.clone(),
         peer_transport: peer_transport.clone(),
         peers_need_certificates: config.server.peer_tls.is_some(),
+        redirect_https: config
+            .server
+            .redirect_https
+            .then(|| config.server.tls.first().map(|t| t.listen.port()))
+            .flatten(),
     };
     let mut http = pingora::proxy::HttpProxy::new(proxy, server.configuration.clone());
     http.handle_init_modules();

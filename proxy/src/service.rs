@@ -101,6 +101,8 @@ pub struct EdgeProxy {
     pub peer_transport: BackendTransport,
     /// Mutual TLS between regions: hops and health detail only for peers with a certificate.
     pub peers_need_certificates: bool,
+    /// `server.redirect_https`: plain-HTTP requests are sent to this TLS port.
+    pub redirect_https: Option<u16>,
 }
 
 /// Headers through which clients or proxies tell an origin about the URL;
@@ -705,6 +707,28 @@ impl ProxyHttp for EdgeProxy {
                     .await
             }
         };
+        // A peer's forwarded request (it carries a hop) is not a browser to send elsewhere.
+        let plain_client =
+            listener_scheme(session) == "http" && !req.headers.contains_key(HOP_HEADER);
+        if let Some(port) = self.redirect_https.filter(|_| plain_client) {
+            // nginx's `return 308 https://$host$request_uri`: the method and
+            // body are kept by the client (308, not 301).
+            let port = if port == 443 {
+                String::new()
+            } else {
+                format!(":{port}")
+            };
+            let pq = req.uri.path_and_query().map_or("/", |p| p.as_str());
+            let location = format!("https://{host_name}{port}{pq}");
+            ctx.local_reply = Some("redirect");
+            let mut resp = ResponseHeader::build(308, Some(4))?;
+            resp.insert_header(http::header::LOCATION, location)?;
+            resp.insert_header(http::header::CONTENT_LENGTH, "0")?;
+            resp.insert_header("x-request-id", ctx.request_id.as_str())?;
+            session.set_keepalive(None);
+            session.write_response_header(Box::new(resp), true).await?;
+            return Ok(true);
+        }
         // Pingora keeps the raw bytes of a target it could not classify (and
         // stores `/` as its path): the backend would receive those bytes
         // while we matched `/`. Only origin-form and absolute-form pass.

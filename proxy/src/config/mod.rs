@@ -152,6 +152,8 @@ pub struct ServerConfig {
     pub tls: Vec<TlsListener>,
     /// Mutual TLS between regions (`server.peer_ca`, `peer_cert`, `peer_key`).
     pub peer_tls: Option<PeerTls>,
+    /// Plain-HTTP requests are redirected to the first TLS listener.
+    pub redirect_https: bool,
 }
 
 /// The material for mutual TLS between regions.
@@ -807,6 +809,12 @@ fn validate_server(
             "at least one listen address (or a [[server.tls]] listener) is needed",
         ));
     }
+    if raw.redirect_https && raw.tls.is_empty() {
+        errors.push(loc.at_path(
+            &p("redirect_https"),
+            "redirect_https needs a [[server.tls]] listener to redirect to",
+        ));
+    }
     let peer_tls = match (&raw.peer_ca, &raw.peer_cert, &raw.peer_key) {
         (None, None, None) => None,
         (Some(ca), Some(cert), Some(key)) => {
@@ -951,6 +959,7 @@ fn validate_server(
         header_read_timeout: raw.header_read_timeout,
         send_timeout: raw.send_timeout,
         max_connections: raw.max_connections,
+        redirect_https: raw.redirect_https,
         tls,
         peer_tls,
     }

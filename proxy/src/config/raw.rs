@@ -64,6 +64,9 @@ pub struct RawServer {
     /// `[[server.tls]]`: TLS listeners.
     #[serde(default)]
     pub tls: Vec<RawTls>,
+    /// Answer plain-HTTP requests with a redirect to the first TLS listener.
+    #[serde(default)]
+    pub redirect_https: bool,
     /// CA bundle of the regions' certificates (mutual TLS between regions).
     pub peer_ca: Option<String>,
     /// This region's certificate for peers.

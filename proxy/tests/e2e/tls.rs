@@ -393,3 +393,37 @@ async fn sighup_reloads_certificates_and_does_not_end_the_process() {
     let (status, _) = http1(&mut conn, "/after-hup", "localhost").await;
     assert!(status.contains("200"), "{status}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn plain_http_is_redirected_to_the_tls_listener_but_health_is_not() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    pair(dir.path(), "default", &["localhost"]);
+    let tls_port = free_port();
+    let extra: &'static str = Box::leak(
+        format!(
+            "redirect_https = true\n[[server.tls]]\nlisten = \"127.0.0.1:{tls_port}\"\ncerts = \"{}\"\n",
+            dir.path().display()
+        )
+        .into_boxed_str(),
+    );
+    let t = Tweaks {
+        server_extra: extra,
+        ..Tweaks::default()
+    };
+    let (_origin, edge) = solo_edge(&t).await;
+    let r = raw_request(
+        edge.port,
+        "GET /a/b?c=1 HTTP/1.1\r\nHost: Shop.Example:8080\r\n\r\n",
+    )
+    .await;
+    assert_eq!(r.status, 308, "{}", r.text());
+    assert_eq!(
+        r.header("location"),
+        Some(format!("https://shop.example:{tls_port}/a/b?c=1").as_str())
+    );
+    let health = raw_request(edge.port, "GET /.edge/health HTTP/1.1\r\nHost: x\r\n\r\n").await;
+    assert_eq!(
+        health.status, 200,
+        "the accelerator's health check stays on plain HTTP"
+    );
+}
