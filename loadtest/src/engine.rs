@@ -65,6 +65,8 @@ pub struct LoadSpec {
     pub warmup: Duration,
     /// Per-request timeout.
     pub timeout: Duration,
+    /// A connection is replaced after this many requests (None: kept).
+    pub requests_per_connection: Option<u64>,
     /// How connections are made.
     pub connect: ConnectOptions,
 }
@@ -243,6 +245,7 @@ async fn worker(spec: Arc<LoadSpec>, shared: Arc<Shared>, start: Instant) -> Sta
     let measure_from = start + spec.warmup;
     let end = measure_from + spec.duration;
     let mut conns: Vec<Option<Conn>> = spec.targets.iter().map(|_| None).collect();
+    let mut uses: Vec<u64> = vec![0; spec.targets.len()];
     let interval = match spec.mode {
         Mode::Open { rate } => Some(Duration::from_secs_f64(1.0 / rate.max(1e-9))),
         Mode::Closed => None,
@@ -279,6 +282,15 @@ async fn worker(spec: Arc<LoadSpec>, shared: Arc<Shared>, start: Instant) -> Sta
         let target = &spec.targets[ti];
         let outcome = send_one(&spec, target, &mut conns[ti]).await;
         shared.completed.fetch_add(1, Ordering::Relaxed);
+        if let Some(limit) = spec.requests_per_connection {
+            // A fresh connection (and handshake) every `limit` requests, as
+            // clients that come and go make.
+            uses[ti] = if conns[ti].is_some() { uses[ti] + 1 } else { 0 };
+            if uses[ti] >= limit {
+                conns[ti] = None;
+                uses[ti] = 0;
+            }
+        }
         match outcome {
             Ok(done) => {
                 let began = overdue_since.unwrap_or(done.sent_at);

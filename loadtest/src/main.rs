@@ -124,6 +124,10 @@ struct LoadArgs {
     /// Generator threads.
     #[arg(long, default_value_t = 1)]
     threads: usize,
+    /// Close each connection after this many requests and open a new one
+    /// (1: a new connection, and TLS handshake, per request). Default: keep-alive.
+    #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
+    conn_requests: Option<u64>,
 }
 
 impl LoadArgs {
@@ -173,6 +177,7 @@ impl LoadArgs {
             duration: self.duration,
             warmup: self.warmup,
             timeout: self.timeout,
+            requests_per_connection: self.conn_requests,
             connect: ConnectOptions {
                 http2: self.http2,
                 tls: tls_config(self.insecure, self.http2)?,
