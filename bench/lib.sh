@@ -48,3 +48,20 @@ free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",
 wait_http() { for _ in $(seq 1 "${2:-100}"); do curl -fsS -o /dev/null "$1" 2>/dev/null && return 0; sleep 0.1; done; echo "bench: $1 did not come up" >&2; exit 1; }
 # Resident memory of the processes given, KiB.
 rss_kib() { local t=0; for p in $1; do t=$(( t + $(awk '/VmRSS/ {print $2}' "/proc/$p/status") )); done; echo "$t"; }
+
+# TLS rows. wait_https URL CA [TRIES]: like wait_http, the server's
+# certificate verified against CA (the name in URL included).
+wait_https() { for _ in $(seq 1 "${3:-100}"); do curl -fsS --cacert "$2" -o /dev/null "$1" 2>/dev/null && return 0; sleep 0.1; done; echo "bench: $1 did not come up (over TLS, CA $2)" >&2; exit 1; }
+# nginx has TLS (the ssl module), as Debian's package has.
+nginx_has_ssl() { "$NGINX" -V 2>&1 | grep -q -- '--with-http_ssl_module'; }
+# log_lines FILE: lines in FILE so far (0 when it does not exist yet).
+log_lines() { if [ -f "$1" ]; then wc -l < "$1"; else echo 0; fi; }
+# new_conns FILE FROM: TLS connections logged in FILE after line FROM, as
+# "FULL RESUMED": requests whose log line ends "$ssl_session_reused
+# $connection_requests" with $connection_requests 1 (a connection's first
+# request; "r" = resumed, "." = full handshake). Health probes (/.edge/health)
+# are left out: edge-router's peer probes open a connection each.
+new_conns() {
+  tail -n +"$(( $2 + 1 ))" "$1" |
+    awk '$NF == 1 && index($0, "/.edge/health") == 0 { if ($(NF-1) == "r") r++; else f++ } END { print f + 0, r + 0 }'
+}

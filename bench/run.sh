@@ -5,6 +5,7 @@
 #   bench/run.sh            full run (3 rounds, 10 s phases)
 #   bench/run.sh --quick    1 round, 3 s phases (CI smoke; no thresholds)
 #   options: --rounds N --rate R --duration D --connections C --size BYTES
+#            --handshake-rate R --no-tls
 #   EDGE_BIN=path/to/edge-router bench/run.sh   measure another build (e.g. an older commit)
 #   EDGE_ENV="MIMALLOC_PURGE_DELAY=0" bench/run.sh   run edge-router with these variables
 #   EDGE_BIN_B=path/to/other/edge-router bench/run.sh  A/B: a second build as target
@@ -12,10 +13,15 @@
 #   Cache-hit rows (docs/benchmarks.md, "Cache hit path"): nginx-cache, varnish
 #     and edge-router-cache (edge-router-b-cache in an A/B) serve one cached
 #     response; a row is skipped when its tool or the build's cache is missing.
+#   TLS rows (docs/benchmarks.md, "TLS"): nginx-https / edge-router-https (keep-alive
+#     over TLS), nginx-handshake / edge-router-handshake (a new TLS connection per
+#     request, fixed-rate phase at --handshake-rate, default 1000/s) and nginx-hop-tls /
+#     edge-router-hop-tls (forwarding to a TLS peer); separate processes with 2 workers
+#     each. --no-tls leaves them out; a proxy without TLS support is skipped.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-QUICK=0 ROUNDS=3 RATE=8000 DURATION=10s WARMUP=2s CONNS=32 SIZE=1024
+QUICK=0 ROUNDS=3 RATE=8000 DURATION=10s WARMUP=2s CONNS=32 SIZE=1024 HS_RATE=1000 TLS=1
 while [ $# -gt 0 ]; do
   case "$1" in
     --quick) QUICK=1; ROUNDS=1; DURATION=3s; WARMUP=1s ;;
@@ -24,7 +30,9 @@ while [ $# -gt 0 ]; do
     --duration) DURATION=$2; shift ;;
     --connections) CONNS=$2; shift ;;
     --size) SIZE=$2; shift ;;
-    -h|--help) sed -n '2,12p' "$0"; exit 0 ;;
+    --handshake-rate) HS_RATE=$2; shift ;;
+    --no-tls) TLS=0 ;;
+    -h|--help) sed -n '2,20p' "$0"; exit 0 ;;
     *) echo "unknown option $1" >&2; exit 2 ;;
   esac
   shift
@@ -277,14 +285,296 @@ edge_cache_row() { # NAME PORT PID LOG
 edge_cache_row edge-router-cache "$E_PORT" "$EDGE_PID" "$WORK/edge.log"
 [ -n "$EDGE_B_PID" ] && edge_cache_row edge-router-b-cache "$EB_PORT" "$EDGE_B_PID" "$WORK/edge-b.log"
 
+# TLS rows (docs/benchmarks.md, "TLS"). Processes of their own, 2 workers
+# each (edge-router threads = 2, nginx worker_processes 2): the rows above
+# run 1. On 2 cores both workers share core 0 with every other proxy (the
+# last core is the generator's and the origin's); with 3 cores or more they
+# get cores 0 and 1. Peer B of the hop rows runs on the last core: it is
+# not what is measured.
+TLS_CORES=$([ "$NCPU" -ge 3 ] && echo 0,1 || echo "$PROXY_CORE")
+# LOAD_ARGS_OF: extra edge-loadtest arguments of a row (words, no spaces
+# within one); RATE_OF: its fixed rate when not --rate; CONNLOG_OF: an nginx
+# log whose new connections (full or resumed, new_conns) are counted over the
+# closed-loop phase, CONNLOG_SIDE_OF saying whether they are the row's client
+# connections ("client") or the proxy's connections to its upstream ("upstream").
+declare -A LOAD_ARGS_OF=() RATE_OF=() CONNLOG_OF=() CONNLOG_SIDE_OF=()
+: > "$WORK/tls-rows"
+# A client's new TLS connection resumes a session the server handed out on an
+# earlier one (edge-loadtest keeps rustls' client session cache; nginx and
+# edge-router both resume by default), unless edge-loadtest can be told not
+# to: then every handshake of a handshake row is a full one. nginx's log
+# says which it was (client handshakes resumed, in the summary).
+LOADTEST_HELP=$("$BIN/edge-loadtest" run --help)
+HS_RESUME=resumed
+if grep -q -- '--no-tls-resume' <<<"$LOADTEST_HELP"; then HS_RESUME=full; fi
+# tls_row NAME URL PIDS CLIENT(https|http) CONN_REQUESTS(-: keep-alive) [LOG SIDE]
+tls_row() {
+  URL[$1]=$2; PIDS_OF[$1]=$3; TARGETS+=("$1")
+  LOAD_ARGS_OF[$1]=""
+  if [ "$4" = https ]; then LOAD_ARGS_OF[$1]="--insecure"; fi
+  if [ "$5" != - ]; then LOAD_ARGS_OF[$1]+=" --conn-requests $5"; fi
+  if [ "$4" = https ] && [ "$5" != - ] && [ "$HS_RESUME" = full ]; then LOAD_ARGS_OF[$1]+=" --no-tls-resume"; fi
+  if [ "$5" = 1 ]; then RATE_OF[$1]=$HS_RATE; fi
+  if [ -n "${6:-}" ]; then CONNLOG_OF[$1]=$6; CONNLOG_SIDE_OF[$1]=$7; fi
+  printf '%s %s %s %s %s\n' "$1" "$4" "$5" "${RATE_OF[$1]:-$RATE}" "$HS_RESUME" >> "$WORK/tls-rows"
+}
+TLS_NGINX=0 TLS_EDGE=0
+if [ "$TLS" = 1 ]; then
+  if nginx_has_ssl; then TLS_NGINX=1; else echo "bench: nginx TLS rows skipped: this nginx has no ssl module (and peer B of the hop rows is an nginx)" >&2; fi
+  TLS_EDGE=1
+else
+  echo "bench: TLS rows left out (--no-tls)" >&2
+fi
+if [ "$TLS" = 1 ]; then
+  # One certificate for every TLS server of the run: edge-router's development
+  # CA and a leaf it signed for localhost and 127.0.0.1 (ECDSA P-256).
+  "$BIN/edge-router" cert dev --dir "$WORK/certs" >/dev/null
+  CA=$WORK/certs/ca/ca.crt CRT=$WORK/certs/default.crt KEY=$WORK/certs/default.key
+  NS_PORT=$(free_port); NH_PORT=$(free_port); B_PORT=$(free_port)
+  ES_PORT=$(free_port); ESP_PORT=$(free_port); ESA_PORT=$(free_port)
+  EH_PORT=$(free_port); EHS_PORT=$(free_port); EHA_PORT=$(free_port); DEAD_PORT=$(free_port)
+fi
+if [ "$TLS_NGINX" = 1 ]; then
+  # Peer B, the upstream TLS terminator of both hop rows (never measured
+  # itself): shared session cache and tickets, so a client that offers a
+  # session resumes; nginx's default keepalive_requests (1000) closes each
+  # proxy's connection after 1000 requests, so the proxies reconnect during
+  # the run, resuming or not. Its log's last two fields are what new_conns
+  # counts. It answers edge-router A's peer probes as an edge-router would:
+  # the RegionReport of proxy/src/health/report.rs, with one healthy backend
+  # of the upstream "origin" (an empty report would leave no region to send to).
+  B_LISTEN="listen 127.0.0.1:$B_PORT ssl;"
+  # edge-router A reaches it as https://localhost:B_PORT: the first address
+  # localhost resolves to.
+  B_FIRST=$(python3 -c 'import socket,sys; print(socket.getaddrinfo("localhost", int(sys.argv[1]), type=socket.SOCK_STREAM)[0][4][0])' "$B_PORT")
+  [ "$B_FIRST" = 127.0.0.1 ] || B_LISTEN="$B_LISTEN listen [$B_FIRST]:$B_PORT ssl;"
+  cat > "$WORK/nginx-b.conf" <<NGINX
+worker_processes 1;
+daemon off;
+pid $WORK/nginx-b.pid;
+error_log $WORK/nginx-b-error.log warn;
+events { worker_connections 4096; }
+http {
+  log_format reuse '\$remote_addr "\$request" \$status \$ssl_protocol \$ssl_session_reused \$connection_requests';
+  access_log $WORK/nginx-b-access.log reuse;
+  client_body_temp_path $WORK/body-b;
+  proxy_temp_path $WORK/proxy-b;
+  upstream origin { server 127.0.0.1:$O_PORT; keepalive 64; keepalive_requests 1000000; }
+  server {
+    $B_LISTEN
+    ssl_certificate $CRT;
+    ssl_certificate_key $KEY;
+    ssl_protocols TLSv1.2 TLSv1.3;
+    ssl_session_cache shared:SSL:1m;
+    ssl_session_tickets on;
+    location = /.edge/health {
+      default_type application/json;
+      return 200 '{"status":"ok","region":"eu-west-1","upstreams":{"origin":{"healthy":1,"total":1}}}';
+    }
+    location / {
+      proxy_pass http://origin;
+      proxy_http_version 1.1;
+      proxy_set_header Connection "";
+      proxy_buffering on;
+    }
+  }
+}
+NGINX
+  taskset -c "$LOAD_CORE" "$NGINX" -c "$WORK/nginx-b.conf" -p "$WORK" &
+  PIDS+=($!)
+  # The TLS nginx: 2 workers; the HTTPS server (https and handshake rows) and
+  # nginx A of the hop row (plain HTTP from clients, HTTPS to peer B). Its log
+  # is the combined format plus the two fields new_conns reads.
+  cat > "$WORK/nginx-tls.conf" <<NGINX
+worker_processes 2;
+daemon off;
+pid $WORK/nginx-tls.pid;
+error_log $WORK/nginx-tls-error.log warn;
+events { worker_connections 4096; }
+http {
+  log_format tls '\$remote_addr - \$remote_user [\$time_local] "\$request" \$status \$body_bytes_sent "\$http_referer" "\$http_user_agent" \$ssl_session_reused \$connection_requests';
+  access_log $WORK/nginx-tls-access.log tls;
+  keepalive_requests 1000000;
+  client_body_temp_path $WORK/body-tls;
+  proxy_temp_path $WORK/proxy-tls;
+  upstream origin { server 127.0.0.1:$O_PORT; keepalive 64; keepalive_requests 1000000; }
+  upstream peer_b { server 127.0.0.1:$B_PORT; keepalive 64; }
+  server {
+    listen 127.0.0.1:$NS_PORT ssl;
+    ssl_certificate $CRT;
+    ssl_certificate_key $KEY;
+    ssl_protocols TLSv1.2 TLSv1.3;
+    location / {
+      proxy_pass http://origin;
+      proxy_http_version 1.1;
+      proxy_set_header Connection "";
+      proxy_set_header X-Forwarded-For \$remote_addr;
+      proxy_buffering on;
+    }
+  }
+  server {
+    listen 127.0.0.1:$NH_PORT;
+    location / {
+      proxy_pass https://peer_b;
+      proxy_http_version 1.1;
+      proxy_set_header Connection "";
+      proxy_set_header X-Forwarded-For \$remote_addr;
+      proxy_buffering on;
+      proxy_ssl_protocols TLSv1.2 TLSv1.3;
+      proxy_ssl_session_reuse on;
+      proxy_ssl_verify on;
+      proxy_ssl_trusted_certificate $CA;
+      proxy_ssl_name localhost;
+      proxy_ssl_server_name on;
+    }
+  }
+}
+NGINX
+  taskset -c "$TLS_CORES" "$NGINX" -c "$WORK/nginx-tls.conf" -p "$WORK" &
+  PIDS+=($!)
+  NGINX_TLS_MASTER=$!
+fi
+# edge_tls_config BIN CONFIG NAME: whether BIN takes CONFIG; a build without
+# TLS (unknown field `tls` or `peer_ca`) skips its rows, any other error fails.
+edge_tls_config() {
+  local errors
+  if errors=$("$1" check -c "$2" 2>&1 >/dev/null); then return 0; fi
+  if grep -qE 'unknown field `(tls|peer_ca|peer_cert|peer_key)`' <<<"$errors"; then
+    echo "bench: $3 skipped: this build has no TLS listeners or peer TLS" >&2
+    return 1
+  fi
+  printf 'bench: %s refuses the %s config:\n%s\n' "$1" "$3" "$errors" >&2
+  exit 1
+}
+EDGE_TLS_PID="" EDGE_HOP_PID=""
+if [ "$TLS_EDGE" = 1 ]; then
+  # edge-router over TLS: the base config (same route, same features, the
+  # access log on) with 2 threads and a TLS listener.
+  sed -e "s/127.0.0.1:$E_PORT/127.0.0.1:$ESP_PORT/" -e "s/127.0.0.1:$A_PORT/127.0.0.1:$ESA_PORT/" \
+    -e 's/^threads = 1$/threads = 2/' "$WORK/edge-base.toml" > "$WORK/edge-tls.toml"
+  cat >> "$WORK/edge-tls.toml" <<EDGE
+[[server.tls]]
+listen = "127.0.0.1:$ES_PORT"
+certs = "$WORK/certs"
+EDGE
+  if edge_tls_config "${EDGE_BIN:-$BIN/edge-router}" "$WORK/edge-tls.toml" "edge-router-https/handshake"; then
+    env ${EDGE_ENV:-} EDGE_LOG=info taskset -c "$TLS_CORES" "${EDGE_BIN:-$BIN/edge-router}" run -c "$WORK/edge-tls.toml" 2>"$WORK/edge-tls.log" &
+    PIDS+=($!)
+    EDGE_TLS_PID=$!
+  fi
+fi
+if [ "$TLS_EDGE" = 1 ] && [ "$TLS_NGINX" = 1 ]; then
+  # edge-router A of the hop row: region us-east-1, whose one backend is a
+  # closed port (found down by the first probes), so every request fails over
+  # to eu-west-1: peer B over mutual TLS (the dev CA as peer_ca, the dev leaf
+  # as this region's certificate; B asks for none). Probes every second; the
+  # peer is probed as often, each probe a new TLS connection (B's log counts
+  # them apart). Plain HTTP from the clients, as nginx A.
+  cat > "$WORK/edge-hop.toml" <<EDGE
+[server]
+region = "us-east-1"
+listen = ["127.0.0.1:$EH_PORT"]
+threads = 2
+peer_ca = "$CA"
+peer_cert = "$CRT"
+peer_key = "$KEY"
+[[server.tls]]
+listen = "127.0.0.1:$EHS_PORT"
+certs = "$WORK/certs"
+[admin]
+listen = "127.0.0.1:$EHA_PORT"
+[regions.us-east-1]
+[regions.eu-west-1]
+peer = "https://localhost:$B_PORT"
+[upstreams.origin]
+health = { path = "/health", interval = "1s", timeout = "1s", healthy = 1, unhealthy = 2 }
+backends.us-east-1 = ["127.0.0.1:$DEAD_PORT"]
+backends.eu-west-1 = ["127.0.0.1:$O_PORT"]
+[[routes]]
+host = "*"
+upstream = "origin"
+policy = "local-first"
+EDGE
+  if edge_tls_config "${EDGE_BIN:-$BIN/edge-router}" "$WORK/edge-hop.toml" "edge-router-hop-tls"; then
+    # Regions sign their hops with a shared secret (B, an nginx, ignores it).
+    env ${EDGE_ENV:-} EDGE_LOG=info EDGE_HOP_SECRET="$(python3 -c 'import secrets; print(secrets.token_urlsafe(32))')" \
+      taskset -c "$TLS_CORES" "${EDGE_BIN:-$BIN/edge-router}" run -c "$WORK/edge-hop.toml" 2>"$WORK/edge-hop.log" &
+    PIDS+=($!)
+    EDGE_HOP_PID=$!
+  fi
+fi
+if [ "$TLS_NGINX" = 1 ]; then
+  wait_https "https://localhost:$B_PORT$PATHQ" "$CA"
+  wait_https "https://localhost:$NS_PORT$PATHQ" "$CA"
+  wait_http "http://127.0.0.1:$NH_PORT$PATHQ"
+  NGINX_TLS_WORKERS=$(pgrep -P "$NGINX_TLS_MASTER" -f "nginx: worker process" | tr '\n' ' ')
+  tls_row nginx-https "https://127.0.0.1:$NS_PORT$PATHQ" "$NGINX_TLS_MASTER $NGINX_TLS_WORKERS" https - \
+    "$WORK/nginx-tls-access.log" client
+fi
+if [ -n "$EDGE_TLS_PID" ]; then
+  wait_https "https://localhost:$ES_PORT$PATHQ" "$CA"
+  tls_row edge-router-https "https://127.0.0.1:$ES_PORT$PATHQ" "$EDGE_TLS_PID" https -
+fi
+if [ "$TLS_NGINX" = 1 ]; then
+  tls_row nginx-handshake "https://127.0.0.1:$NS_PORT$PATHQ" "$NGINX_TLS_MASTER $NGINX_TLS_WORKERS" https 1 \
+    "$WORK/nginx-tls-access.log" client
+fi
+if [ -n "$EDGE_TLS_PID" ]; then
+  tls_row edge-router-handshake "https://127.0.0.1:$ES_PORT$PATHQ" "$EDGE_TLS_PID" https 1
+fi
+if [ "$TLS_NGINX" = 1 ]; then
+  tls_row nginx-hop-tls "http://127.0.0.1:$NH_PORT$PATHQ" "$NGINX_TLS_MASTER $NGINX_TLS_WORKERS" http 100 \
+    "$WORK/nginx-b-access.log" upstream
+fi
+if [ -n "$EDGE_HOP_PID" ]; then
+  # Before measuring: A's /status shows the local backend down and peer B's
+  # report read (an RTT is only measured from a report that parses, and until
+  # one does A assumes the peer's configured backends are up), then a request
+  # comes back 200 from eu-west-1. Else the run stops.
+  hop_url="http://127.0.0.1:$EH_PORT$PATHQ"
+  hop_state() {
+    { curl -s -m 2 "http://127.0.0.1:$EHA_PORT/status" 2>/dev/null || true; } | python3 -c '
+import json, sys
+try:
+    doc = json.load(sys.stdin)
+except ValueError:
+    print("no /status yet"); sys.exit()
+peer = next((p for p in doc["peers"] if p["region"] == "eu-west-1"), {})
+regions = {r["region"]: r for u in doc["upstreams"] if u["name"] == "origin" for r in u["regions"]}
+local, far = regions.get("us-east-1", {}), regions.get("eu-west-1", {})
+if local.get("healthy") == 0 and peer.get("healthy") and peer.get("rtt_ms") is not None and far.get("healthy", 0) > 0:
+    print("ready")
+else:
+    print("local backends healthy {}, peer healthy {}, peer report read {}, eu-west-1 backends reported healthy {}".format(
+        local.get("healthy"), peer.get("healthy"), peer.get("rtt_ms") is not None, far.get("healthy")))
+'
+  }
+  for _ in $(seq 1 150); do
+    state=$(hop_state)
+    [ "$state" = ready ] && break
+    sleep 0.1
+  done
+  probe "$hop_url"
+  if [ "$state" != ready ] || [ "$(probe_status)" != 200 ] || [ "$(probe_header x-edge-upstream-region)" != eu-west-1 ]; then
+    echo "bench: edge-router-hop-tls: not failing over to eu-west-1 through peer B after 15 s ($state; status $(probe_status), x-edge-upstream-region: $(probe_header x-edge-upstream-region)); the last lines of edge-hop.log and peer B's logs:" >&2
+    tail -n 20 "$WORK/edge-hop.log" "$WORK/nginx-b-error.log" "$WORK/nginx-b-access.log" >&2 || true
+    exit 1
+  fi
+  tls_row edge-router-hop-tls "$hop_url" "$EDGE_HOP_PID" http 100 "$WORK/nginx-b-access.log" upstream
+fi
+
 cpu_ticks() { local t=0; for p in $1; do t=$(( t + $(awk '{print $14 + $15}' "/proc/$p/stat") )); done; echo "$t"; }
 load() { taskset -c "$LOAD_CORE" "$BIN/edge-loadtest" run "$@" >/dev/null; }
-# Extra request headers of target $1, as edge-loadtest arguments.
-headers_of() { if [ -n "${HEADER_OF[$1]:-}" ]; then printf '%s\n' -H "${HEADER_OF[$1]}"; fi; }
+# Extra edge-loadtest arguments of target $1: its request headers, then its
+# LOAD_ARGS_OF words (TLS rows).
+args_of() {
+  if [ -n "${HEADER_OF[$1]:-}" ]; then printf '%s\n' -H "${HEADER_OF[$1]}"; fi
+  local a; for a in ${LOAD_ARGS_OF[$1]:-}; do printf '%s\n' "$a"; done
+}
 
 echo "bench: warm-up" >&2
 for t in "${TARGETS[@]}"; do
-  mapfile -t H < <(headers_of "$t")
+  mapfile -t H < <(args_of "$t")
   load "${URL[$t]}" "${H[@]}" -c "$CONNS" -d 1s --warmup 0s --json "$WORK/warm.json"
 done
 
@@ -292,12 +582,16 @@ for r in $(seq 1 "$ROUNDS"); do
   for t in "${TARGETS[@]}"; do
     echo "bench: round $r/$ROUNDS $t" >&2
     pids=${PIDS_OF[$t]}
-    mapfile -t H < <(headers_of "$t")
+    mapfile -t H < <(args_of "$t")
+    connlog=${CONNLOG_OF[$t]:-}
+    [ -n "$connlog" ] && from=$(log_lines "$connlog")
     before=0; [ -n "$pids" ] && before=$(cpu_ticks "$pids")
     load "${URL[$t]}" "${H[@]}" -c "$CONNS" -d "$DURATION" --warmup 0s --json "$WORK/closed-$t-$r.json"
     after=0; [ -n "$pids" ] && after=$(cpu_ticks "$pids")
     echo "$(( after - before ))" > "$WORK/cpu-$t-$r.ticks"
-    load "${URL[$t]}" "${H[@]}" --rate "$RATE" -c 64 -d "$DURATION" --warmup "$WARMUP" --json "$WORK/rate-$t-$r.json"
+    # TLS rows: the new connections (full handshakes, resumed) logged over the closed-loop phase.
+    [ -n "$connlog" ] && echo "${CONNLOG_SIDE_OF[$t]} $(new_conns "$connlog" "$from")" > "$WORK/conns-$t-$r.txt"
+    load "${URL[$t]}" "${H[@]}" --rate "${RATE_OF[$t]:-$RATE}" -c 64 -d "$DURATION" --warmup "$WARMUP" --json "$WORK/rate-$t-$r.json"
     rss=0; [ -n "$pids" ] && rss=$(rss_kib "$pids")
     echo "$rss" > "$WORK/rss-$t-$r.kib"
   done
@@ -312,8 +606,17 @@ for t in "${!CACHE_HEADER_OF[@]}"; do
   }
 done
 
+# The hop row still fails over to eu-west-1 through peer B.
+if [ -n "$EDGE_HOP_PID" ]; then
+  probe "${URL[edge-router-hop-tls]}"
+  [ "$(probe_status)" = 200 ] && [ "$(probe_header x-edge-upstream-region)" = eu-west-1 ] || {
+    echo "bench: edge-router-hop-tls: no longer served by eu-west-1 after the run (status $(probe_status), x-edge-upstream-region: $(probe_header x-edge-upstream-region))" >&2
+    exit 1
+  }
+fi
+
 STAMP=$(date -u +%Y%m%dT%H%M%SZ)
 KIND=$([ "$QUICK" = 1 ] && echo quick || echo full)
 OUT=bench/results/$STAMP-$KIND
-BENCH_TARGETS="${TARGETS[*]}" python3 bench/summarise.py "$WORK" "$ROUNDS" "$TCK" "$RATE" "$SIZE" "$CONNS" "$DURATION" "$KIND" "$OUT" \
+BENCH_TARGETS="${TARGETS[*]}" BENCH_TLS_CORES="${TLS_CORES:-}" python3 bench/summarise.py "$WORK" "$ROUNDS" "$TCK" "$RATE" "$SIZE" "$CONNS" "$DURATION" "$KIND" "$OUT" \
   "$("$NGINX" -v 2>&1 | head -1)${VARNISHD:+, $("$VARNISHD" -V 2>&1 | grep -o 'varnish-[0-9.]*' | head -1)}" "$(uname -r)" "$NCPU"

@@ -132,7 +132,11 @@ impl Conn {
 }
 
 /// TLS config: the system's roots, or (with `insecure`) no verification, for dev certificates.
-pub fn tls_config(insecure: bool, http2: bool) -> anyhow::Result<Arc<rustls::ClientConfig>> {
+pub fn tls_config(
+    insecure: bool,
+    http2: bool,
+    resume: bool,
+) -> anyhow::Result<Arc<rustls::ClientConfig>> {
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let builder = rustls::ClientConfig::builder_with_provider(provider.clone())
         .with_safe_default_protocol_versions()?;
@@ -153,6 +157,10 @@ pub fn tls_config(insecure: bool, http2: bool) -> anyhow::Result<Arc<rustls::Cli
     } else {
         vec![b"http/1.1".to_vec()]
     };
+    if !resume {
+        // Every new connection a full handshake: what first-time clients cost.
+        config.resumption = rustls::client::Resumption::disabled();
+    }
     Ok(Arc::new(config))
 }
 

@@ -128,6 +128,9 @@ struct LoadArgs {
     /// (1: a new connection, and TLS handshake, per request). Default: keep-alive.
     #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
     conn_requests: Option<u64>,
+    /// Never resume a TLS session: every new connection is a full handshake.
+    #[arg(long)]
+    no_tls_resume: bool,
 }
 
 impl LoadArgs {
@@ -180,7 +183,7 @@ impl LoadArgs {
             requests_per_connection: self.conn_requests,
             connect: ConnectOptions {
                 http2: self.http2,
-                tls: tls_config(self.insecure, self.http2)?,
+                tls: tls_config(self.insecure, self.http2, !self.no_tls_resume)?,
             },
         })
     }
