@@ -83,17 +83,7 @@ async fn probe_transport(
             .body(Empty::<Bytes>::new())
             .ok()?;
         let resp = t.one_shot(addr, name, req).await?;
-        let status = resp.status().as_u16();
-        let body = if want_body {
-            Limited::new(resp.into_body(), MAX_REPORT_BYTES)
-                .collect()
-                .await
-                .ok()?
-                .to_bytes()
-        } else {
-            Bytes::new()
-        };
-        Some((status, body))
+        answer(resp, want_body).await
     };
     tokio::time::timeout(timeout, fut).await.ok().flatten()
 }
@@ -113,21 +103,29 @@ async fn get(
         .ok()?;
     let fut = async {
         let resp = client.request(req).await.ok()?;
-        let status = resp.status().as_u16();
-        let body = if want_body {
-            Limited::new(resp.into_body(), MAX_REPORT_BYTES)
-                .collect()
-                .await
-                .ok()?
-                .to_bytes()
-        } else {
-            // Drain so the connection can be reused.
-            let _ = resp.into_body().collect().await;
-            Bytes::new()
-        };
-        Some((status, body))
+        answer(resp, want_body).await
     };
     tokio::time::timeout(timeout, fut).await.ok().flatten()
+}
+
+/// A probe's status and, when wanted, its body (a peer's report, bounded);
+/// otherwise the body is drained so a pooled connection can be reused.
+async fn answer(
+    resp: http::Response<hyper::body::Incoming>,
+    want_body: bool,
+) -> Option<(u16, Bytes)> {
+    let status = resp.status().as_u16();
+    let body = if want_body {
+        Limited::new(resp.into_body(), MAX_REPORT_BYTES)
+            .collect()
+            .await
+            .ok()?
+            .to_bytes()
+    } else {
+        let _ = resp.into_body().collect().await;
+        Bytes::new()
+    };
+    Some((status, body))
 }
 
 fn jittered(interval: Duration, jitter: Duration) -> Duration {
