@@ -176,7 +176,8 @@ pub fn add_region(
     ));
     let peer_transport = match &config.server.peer_tls {
         Some(p) => BackendTransport::for_peers(p)
-            .map_err(|e| anyhow::anyhow!("mutual TLS between regions: {e}"))?,
+            .map_err(|e| anyhow::anyhow!("mutual TLS between regions: {e}"))?
+            .count_handshakes(&metrics.upstream_tls_handshakes, "peers"),
         None => BackendTransport::plain(),
     };
     let purge_signer = Arc::new(PurgeSigner::new(
@@ -235,6 +236,7 @@ pub fn add_region(
         .iter()
         .map(|u| {
             BackendTransport::load(&u.transport)
+                .map(|t| t.count_handshakes(&metrics.upstream_tls_handshakes, &u.name))
                 .map_err(|e| anyhow::anyhow!("upstream `{}`: {e}", u.name))
         })
         .collect::<anyhow::Result<Vec<_>>>()?;

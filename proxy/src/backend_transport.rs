@@ -15,6 +15,10 @@ use pingora::utils::tls::{parse_x509, CertKey, WrappedX509};
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 
 use crate::config::{PeerTls, UpstreamProtocol, UpstreamTransport};
+use crate::upstream_tls::{HandshakeCounter, TlsConnect};
+
+/// Tells apart the connection pools of transports to the same address.
+static NEXT_TRANSPORT_ID: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
 
 /// A client certificate presented to the other side (mutual TLS).
 struct ClientCert {
@@ -49,8 +53,12 @@ pub struct BackendTransport {
     /// The protocol.
     pub protocol: UpstreamProtocol,
     client: Option<ClientCert>,
-    /// The rustls configuration probes and one-shot requests use (built once).
+    /// The rustls configuration of every connection to these backends
+    /// (built once, so its session cache is shared: TLS resumption).
     probe: Option<Arc<rustls::ClientConfig>>,
+    /// Pingora's pool key for our TLS connections: one pool per transport.
+    id: u64,
+    handshakes: Option<HandshakeCounter>,
 }
 
 impl std::fmt::Debug for BackendTransport {
@@ -76,7 +84,18 @@ impl BackendTransport {
             protocol: UpstreamProtocol::Http1,
             client: None,
             probe: None,
+            id: 0,
+            handshakes: None,
         }
+    }
+
+    /// Count this transport's TLS handshakes (full or resumed) under `target`.
+    pub fn count_handshakes(mut self, metric: &prometheus::IntCounterVec, target: &str) -> Self {
+        self.handshakes = Some(HandshakeCounter {
+            metric: metric.clone(),
+            target: target.to_string(),
+        });
+        self
     }
 
     /// Peers over mutual TLS: verified against the regions' CA, presenting
@@ -141,6 +160,8 @@ impl BackendTransport {
             protocol: t.protocol,
             client,
             probe: None,
+            id: NEXT_TRANSPORT_ID.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
+            handshakes: None,
         };
         out.probe = out.build_probe_config()?;
         Ok(out)
@@ -170,6 +191,28 @@ impl BackendTransport {
             (true, Some(n)) => n.to_string(),
             (true, None) => self.sni_for(addr),
         };
+        if let (true, UpstreamProtocol::Http1, Some(config)) =
+            (self.tls, self.protocol, self.probe.as_ref())
+        {
+            if let Ok(server) = rustls::pki_types::ServerName::try_from(sni.clone()) {
+                // TLS of ours under a plain peer (see `upstream_tls`): every
+                // connection shares `config`'s session cache.
+                let mut peer = HttpPeer::new(addr, false, sni);
+                peer.options.custom_l4 = Some(Arc::new(TlsConnect {
+                    config: config.clone(),
+                    name: server,
+                    timeout: connect,
+                    handshakes: self.handshakes.clone(),
+                }));
+                peer.group_key = self.id;
+                peer.options.connection_timeout = Some(connect);
+                peer.options.total_connection_timeout = Some(connect + connect / 2);
+                peer.options.read_timeout = Some(read);
+                peer.options.idle_timeout = Some(UPSTREAM_IDLE);
+                peer.options.alpn = ALPN::H1;
+                return Box::new(peer);
+            }
+        }
         // `new` resolves through ToSocketAddrs, which for an already-parsed SocketAddr cannot fail.
         let mut peer = HttpPeer::new(addr, self.tls, sni);
         peer.options.connection_timeout = Some(connect);

@@ -34,3 +34,4 @@ pub mod tables;
 pub mod telemetry;
 pub mod tls;
 pub mod token;
+pub mod upstream_tls;
