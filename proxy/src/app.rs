@@ -292,10 +292,17 @@ pub fn add_region(
     };
     let mut http = pingora::proxy::HttpProxy::new(proxy, server.configuration.clone());
     http.handle_init_modules();
+    let mut server_options = pingora::apps::HttpServerOptions::default();
+    // Our `EdgeApp` hands over only connections that opened with the
+    // preface; Pingora then skips HTTP/1 and reads it again.
+    server_options.h2c = config.server.h2c;
+    server_options.h2_idle_timeout = Some(config.server.keepalive_timeout);
+    http.server_options = Some(server_options);
     let limits = ClientLimits {
         max_connections: config.server.max_connections,
         header_read_timeout: config.server.header_read_timeout,
         keepalive_timeout: config.server.keepalive_timeout,
+        h2c: config.server.h2c,
     };
     let mut tls_resolvers = Vec::new();
     let mut traffic = Service::new(

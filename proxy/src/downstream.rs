@@ -23,6 +23,7 @@ use async_trait::async_trait;
 use bytes::BytesMut;
 use pingora::apps::{HttpPersistentSettings, HttpServerApp, ServerApp};
 use pingora::protocols::http::ServerSession;
+use pingora::protocols::l4::stream::Stream as L4Stream;
 use pingora::protocols::{Stream, ALPN};
 use pingora::proxy::HttpProxy;
 use pingora::server::ShutdownWatch;
@@ -50,6 +51,8 @@ pub struct ClientLimits {
     pub header_read_timeout: Duration,
     /// An idle keep-alive connection is closed after this.
     pub keepalive_timeout: Duration,
+    /// A connection opening with the HTTP/2 preface is served in HTTP/2 (h2c).
+    pub h2c: bool,
 }
 
 /// Pingora's HTTP proxy behind our connection handling.
@@ -96,7 +99,12 @@ enum Head {
     TooLarge,
     /// Not a request head at all: 400.
     Invalid,
+    /// The HTTP/2 connection preface (h2c with prior knowledge), as read.
+    H2Preface(BytesMut),
 }
+
+/// What an HTTP/2 client with prior knowledge sends first (RFC 9113 3.4).
+const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 
 /// Whether the bytes so far hold a whole request head, judged as Pingora's
 /// parser (httparse) will judge them, so that Pingora never has to read
@@ -223,8 +231,26 @@ impl EdgeApp {
         let mut buf = BytesMut::with_capacity(n.max(4096));
         buf.extend_from_slice(&first[..n]);
         let mut scanned = 0;
+        // Only a connection's first bytes can be the HTTP/2 preface.
+        let mut h2c = self.limits.h2c && idle.is_none() && stream.get_ssl_digest().is_none();
         let rest = async {
             loop {
+                if h2c {
+                    let n = buf.len().min(H2_PREFACE.len());
+                    if buf[..n] != H2_PREFACE[..n] {
+                        h2c = false;
+                    } else if n == H2_PREFACE.len() {
+                        return Head::H2Preface(std::mem::take(&mut buf));
+                    } else {
+                        // A strict prefix of the preface: read on (it holds
+                        // a blank line, which would end an HTTP/1 head).
+                        buf.reserve(64);
+                        match stream.read_buf(&mut buf).await {
+                            Ok(0) | Err(_) => return Head::Close,
+                            Ok(_) => continue,
+                        }
+                    }
+                }
                 match head_state(&buf, &mut scanned) {
                     HeadState::HandOver => return Head::Ready(std::mem::take(&mut buf)),
                     HeadState::Garbage => return Head::Invalid,
@@ -302,6 +328,13 @@ impl ServerApp for EdgeApp {
         loop {
             let head = match self.read_head(&mut stream, idle, &mut shutdown_rx).await {
                 Head::Ready(head) => head,
+                Head::H2Preface(preface) => {
+                    // Pingora's HTTP/2 server reads the preface again. Only
+                    // plain listeners get here, and their stream is L4's.
+                    let mut l4 = stream.into_any().downcast::<L4Stream>().ok()?;
+                    l4.rewind(&preface);
+                    return ServerApp::process_new(&self.proxy, l4, shutdown).await;
+                }
                 Head::Close => return None,
                 Head::Invalid => {
                     self.refuse(stream, "400 Bad Request", "header_invalid")

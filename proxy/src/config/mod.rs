@@ -154,6 +154,8 @@ pub struct ServerConfig {
     pub peer_tls: Option<PeerTls>,
     /// Plain-HTTP requests are redirected to the first TLS listener.
     pub redirect_https: bool,
+    /// HTTP/2 with prior knowledge (h2c) is accepted on the plain listeners.
+    pub h2c: bool,
 }
 
 /// The material for mutual TLS between regions.
@@ -960,6 +962,7 @@ fn validate_server(
         send_timeout: raw.send_timeout,
         max_connections: raw.max_connections,
         redirect_https: raw.redirect_https,
+        h2c: raw.h2c,
         tls,
         peer_tls,
     }

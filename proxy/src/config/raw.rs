@@ -67,6 +67,9 @@ pub struct RawServer {
     /// Answer plain-HTTP requests with a redirect to the first TLS listener.
     #[serde(default)]
     pub redirect_https: bool,
+    /// Accept HTTP/2 with prior knowledge (h2c) on the plain listeners.
+    #[serde(default)]
+    pub h2c: bool,
     /// CA bundle of the regions' certificates (mutual TLS between regions).
     pub peer_ca: Option<String>,
     /// This region's certificate for peers.

@@ -48,19 +48,29 @@ impl Demo {
     /// Three regions with `delay` (e.g. `300ms`) between any two replicas;
     /// returns once every region's health path answers.
     pub async fn start(delay: &str) -> Demo {
+        Demo::start_with(delay, None).await
+    }
+
+    /// [`Demo::start`]; with `tls_in`, `demo --tls` run from that directory
+    /// (its development certificates land in `certs/dev` there).
+    pub async fn start_with(delay: &str, tls_in: Option<&std::path::Path>) -> Demo {
         let (base, admin_base) = free_demo_ports();
-        let child = Command::new(edge_binary())
-            .args([
-                "demo",
-                "--regions",
-                "3",
-                "--base-port",
-                &base.to_string(),
-                "--admin-base-port",
-                &admin_base.to_string(),
-                "--replication-delay",
-                delay,
-            ])
+        let mut cmd = Command::new(edge_binary());
+        cmd.args([
+            "demo",
+            "--regions",
+            "3",
+            "--base-port",
+            &base.to_string(),
+            "--admin-base-port",
+            &admin_base.to_string(),
+            "--replication-delay",
+            delay,
+        ]);
+        if let Some(dir) = tls_in {
+            cmd.arg("--tls").current_dir(dir);
+        }
+        let child = cmd
             .env("EDGE_ADMIN_TOKEN", DEMO_TOKEN)
             .env("EDGE_LOG", "warn")
             .stdout(Stdio::null())

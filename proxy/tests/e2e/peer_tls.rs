@@ -333,3 +333,65 @@ async fn a_report_from_a_server_without_the_regions_certificate_is_never_read() 
         "the impostor completed a handshake with the proxy"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_tls_demo_serves_https_and_forwards_between_regions_over_mutual_tls() {
+    use crate::demo_harness::{header, sample, Demo};
+    let dir = tempfile::tempdir().expect("tempdir");
+    // A 2 s replication delay: a read with a fresh token must go to the writer.
+    let demo = Demo::start_with("2s", Some(dir.path())).await;
+    let dev = dir.path().join("certs/dev");
+    let ca = dev.join("ca/ca.crt");
+    assert!(ca.exists(), "demo --tls wrote no development CA");
+    for key in ["default.key", "ca/ca.key"] {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(dev.join(key))
+            .expect("key")
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o077, 0, "{key} is readable by others: {mode:o}");
+    }
+
+    // Clients reach each region's TLS listener (BASE+10+i) trusting the dev CA.
+    for i in 0..3u16 {
+        let answer = tls_request(
+            demo.base + 10 + i,
+            &ca,
+            "GET /hello HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n",
+        )
+        .await;
+        assert!(answer.starts_with("HTTP/1.1 200"), "region {i}: {answer}");
+    }
+
+    // A write through us-east-1, read through eu-west-1 with its token:
+    // eu-west-1 forwards it to us-east-1 through its TLS listener.
+    let c = client();
+    let put = c
+        .put(demo.url(0, "/kv/over-tls"))
+        .body("written")
+        .send()
+        .await
+        .expect("PUT");
+    assert!(put.status().is_success(), "PUT: {}", put.status());
+    let token = header(&put, "x-edge-consistency");
+    assert!(!token.is_empty(), "no consistency token");
+    let read = c
+        .get(demo.url(1, "/kv/over-tls"))
+        .header("x-edge-consistency", &token)
+        .send()
+        .await
+        .expect("GET");
+    assert_eq!(read.status(), 200);
+    assert_eq!(header(&read, "x-edge-upstream-region"), "us-east-1");
+    let doc: serde_json::Value = read.json().await.expect("JSON");
+    assert_eq!(doc["value"], "written", "{doc}");
+    let handshakes = sample(
+        &demo.metrics(1).await,
+        "edge_upstream_tls_handshakes_total",
+        "target=\"peers\"",
+    );
+    assert!(
+        handshakes >= 1.0,
+        "eu-west-1 made no TLS handshake with a peer"
+    );
+}

@@ -458,3 +458,150 @@ async fn new_connections_to_a_tls_backend_resume_the_session_and_keep_the_client
         .sum::<f64>();
     assert!(counted >= 10.0, "metric counted {counted} resumed:\n{text}");
 }
+
+/// One gRPC call on an HTTP/2 connection; its reply messages and `grpc-status`.
+async fn grpc_call(
+    sender: &mut hyper::client::conn::http2::SendRequest<Full<Bytes>>,
+    base: &str,
+    method: &str,
+) -> (u16, Vec<String>, Option<String>) {
+    let req = Request::post(format!("{base}/test.Echo/{method}"))
+        .header("content-type", "application/grpc")
+        .header("te", "trailers")
+        .body(Full::new(grpc_frame(b"hello")))
+        .expect("request");
+    let resp = sender.send_request(req).await.expect("response");
+    let status = resp.status().as_u16();
+    let collected = resp.into_body().collect().await.expect("body");
+    let trailers = collected.trailers().cloned().unwrap_or_default();
+    let grpc_status = trailers
+        .get("grpc-status")
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_string);
+    let got = grpc_messages(collected.to_bytes())
+        .iter()
+        .map(|m| String::from_utf8_lossy(m).to_string())
+        .collect();
+    (status, got, grpc_status)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn server_h2c_serves_http2_with_prior_knowledge_and_http1_alike_on_a_plain_listener() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let backend = grpc_h2c_server().await;
+    let t = Tweaks {
+        server_extra: "h2c = true",
+        upstream_extra: "protocol = \"h2c\"",
+        ..Tweaks::default()
+    };
+    let regions = vec![RegionSpec::new("solo", vec![backend])];
+    let edge = start_region(&regions, 0, &t).await;
+    let c = client();
+    let healthy = eventually(std::time::Duration::from_secs(20), || async {
+        status_json(&c, &edge).await["upstreams"][0]["backends"][0]["active_healthy"] == true
+    })
+    .await;
+    assert!(healthy.is_some(), "the h2c backend never passed its probe");
+
+    // gRPC from a client with prior knowledge, end to end in cleartext.
+    let tcp = TcpStream::connect(("127.0.0.1", edge.port))
+        .await
+        .expect("connect");
+    let (mut sender, conn) =
+        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(tcp))
+            .await
+            .expect("h2c handshake");
+    tokio::spawn(conn);
+    let base = format!("http://127.0.0.1:{}", edge.port);
+    let (status, got, grpc) = grpc_call(&mut sender, &base, "Unary").await;
+    assert_eq!(
+        (status, got, grpc.as_deref()),
+        (200, vec!["hello".to_string()], Some("0"))
+    );
+    let (status, got, grpc) = grpc_call(&mut sender, &base, "Stream").await;
+    assert_eq!(
+        (status, got, grpc.as_deref()),
+        (
+            200,
+            vec!["hello-1".into(), "hello-2".into(), "hello-3".into()],
+            Some("0")
+        )
+    );
+
+    // HTTP/1 on the same listener: a head shorter than the preface is
+    // answered, not held waiting for 24 bytes.
+    let mut raw = TcpStream::connect(("127.0.0.1", edge.port))
+        .await
+        .expect("connect");
+    raw.write_all(b"GET /test.Echo/Unary HTTP/1.0\r\n\r\n")
+        .await
+        .expect("write");
+    let mut answer = Vec::new();
+    tokio::time::timeout(
+        std::time::Duration::from_secs(10),
+        raw.read_to_end(&mut answer),
+    )
+    .await
+    .expect("an HTTP/1.0 request on an h2c listener hung")
+    .expect("read");
+    let head = String::from_utf8_lossy(&answer);
+    assert!(head.starts_with("HTTP/1."), "HTTP/1 answer: {head}");
+    let short = b"GET / HTTP/1.0\r\n\r\n";
+    assert!(short.len() < H2_PREFACE_LEN);
+    let mut raw = TcpStream::connect(("127.0.0.1", edge.port))
+        .await
+        .expect("connect");
+    raw.write_all(short).await.expect("write");
+    let mut answer = Vec::new();
+    tokio::time::timeout(
+        std::time::Duration::from_secs(10),
+        raw.read_to_end(&mut answer),
+    )
+    .await
+    .expect("a request shorter than the preface hung")
+    .expect("read");
+    assert!(
+        String::from_utf8_lossy(&answer).starts_with("HTTP/1."),
+        "{}",
+        String::from_utf8_lossy(&answer)
+    );
+
+    // Without `h2c`, the preface is not taken for HTTP/2.
+    let t = Tweaks {
+        upstream_extra: "protocol = \"h2c\"",
+        ..Tweaks::default()
+    };
+    let regions = vec![RegionSpec::new("solo", vec![backend])];
+    let plain = start_region(&regions, 0, &t).await;
+    let tcp = TcpStream::connect(("127.0.0.1", plain.port))
+        .await
+        .expect("connect");
+    let refused = async {
+        let (mut sender, conn) =
+            hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(tcp))
+                .await
+                .ok()?;
+        tokio::spawn(conn);
+        grpc_status_of_unary(&mut sender, &base).await
+    };
+    let outcome = tokio::time::timeout(std::time::Duration::from_secs(10), refused)
+        .await
+        .expect("an h2c client hung on a listener without h2c");
+    assert_eq!(outcome, None, "HTTP/2 without `server.h2c`");
+}
+
+/// The length of the HTTP/2 connection preface.
+const H2_PREFACE_LEN: usize = 24;
+
+/// The HTTP status of a unary call; None when the request fails.
+async fn grpc_status_of_unary(
+    sender: &mut hyper::client::conn::http2::SendRequest<Full<Bytes>>,
+    base: &str,
+) -> Option<u16> {
+    let req = Request::post(format!("{base}/test.Echo/Unary"))
+        .header("content-type", "application/grpc")
+        .body(Full::new(grpc_frame(b"hello")))
+        .ok()?;
+    let resp = sender.send_request(req).await.ok()?;
+    Some(resp.status().as_u16())
+}
