@@ -79,6 +79,11 @@ pub fn load_dir(dir: &Path, provider: &CryptoProvider) -> Result<CertSet, CertEr
         .iter()
         .position(|(n, _, _)| n == "default")
         .unwrap_or(0);
+    // Names go in after every pair has loaded, latest expiry last: a name
+    // claimed by several pairs gets the one valid longest, so a renewed
+    // certificate placed beside the old one takes over (and an expired one
+    // never hides a valid one).
+    let mut claims: Vec<(i64, String, Arc<CertifiedKey>)> = Vec::new();
     for (i, (name, cert, key)) in pairs.into_iter().enumerate() {
         let pem = load_pem(&cert, &key)?;
         let (dns_names, not_after) = describe(&pem.chain[0]).map_err(|why| CertError::Parse {
@@ -92,7 +97,7 @@ pub fn load_dir(dir: &Path, provider: &CryptoProvider) -> Result<CertSet, CertEr
             })?;
         let certified = Arc::new(certified);
         for n in &dns_names {
-            table.insert(n, certified.clone())?;
+            claims.push((not_after, n.clone(), certified.clone()));
         }
         if i == default_at {
             table.set_default(certified);
@@ -103,6 +108,10 @@ pub fn load_dir(dir: &Path, provider: &CryptoProvider) -> Result<CertSet, CertEr
             not_after,
             path: cert,
         });
+    }
+    claims.sort_by_key(|(not_after, _, _)| *not_after);
+    for (_, n, certified) in claims {
+        table.insert(&n, certified)?;
     }
     Ok(CertSet { table, certs })
 }
@@ -156,6 +165,45 @@ mod tests {
         let ck = rcgen::generate_simple_self_signed(names).unwrap();
         std::fs::write(dir.join(format!("{name}.crt")), ck.cert.pem()).unwrap();
         std::fs::write(dir.join(format!("{name}.key")), ck.key_pair.serialize_pem()).unwrap();
+    }
+
+    /// A self-signed pair for `sans` valid until the start of `year`.
+    fn pair_until(dir: &Path, name: &str, sans: &[&str], year: i32) {
+        let names: Vec<String> = sans.iter().map(|s| s.to_string()).collect();
+        let mut params = rcgen::CertificateParams::new(names).unwrap();
+        params.not_after = rcgen::date_time_ymd(year, 1, 1);
+        let key = rcgen::KeyPair::generate().unwrap();
+        let cert = params.self_signed(&key).unwrap();
+        std::fs::write(dir.join(format!("{name}.crt")), cert.pem()).unwrap();
+        std::fs::write(dir.join(format!("{name}.key")), key.serialize_pem()).unwrap();
+    }
+
+    #[test]
+    fn a_name_claimed_by_several_pairs_gets_the_one_valid_longest() {
+        let dir = tmp("overlap");
+        // File order and expiry order disagree both ways.
+        pair_until(&dir, "a-renewed", &["www.example.com"], 2040);
+        pair_until(
+            &dir,
+            "m-current",
+            &["www.example.com", "*.example.com"],
+            2035,
+        );
+        pair_until(&dir, "z-old", &["www.example.com", "*.example.com"], 2030);
+        let set = load_dir(&dir, &provider()).unwrap();
+        let leaf = |sni: &str| set.table.choose(Some(sni)).map(|k| k.cert[0].clone());
+        let of = |name: &str| {
+            load_pem(
+                &dir.join(format!("{name}.crt")),
+                &dir.join(format!("{name}.key")),
+            )
+            .unwrap()
+            .chain[0]
+                .clone()
+        };
+        assert_eq!(leaf("www.example.com"), Some(of("a-renewed")));
+        assert_eq!(leaf("api.example.com"), Some(of("m-current")));
+        std::fs::remove_dir_all(&dir).ok();
     }
 
     #[test]

@@ -321,9 +321,7 @@ pub fn add_region(
             DirResolver::load_with(&t.certs, extra, edge_certs::tls::provider())
                 .with_context(|| format!("TLS listener {}", t.listen))?,
         );
-        for c in resolver.certs() {
-            tracing::info!(listener = %t.listen, cert = %c.name, names = ?c.dns_names, "TLS certificate loaded");
-        }
+        crate::tls::log_loaded(&resolver, "TLS certificate loaded");
         // The resolver answers by SNI; the files named here are never read.
         let mut settings = TlsSettings::intermediate("", "")?;
         settings.set_cert_resolver(resolver.clone());

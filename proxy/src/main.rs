@@ -134,8 +134,18 @@ fn main() -> ExitCode {
                         extra.clone(),
                         edge_certs::tls::provider(),
                     );
-                    if let Err(e) = loaded {
-                        fail(format!("server.tls[{i}].certs: {e}"));
+                    match loaded {
+                        Err(e) => fail(format!("server.tls[{i}].certs: {e}")),
+                        Ok(r) => {
+                            let now = std::time::SystemTime::now();
+                            for cert in r.certs().iter().filter(|c| c.expires_in(now) <= 0) {
+                                eprintln!(
+                                    "warning: server.tls[{i}].certs: {} ({}) has expired; clients will refuse it",
+                                    cert.name,
+                                    cert.path.display()
+                                );
+                            }
+                        }
                     }
                 }
                 if let Some(p) = &c.server.peer_tls {

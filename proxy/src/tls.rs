@@ -20,6 +20,26 @@ use crate::metrics::Metrics;
 /// How often the directories are looked at.
 const WATCH_EVERY: Duration = Duration::from_secs(1);
 
+/// Certificates closer than this to their end are warned about when loaded.
+const EXPIRY_WARNING: i64 = 14 * 86_400;
+
+/// Log what `resolver` now serves: a line per pair, a warning for a pair
+/// that has expired or soon will (clients refuse it; the gauge shows it too).
+pub fn log_loaded(resolver: &DirResolver, what: &str) {
+    let now = SystemTime::now();
+    for c in resolver.certs() {
+        let left = c.expires_in(now);
+        let dir = resolver.dir().display();
+        if left <= 0 {
+            tracing::warn!(dir = %dir, cert = %c.name, names = ?c.dns_names, expired_seconds_ago = -left, "{what}: this TLS certificate has expired; clients will refuse it");
+        } else if left < EXPIRY_WARNING {
+            tracing::warn!(dir = %dir, cert = %c.name, names = ?c.dns_names, days_left = left / 86_400, "{what}: this TLS certificate expires soon");
+        } else {
+            tracing::info!(dir = %dir, cert = %c.name, names = ?c.dns_names, days_left = left / 86_400, "{what}");
+        }
+    }
+}
+
 /// A directory's files and their modification times and sizes.
 type Snapshot = BTreeMap<PathBuf, (Option<SystemTime>, u64)>;
 
@@ -54,8 +74,7 @@ impl CertWatch {
             match r.reload() {
                 Ok(()) => {
                     self.metrics.tls_reloads.with_label_values(&["ok"]).inc();
-                    let names: Vec<String> = r.certs().into_iter().map(|c| c.name).collect();
-                    tracing::info!(dir = %r.dir().display(), certs = ?names, "TLS certificates reloaded");
+                    log_loaded(r, "TLS certificate reloaded");
                 }
                 Err(e) => {
                     self.metrics.tls_reloads.with_label_values(&["error"]).inc();
@@ -109,7 +128,7 @@ impl CertWatch {
             match r.reload() {
                 Ok(()) => {
                     self.metrics.tls_reloads.with_label_values(&["ok"]).inc();
-                    tracing::info!(dir = %r.dir().display(), "SIGHUP: TLS certificates reloaded");
+                    log_loaded(r, "SIGHUP: TLS certificate reloaded");
                 }
                 Err(e) => {
                     self.metrics.tls_reloads.with_label_values(&["error"]).inc();

@@ -99,3 +99,52 @@ fn unreadable_config_is_exit_2() {
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("cannot read"));
 }
+
+#[test]
+fn check_warns_about_an_expired_listener_certificate() {
+    let dir = tempfile::tempdir().unwrap();
+    let certs = dir.path().join("certs");
+    std::fs::create_dir_all(&certs).unwrap();
+    let mut params = rcgen::CertificateParams::new(vec!["old.example.com".to_string()]).unwrap();
+    params.not_before = rcgen::date_time_ymd(2019, 1, 1);
+    params.not_after = rcgen::date_time_ymd(2020, 1, 1);
+    let key = rcgen::KeyPair::generate().unwrap();
+    let cert = params.self_signed(&key).unwrap();
+    std::fs::write(certs.join("old.crt"), cert.pem()).unwrap();
+    std::fs::write(certs.join("old.key"), key.serialize_pem()).unwrap();
+    let path = dir.path().join("edge.toml");
+    std::fs::write(
+        &path,
+        format!(
+            r#"[server]
+region = "us-east-1"
+listen = ["127.0.0.1:8080"]
+
+[[server.tls]]
+listen = "127.0.0.1:8443"
+certs = "{}"
+
+[upstreams.api]
+backends.us-east-1 = ["127.0.0.1:9000"]
+
+[[routes]]
+host = "*"
+upstream = "api"
+"#,
+            certs.display()
+        ),
+    )
+    .unwrap();
+    let out = Command::new(edge_binary())
+        .args(["check", "-c"])
+        .arg(&path)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    // It loads (an operator may be mid-rotation), but says so.
+    assert_eq!(out.status.code(), Some(0), "{stderr}");
+    assert!(
+        stderr.contains("warning: server.tls[0].certs: old") && stderr.contains("has expired"),
+        "{stderr}"
+    );
+}
