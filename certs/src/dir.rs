@@ -43,6 +43,8 @@ pub struct CertSet {
     pub table: SniTable<Arc<CertifiedKey>>,
     /// One entry per pair, by name.
     pub certs: Vec<CertInfo>,
+    /// Names claimed by more than one pair.
+    pub overlaps: Vec<Overlap>,
 }
 
 /// Load every pair in `dir`; any unreadable or mismatched pair fails the whole
@@ -79,11 +81,7 @@ pub fn load_dir(dir: &Path, provider: &CryptoProvider) -> Result<CertSet, CertEr
         .iter()
         .position(|(n, _, _)| n == "default")
         .unwrap_or(0);
-    // Names go in after every pair has loaded, latest expiry last: a name
-    // claimed by several pairs gets the one valid longest, so a renewed
-    // certificate placed beside the old one takes over (and an expired one
-    // never hides a valid one).
-    let mut claims: Vec<(i64, String, Arc<CertifiedKey>)> = Vec::new();
+    let mut claims: Vec<Claim> = Vec::new();
     for (i, (name, cert, key)) in pairs.into_iter().enumerate() {
         let pem = load_pem(&cert, &key)?;
         let (dns_names, not_after) = describe(&pem.chain[0]).map_err(|why| CertError::Parse {
@@ -97,7 +95,12 @@ pub fn load_dir(dir: &Path, provider: &CryptoProvider) -> Result<CertSet, CertEr
             })?;
         let certified = Arc::new(certified);
         for n in &dns_names {
-            claims.push((not_after, n.clone(), certified.clone()));
+            claims.push(Claim {
+                not_after,
+                pattern: n.clone(),
+                pair: name.clone(),
+                key: certified.clone(),
+            });
         }
         if i == default_at {
             table.set_default(certified);
@@ -109,11 +112,89 @@ pub fn load_dir(dir: &Path, provider: &CryptoProvider) -> Result<CertSet, CertEr
             path: cert,
         });
     }
-    claims.sort_by_key(|(not_after, _, _)| *not_after);
-    for (_, n, certified) in claims {
-        table.insert(&n, certified)?;
+    let now = SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs() as i64);
+    let overlaps = assign_names(&mut table, claims, now)?;
+    Ok(CertSet {
+        table,
+        certs,
+        overlaps,
+    })
+}
+
+/// A pair's claim on a name from its certificate.
+struct Claim {
+    not_after: i64,
+    pattern: String,
+    pair: String,
+    key: Arc<CertifiedKey>,
+}
+
+/// A name several pairs claim, and which pair answers it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Overlap {
+    /// The name (or wildcard pattern).
+    pub name: String,
+    /// The pair that answers it (valid longest); `None` when the unused
+    /// pair's expired claim gave way to a valid certificate's wildcard.
+    pub served_by: Option<String>,
+    /// The pair that does not.
+    pub unused: String,
+}
+
+/// Whether `pattern` (a name or `*.suffix`) answers `name`, as
+/// [`SniTable`] chooses.
+fn covers(pattern: &str, name: &str) -> bool {
+    if pattern == name {
+        return true;
     }
-    Ok(CertSet { table, certs })
+    match (pattern.strip_prefix("*."), name.split_once('.')) {
+        (Some(suffix), Some((label, rest))) => label != "*" && rest == suffix,
+        _ => false,
+    }
+}
+
+/// Put each claim in `table`. A name claimed by several pairs gets the one
+/// valid longest, so a renewed certificate placed beside the old one takes
+/// over; an expired certificate's name gives way to a valid certificate
+/// that covers it, even by a wildcard (exact names otherwise win). Returns
+/// every overlap, for the log.
+fn assign_names(
+    table: &mut SniTable<Arc<CertifiedKey>>,
+    mut claims: Vec<Claim>,
+    now: i64,
+) -> Result<Vec<Overlap>, CertError> {
+    claims.sort_by_key(|c| c.not_after);
+    let valid: Vec<String> = claims
+        .iter()
+        .filter(|c| c.not_after > now)
+        .map(|c| c.pattern.clone())
+        .collect();
+    let mut holders: std::collections::HashMap<String, String> = Default::default();
+    let mut overlaps = Vec::new();
+    for c in claims {
+        let expired = c.not_after <= now;
+        if expired && valid.iter().any(|p| covers(p, &c.pattern)) && !valid.contains(&c.pattern) {
+            overlaps.push(Overlap {
+                name: c.pattern,
+                served_by: None,
+                unused: c.pair,
+            });
+            continue;
+        }
+        if let Some(previous) = holders.insert(c.pattern.clone(), c.pair.clone()) {
+            if previous != c.pair {
+                overlaps.push(Overlap {
+                    name: c.pattern.clone(),
+                    served_by: Some(c.pair.clone()),
+                    unused: previous,
+                });
+            }
+        }
+        table.insert(&c.pattern, c.key)?;
+    }
+    Ok(overlaps)
 }
 
 /// The DNS names a leaf certificate answers (its SANs; its subject's common
@@ -203,6 +284,43 @@ mod tests {
         };
         assert_eq!(leaf("www.example.com"), Some(of("a-renewed")));
         assert_eq!(leaf("api.example.com"), Some(of("m-current")));
+        assert!(set.overlaps.contains(&Overlap {
+            name: "www.example.com".into(),
+            served_by: Some("a-renewed".into()),
+            unused: "m-current".into()
+        }));
+        std::fs::remove_dir_all(&dir).ok();
+    }
+
+    #[test]
+    fn an_expired_exact_name_gives_way_to_a_valid_wildcard() {
+        let dir = tmp("expired-exact");
+        let mut params = rcgen::CertificateParams::new(vec!["www.example.com".into()]).unwrap();
+        params.not_before = rcgen::date_time_ymd(2019, 1, 1);
+        params.not_after = rcgen::date_time_ymd(2020, 1, 1);
+        let key = rcgen::KeyPair::generate().unwrap();
+        let cert = params.self_signed(&key).unwrap();
+        std::fs::write(dir.join("old.crt"), cert.pem()).unwrap();
+        std::fs::write(dir.join("old.key"), key.serialize_pem()).unwrap();
+        pair_until(&dir, "wild", &["*.example.com"], 2035);
+        let set = load_dir(&dir, &provider()).unwrap();
+        let served = set
+            .table
+            .choose(Some("www.example.com"))
+            .map(|k| k.cert[0].clone());
+        let wild = load_pem(&dir.join("wild.crt"), &dir.join("wild.key"))
+            .unwrap()
+            .chain[0]
+            .clone();
+        assert_eq!(served, Some(wild));
+        assert_eq!(
+            set.overlaps,
+            vec![Overlap {
+                name: "www.example.com".into(),
+                served_by: None,
+                unused: "old".into()
+            }]
+        );
         std::fs::remove_dir_all(&dir).ok();
     }
 

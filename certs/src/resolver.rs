@@ -99,6 +99,11 @@ impl DirResolver {
         self.current.load().certs.clone()
     }
 
+    /// Names more than one pair claims, and which one answers each.
+    pub fn overlaps(&self) -> Vec<crate::dir::Overlap> {
+        self.current.load().overlaps.clone()
+    }
+
     /// The directory.
     pub fn dir(&self) -> &Path {
         &self.dir

@@ -176,8 +176,7 @@ pub fn add_region(
     ));
     let peer_transport = match &config.server.peer_tls {
         Some(p) => BackendTransport::for_peers(p)
-            .map_err(|e| anyhow::anyhow!("mutual TLS between regions: {e}"))?
-            .count_handshakes(&metrics.upstream_tls_handshakes, "peers"),
+            .map_err(|e| anyhow::anyhow!("mutual TLS between regions: {e}"))?,
         None => BackendTransport::plain(),
     };
     let purge_signer = Arc::new(PurgeSigner::new(
@@ -235,12 +234,11 @@ pub fn add_region(
         .upstreams
         .iter()
         .map(|u| {
-            BackendTransport::load(&u.transport)
-                .map(|t| t.count_handshakes(&metrics.upstream_tls_handshakes, &u.name))
+            BackendTransport::load(&u.transport, config.server.peer_tls.is_some())
                 .map_err(|e| anyhow::anyhow!("upstream `{}`: {e}", u.name))
         })
         .collect::<anyhow::Result<Vec<_>>>()?;
-    let proxy = EdgeProxy {
+    let edge_proxy = || EdgeProxy {
         health: health.clone(),
         routes: RouteTable::new(config.routes.clone()),
         hop: HopSigner::new(
@@ -280,7 +278,7 @@ pub fn add_region(
         ),
         peers_check_tokens: !config.server.hop_format_v1,
         cache: cache.clone(),
-        purge_signer,
+        purge_signer: purge_signer.clone(),
         backend_transports: backend_transports.clone(),
         peer_transport: peer_transport.clone(),
         peers_need_certificates: config.server.peer_tls.is_some(),
@@ -290,8 +288,35 @@ pub fn add_region(
             .then(|| config.server.tls.first().map(|t| t.listen.port()))
             .flatten(),
     };
-    let mut http = pingora::proxy::HttpProxy::new(proxy, server.configuration.clone());
-    http.handle_init_modules();
+    let conf = server.configuration.clone();
+    let mut http = match &config.server.peer_tls {
+        None => {
+            let mut http = pingora::proxy::HttpProxy::new(edge_proxy(), conf);
+            http.handle_init_modules();
+            http
+        }
+        Some(p) => {
+            // Pingora 0.9 takes connector options only through its service
+            // builder, which hands back a Service: take the proxy out of it
+            // (leaving a plain one in its place, dropped with the Service).
+            let options = BackendTransport::connector_options(
+                p,
+                pingora::connectors::ConnectorOptions::from_server_conf(&conf),
+            )
+            .map_err(|e| anyhow::anyhow!("mutual TLS between regions: {e}"))?;
+            let mut built = pingora::proxy::ProxyServiceBuilder::new(&conf, edge_proxy())
+                .client_options(options)
+                .build();
+            let mut http = pingora::proxy::HttpProxy::new(edge_proxy(), conf);
+            std::mem::swap(
+                built
+                    .app_logic_mut()
+                    .ok_or_else(|| anyhow::anyhow!("Pingora's service builder kept no proxy"))?,
+                &mut http,
+            );
+            http
+        }
+    };
     let mut server_options = pingora::apps::HttpServerOptions::default();
     // Our `EdgeApp` hands over only connections that opened with the
     // preface; Pingora then skips HTTP/1 and reads it again.

@@ -15,10 +15,6 @@ use pingora::utils::tls::{parse_x509, CertKey, WrappedX509};
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 
 use crate::config::{PeerTls, UpstreamProtocol, UpstreamTransport};
-use crate::upstream_tls::{HandshakeCounter, TlsConnect};
-
-/// Tells apart the connection pools of transports to the same address.
-static NEXT_TRANSPORT_ID: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
 
 /// A client certificate presented to the other side (mutual TLS).
 struct ClientCert {
@@ -53,12 +49,11 @@ pub struct BackendTransport {
     /// The protocol.
     pub protocol: UpstreamProtocol,
     client: Option<ClientCert>,
-    /// The rustls configuration of every connection to these backends
-    /// (built once, so its session cache is shared: TLS resumption).
+    /// The rustls configuration probes and one-shot requests use (built once).
     probe: Option<Arc<rustls::ClientConfig>>,
-    /// Pingora's pool key for our TLS connections: one pool per transport.
-    id: u64,
-    handshakes: Option<HandshakeCounter>,
+    /// The CA and client certificate are the proxy's connector's own (the
+    /// peers'), not set per connection: see [`BackendTransport::connector_options`].
+    in_connector: bool,
 }
 
 impl std::fmt::Debug for BackendTransport {
@@ -84,30 +79,52 @@ impl BackendTransport {
             protocol: UpstreamProtocol::Http1,
             client: None,
             probe: None,
-            id: 0,
-            handshakes: None,
+            in_connector: false,
         }
     }
 
-    /// Count this transport's TLS handshakes (full or resumed) under `target`.
-    pub fn count_handshakes(mut self, metric: &prometheus::IntCounterVec, target: &str) -> Self {
-        self.handshakes = Some(HandshakeCounter {
-            metric: metric.clone(),
-            target: target.to_string(),
-        });
-        self
+    /// Peers over mutual TLS: verified against the regions' CA, presenting
+    /// this region's certificate. Both are the proxy connector's own
+    /// ([`BackendTransport::connector_options`]), so connections to peers
+    /// share one TLS configuration and resume each other's sessions.
+    pub fn for_peers(p: &PeerTls) -> Result<BackendTransport, String> {
+        // Pingora reads these files again for its connector, and panics on
+        // what it cannot load: try its loaders first.
+        let mut roots = rustls::RootCertStore::empty();
+        pingora::tls::load_ca_file_into_store(&p.ca, &mut roots)
+            .map_err(|e| format!("{}: {e}", p.ca.display()))?;
+        let mut out = BackendTransport::load(
+            &UpstreamTransport {
+                tls: true,
+                sni: None,
+                ca: Some(p.ca.clone()),
+                protocol: UpstreamProtocol::Http1,
+                client_cert: Some((p.cert.clone(), p.key.clone())),
+            },
+            false,
+        )?;
+        out.in_connector = true;
+        Ok(out)
     }
 
-    /// Peers over mutual TLS: verified against the regions' CA, presenting
-    /// this region's certificate.
-    pub fn for_peers(p: &PeerTls) -> Result<BackendTransport, String> {
-        BackendTransport::load(&UpstreamTransport {
-            tls: true,
-            sni: None,
-            ca: Some(p.ca.clone()),
-            protocol: UpstreamProtocol::Http1,
-            client_cert: Some((p.cert.clone(), p.key.clone())),
-        })
+    /// The proxy's upstream connector options with the peers' CA and client
+    /// certificate in them. Pingora 0.9 builds a new rustls configuration,
+    /// and so an empty session cache, for every connection whose peer
+    /// carries its own CA or client certificate; a connection using the
+    /// connector's shares the connector's, and resumes TLS sessions.
+    pub fn connector_options(
+        p: &PeerTls,
+        base: pingora::connectors::ConnectorOptions,
+    ) -> Result<pingora::connectors::ConnectorOptions, String> {
+        let path = |f: &Path| {
+            f.to_str()
+                .map(str::to_string)
+                .ok_or_else(|| format!("{}: the path is not UTF-8", f.display()))
+        };
+        let mut options = base;
+        options.ca_file = Some(path(&p.ca)?);
+        options.cert_key_file = Some((path(&p.cert)?, path(&p.key)?));
+        Ok(options)
     }
 
     fn load_client(cert: &Path, key: &Path) -> Result<ClientCert, String> {
@@ -135,10 +152,13 @@ impl BackendTransport {
         })
     }
 
-    /// Load `t`'s CA bundle.
-    pub fn load(t: &UpstreamTransport) -> Result<BackendTransport, String> {
+    /// Load `t`'s CA bundle. `own_roots`: the proxy's connector trusts the
+    /// peers' CA (mutual TLS between regions), so a TLS upstream without a
+    /// CA bundle carries the system's roots itself.
+    pub fn load(t: &UpstreamTransport, own_roots: bool) -> Result<BackendTransport, String> {
         let ca = match &t.ca {
             Some(path) => Some(load_ca(path)?),
+            None if t.tls && own_roots => Some(system_roots()?),
             None => None,
         };
         let ca_pingora = ca.as_ref().map(|certs| {
@@ -160,8 +180,7 @@ impl BackendTransport {
             protocol: t.protocol,
             client,
             probe: None,
-            id: NEXT_TRANSPORT_ID.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
-            handshakes: None,
+            in_connector: false,
         };
         out.probe = out.build_probe_config()?;
         Ok(out)
@@ -191,28 +210,6 @@ impl BackendTransport {
             (true, Some(n)) => n.to_string(),
             (true, None) => self.sni_for(addr),
         };
-        if let (true, UpstreamProtocol::Http1, Some(config)) =
-            (self.tls, self.protocol, self.probe.as_ref())
-        {
-            if let Ok(server) = rustls::pki_types::ServerName::try_from(sni.clone()) {
-                // TLS of ours under a plain peer (see `upstream_tls`): every
-                // connection shares `config`'s session cache.
-                let mut peer = HttpPeer::new(addr, false, sni);
-                peer.options.custom_l4 = Some(Arc::new(TlsConnect {
-                    config: config.clone(),
-                    name: server,
-                    timeout: connect,
-                    handshakes: self.handshakes.clone(),
-                }));
-                peer.group_key = self.id;
-                peer.options.connection_timeout = Some(connect);
-                peer.options.total_connection_timeout = Some(connect + connect / 2);
-                peer.options.read_timeout = Some(read);
-                peer.options.idle_timeout = Some(UPSTREAM_IDLE);
-                peer.options.alpn = ALPN::H1;
-                return Box::new(peer);
-            }
-        }
         // `new` resolves through ToSocketAddrs, which for an already-parsed SocketAddr cannot fail.
         let mut peer = HttpPeer::new(addr, self.tls, sni);
         peer.options.connection_timeout = Some(connect);
@@ -221,8 +218,10 @@ impl BackendTransport {
         if self.tls {
             peer.options.verify_cert = true;
             peer.options.verify_hostname = true;
-            peer.options.ca = self.ca_pingora.clone();
-            peer.client_cert_key = self.client.as_ref().map(|c| c.pingora.clone());
+            if !self.in_connector {
+                peer.options.ca = self.ca_pingora.clone();
+                peer.client_cert_key = self.client.as_ref().map(|c| c.pingora.clone());
+            }
         }
         match self.protocol {
             UpstreamProtocol::Http1 => peer.options.alpn = ALPN::H1,
@@ -339,6 +338,19 @@ impl BackendTransport {
             None => exchange!(TokioIo::new(tcp)),
         }
     }
+}
+
+/// The system's root certificates, those Pingora can parse.
+fn system_roots() -> Result<Vec<CertificateDer<'static>>, String> {
+    let roots: Vec<_> = rustls_native_certs::load_native_certs()
+        .certs
+        .into_iter()
+        .filter(|c| edge_certs::dir::describe(c).is_ok())
+        .collect();
+    if roots.is_empty() {
+        return Err("no system root certificates: set `ca`".to_string());
+    }
+    Ok(roots)
 }
 
 fn load_ca(path: &Path) -> Result<Vec<CertificateDer<'static>>, String> {

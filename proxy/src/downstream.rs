@@ -331,7 +331,16 @@ impl ServerApp for EdgeApp {
                 Head::H2Preface(preface) => {
                     // Pingora's HTTP/2 server reads the preface again. Only
                     // plain listeners get here, and their stream is L4's.
-                    let mut l4 = stream.into_any().downcast::<L4Stream>().ok()?;
+                    let Ok(mut l4) = stream.into_any().downcast::<L4Stream>() else {
+                        tracing::warn!(
+                            "h2c: a connection whose stream is not a plain socket was closed"
+                        );
+                        self.metrics
+                            .client_refusals
+                            .with_label_values(&["h2c_unsupported"])
+                            .inc();
+                        return None;
+                    };
                     l4.rewind(&preface);
                     return ServerApp::process_new(&self.proxy, l4, shutdown).await;
                 }

@@ -34,4 +34,3 @@ pub mod tables;
 pub mod telemetry;
 pub mod tls;
 pub mod token;
-pub mod upstream_tls;

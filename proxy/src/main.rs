@@ -149,14 +149,22 @@ fn main() -> ExitCode {
                     }
                 }
                 if let Some(p) = &c.server.peer_tls {
-                    if let Err(e) = edge_router::backend_transport::BackendTransport::for_peers(p) {
+                    let connector = edge_router::backend_transport::BackendTransport::for_peers(p)
+                        .and_then(|_| {
+                            edge_router::backend_transport::BackendTransport::connector_options(
+                                p,
+                                pingora::connectors::ConnectorOptions::new(0),
+                            )
+                        });
+                    if let Err(e) = connector {
                         fail(format!("server.peer_ca / peer_cert / peer_key: {e}"));
                     }
                 }
                 for u in &c.upstreams {
-                    if let Err(e) =
-                        edge_router::backend_transport::BackendTransport::load(&u.transport)
-                    {
+                    if let Err(e) = edge_router::backend_transport::BackendTransport::load(
+                        &u.transport,
+                        c.server.peer_tls.is_some(),
+                    ) {
                         fail(format!("upstreams.{}: {e}", u.name));
                     }
                 }

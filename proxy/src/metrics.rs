@@ -85,8 +85,6 @@ pub struct Metrics {
     pub tls_cert_expiry: IntGaugeVec,
     /// Reloads of TLS certificate directories, by result (ok, error).
     pub tls_reloads: IntCounterVec,
-    /// TLS handshakes towards backends and peers, by target and kind (full, resumed).
-    pub upstream_tls_handshakes: IntCounterVec,
 }
 
 impl Metrics {
@@ -235,11 +233,6 @@ impl Metrics {
                 "edge_tls_reloads_total",
                 "Reloads of TLS certificate directories after their files changed, by result (ok, error: the old certificates keep serving).",
                 &["result"],
-            )?,
-            upstream_tls_handshakes: counter(
-                "edge_upstream_tls_handshakes_total",
-                "TLS handshakes on new connections to backends and peer regions, by target (an upstream, or `peers`) and kind (full, resumed: a session reused from an earlier connection).",
-                &["target", "kind"],
             )?,
             purge_fanout: counter(
                 "edge_purge_fanout_total",

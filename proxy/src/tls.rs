@@ -27,6 +27,17 @@ const EXPIRY_WARNING: i64 = 14 * 86_400;
 /// that has expired or soon will (clients refuse it; the gauge shows it too).
 pub fn log_loaded(resolver: &DirResolver, what: &str) {
     let now = SystemTime::now();
+    for o in resolver.overlaps() {
+        let dir = resolver.dir().display();
+        match &o.served_by {
+            Some(pair) => {
+                tracing::warn!(dir = %dir, name = %o.name, served_by = %pair, unused = %o.unused, "TLS: a name claimed by two pairs is answered by the one valid longest")
+            }
+            None => {
+                tracing::warn!(dir = %dir, name = %o.name, unused = %o.unused, "TLS: an expired certificate's name is answered by a valid wildcard instead")
+            }
+        }
+    }
     for c in resolver.certs() {
         let left = c.expires_in(now);
         let dir = resolver.dir().display();

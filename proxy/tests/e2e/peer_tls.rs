@@ -336,7 +336,7 @@ async fn a_report_from_a_server_without_the_regions_certificate_is_never_read() 
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_tls_demo_serves_https_and_forwards_between_regions_over_mutual_tls() {
-    use crate::demo_harness::{header, sample, Demo};
+    use crate::demo_harness::{header, Demo};
     let dir = tempfile::tempdir().expect("tempdir");
     // A 2 s replication delay: a read with a fresh token must go to the writer.
     let demo = Demo::start_with("2s", Some(dir.path())).await;
@@ -385,13 +385,195 @@ async fn the_tls_demo_serves_https_and_forwards_between_regions_over_mutual_tls(
     assert_eq!(header(&read, "x-edge-upstream-region"), "us-east-1");
     let doc: serde_json::Value = read.json().await.expect("JSON");
     assert_eq!(doc["value"], "written", "{doc}");
-    let handshakes = sample(
-        &demo.metrics(1).await,
-        "edge_upstream_tls_handshakes_total",
-        "target=\"peers\"",
+}
+
+/// What a peer saw of one request: its path, whether its connection resumed
+/// an earlier TLS session, whether the client had shown a certificate, and
+/// the connection's number.
+type SeenRequest = (String, bool, bool, usize);
+
+/// A peer region over mutual TLS (the certificate of `region` in `pki`,
+/// client certificates from its CA required) that answers 200 to anything
+/// and, with `close`, closes every connection after one answer (else keeps
+/// it open for more); it records each request.
+async fn recording_peer(
+    pki: &Pki,
+    region: &str,
+    close: bool,
+) -> (u16, Arc<std::sync::Mutex<Vec<SeenRequest>>>) {
+    let certs = pki.certs(region);
+    let chain: Vec<CertificateDer<'static>> =
+        CertificateDer::pem_file_iter(certs.join("default.crt"))
+            .expect("cert")
+            .collect::<Result<_, _>>()
+            .expect("cert");
+    let key =
+        rustls::pki_types::PrivateKeyDer::from_pem_file(certs.join("default.key")).expect("key");
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut roots = rustls::RootCertStore::empty();
+    for c in CertificateDer::pem_file_iter(pki.ca()).expect("CA") {
+        roots.add(c.expect("CA")).expect("root");
+    }
+    let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
+        Arc::new(roots),
+        provider.clone(),
+    )
+    .build()
+    .expect("verifier");
+    let config = rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .expect("versions")
+        .with_client_cert_verifier(verifier)
+        .with_single_cert(chain, key)
+        .expect("config");
+    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let port = listener.local_addr().expect("addr").port();
+    let seen = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let record = seen.clone();
+    tokio::spawn(async move {
+        for conn_id in 0.. {
+            let Ok((tcp, _)) = listener.accept().await else {
+                continue;
+            };
+            let (acceptor, record) = (acceptor.clone(), record.clone());
+            tokio::spawn(async move {
+                let Ok(mut tls) = acceptor.accept(tcp).await else {
+                    return;
+                };
+                let (resumed, has_cert) = {
+                    let conn = tls.get_ref().1;
+                    (
+                        conn.handshake_kind() == Some(rustls::HandshakeKind::Resumed),
+                        conn.peer_certificates().is_some_and(|c| !c.is_empty()),
+                    )
+                };
+                loop {
+                    let mut head = Vec::new();
+                    let mut byte = [0u8; 1];
+                    while !head.ends_with(b"\r\n\r\n") && head.len() < 16 * 1024 {
+                        match tokio::time::timeout(HANG, tls.read(&mut byte)).await {
+                            Ok(Ok(1)) => head.push(byte[0]),
+                            _ => return,
+                        }
+                    }
+                    let text = String::from_utf8_lossy(&head);
+                    let path = text.split(' ').nth(1).unwrap_or("").to_string();
+                    if let Ok(mut v) = record.lock() {
+                        v.push((path.clone(), resumed, has_cert, conn_id));
+                    }
+                    // Its health report says its `api` backends are up.
+                    let body = if path == "/.edge/health" {
+                        r#"{"region":"eu-west-1","status":"ok","upstreams":{"api":{"healthy":1,"total":1}}}"#
+                    } else {
+                        "peer"
+                    };
+                    let resp = format!(
+                        "HTTP/1.1 200 OK\r\ncontent-length: {}\r\nconnection: {}\r\n\r\n{body}",
+                        body.len(),
+                        if close { "close" } else { "keep-alive" }
+                    );
+                    if tls.write_all(resp.as_bytes()).await.is_err() || close {
+                        let _ = tls.shutdown().await;
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    (port, seen)
+}
+
+/// us-east-1 with mutual TLS towards eu-west-1 at `peer_port`, its only
+/// backend a closed port (so everything goes to the peer), once it has
+/// forwarded a request there.
+async fn forwarding_to_peer(pki: &Pki, peer_port: u16) -> Edge {
+    let dead: std::net::SocketAddr = format!("127.0.0.1:{}", free_port()).parse().expect("addr");
+    let regions = vec![
+        RegionSpec::new("us-east-1", vec![dead]),
+        RegionSpec::new("eu-west-1", vec![]),
+    ];
+    let tls_port = free_port();
+    let server_extra: &'static str = Box::leak(
+        format!(
+            "peer_ca = \"{ca}\"\npeer_cert = \"{dir}/default.crt\"\npeer_key = \"{dir}/default.key\"\n[[server.tls]]\nlisten = \"127.0.0.1:{tls_port}\"\ncerts = \"{dir}\"\n",
+            ca = pki.ca().display(),
+            dir = pki.certs("us-east-1").display(),
+        )
+        .into_boxed_str(),
+    );
+    let t = Tweaks {
+        server_extra,
+        ..Tweaks::default()
+    };
+    let config = config_for(&regions, 0, &t).replace(
+        &format!("peer = \"http://127.0.0.1:{}\"", regions[1].port),
+        &format!("peer = \"https://localhost:{peer_port}\""),
+    );
+    let edge = Edge::start(&config, regions[0].port, regions[0].admin).await;
+    let c = client();
+    let forwarded = eventually(HANG, || async {
+        let s = try_get(&c, &edge.url("/first")).await;
+        s.status == 200 && s.upstream_region == "eu-west-1"
+    })
+    .await;
+    assert!(
+        forwarded.is_some(),
+        "never forwarded to the peer; log:\n{}",
+        edge.log_text()
+    );
+    edge
+}
+
+/// Ten sequential requests through `edge`; each must be the peer's answer.
+async fn ten_through(edge: &Edge) {
+    let c = client();
+    for i in 0..10 {
+        let s = try_get(&c, &edge.url(&format!("/again/{i}"))).await;
+        assert_eq!((s.status, s.body.as_str()), (200, "peer"), "request {i}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn new_connections_to_a_peer_resume_the_tls_session_and_keep_the_client_certificate() {
+    let pki = Pki::new(&["us-east-1", "eu-west-1"]);
+    // eu-west-1 closes every connection after one answer, so each forwarded
+    // request opens a new one: a full handshake unless the session resumes.
+    let (peer_port, seen) = recording_peer(&pki, "eu-west-1", true).await;
+    let edge = forwarding_to_peer(&pki, peer_port).await;
+    ten_through(&edge).await;
+    let seen = seen.lock().expect("records").clone();
+    let again: Vec<&SeenRequest> = seen.iter().filter(|r| r.0.starts_with("/again/")).collect();
+    assert_eq!(again.len(), 10, "{seen:?}");
+    assert!(
+        again.iter().all(|r| r.1),
+        "a new connection to the peer made a full handshake: {again:?}"
     );
     assert!(
-        handshakes >= 1.0,
-        "eu-west-1 made no TLS handshake with a peer"
+        seen.iter().all(|r| r.2),
+        "a connection without the client certificate: {seen:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connections_to_a_peer_are_kept_alive_and_reused() {
+    let pki = Pki::new(&["us-east-1", "eu-west-1"]);
+    let (peer_port, seen) = recording_peer(&pki, "eu-west-1", false).await;
+    let edge = forwarding_to_peer(&pki, peer_port).await;
+    ten_through(&edge).await;
+    let seen = seen.lock().expect("records").clone();
+    let connections: std::collections::BTreeSet<usize> = seen
+        .iter()
+        .filter(|r| r.0.starts_with("/again/"))
+        .map(|r| r.3)
+        .collect();
+    // Sequential requests: the pooled connection serves them all.
+    assert_eq!(
+        connections.len(),
+        1,
+        "forwarded requests opened {} connections: {seen:?}",
+        connections.len()
     );
 }

@@ -129,27 +129,6 @@ async fn tls_server(cert: &Path, key: &Path) -> SocketAddr {
 
 /// [`tls_server`], requiring a client certificate from `client_ca` when given.
 async fn tls_server_requiring(cert: &Path, key: &Path, client_ca: Option<&Path>) -> SocketAddr {
-    tls_server_with(cert, key, client_ca, None).await
-}
-
-/// What a TLS backend saw of its clients' handshakes.
-#[derive(Default)]
-struct Handshakes {
-    full: std::sync::atomic::AtomicUsize,
-    resumed: std::sync::atomic::AtomicUsize,
-    /// Resumed sessions that still carried the client's certificate.
-    resumed_with_client_cert: std::sync::atomic::AtomicUsize,
-}
-
-/// [`tls_server_requiring`]; with `closing`, every answer closes its
-/// connection (so each request is a new handshake) and each handshake's kind
-/// is recorded there.
-async fn tls_server_with(
-    cert: &Path,
-    key: &Path,
-    client_ca: Option<&Path>,
-    closing: Option<Arc<Handshakes>>,
-) -> SocketAddr {
     let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(cert)
         .expect("cert")
         .collect::<Result<_, _>>()
@@ -185,32 +164,13 @@ async fn tls_server_with(
                 continue;
             };
             let acceptor = acceptor.clone();
-            let closing = closing.clone();
             tokio::spawn(async move {
                 let Ok(tls) = acceptor.accept(tcp).await else {
                     return;
                 };
-                let close = closing.is_some();
-                if let Some(seen) = closing {
-                    use std::sync::atomic::Ordering::SeqCst;
-                    let conn = tls.get_ref().1;
-                    if conn.handshake_kind() == Some(rustls::HandshakeKind::Resumed) {
-                        seen.resumed.fetch_add(1, SeqCst);
-                        if conn.peer_certificates().is_some_and(|c| !c.is_empty()) {
-                            seen.resumed_with_client_cert.fetch_add(1, SeqCst);
-                        }
-                    } else {
-                        seen.full.fetch_add(1, SeqCst);
-                    }
-                }
-                let svc = service_fn(move |req: Request<Incoming>| async move {
+                let svc = service_fn(|req: Request<Incoming>| async move {
                     let text = format!("{:?} {}", req.version(), req.uri().path());
-                    let mut resp = Response::new(Full::new(Bytes::from(text)));
-                    if close {
-                        resp.headers_mut()
-                            .insert("connection", HeaderValue::from_static("close"));
-                    }
-                    Ok::<_, Infallible>(resp)
+                    Ok::<_, Infallible>(Response::new(Full::new(Bytes::from(text))))
                 });
                 let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
                     .serve_connection(TokioIo::new(tls), svc)
@@ -401,62 +361,6 @@ async fn a_backend_requiring_a_client_certificate_gets_the_configured_one() {
         "never served with the client certificate; log:\n{}",
         edge.log_text()
     );
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn new_connections_to_a_tls_backend_resume_the_session_and_keep_the_client_certificate() {
-    use std::sync::atomic::Ordering::SeqCst;
-    let dir = tempfile::tempdir().expect("tempdir");
-    let files = edge_certs::dev::write_dev(dir.path()).expect("dev CA");
-    // The case Pingora's own connector cannot resume: a CA bundle and a
-    // client certificate on the upstream. The backend closes every
-    // connection after one answer, so each request is a new handshake.
-    let seen = Arc::new(Handshakes::default());
-    let backend = tls_server_with(
-        &files.leaf_cert,
-        &files.leaf_key,
-        Some(&files.ca_cert),
-        Some(seen.clone()),
-    )
-    .await;
-    let extra = leak(format!(
-        "tls = true\nsni = \"localhost\"\nca = \"{}\"\nclient_cert = \"{}\"\nclient_key = \"{}\"",
-        files.ca_cert.display(),
-        files.leaf_cert.display(),
-        files.leaf_key.display()
-    ));
-    let (edge, _) = edge_with(backend, extra, dir.path()).await;
-    let c = client();
-    let ok = eventually(std::time::Duration::from_secs(20), || async {
-        try_get(&c, &edge.url("/first")).await.status == 200
-    })
-    .await;
-    assert!(ok.is_some(), "never served; log:\n{}", edge.log_text());
-    let before = seen.resumed.load(SeqCst);
-    for i in 0..10 {
-        let r = try_get(&c, &edge.url(&format!("/again/{i}"))).await;
-        assert_eq!(r.status, 200, "request {i}: {}", r.body);
-        assert_eq!(r.body, format!("HTTP/1.1 /again/{i}"));
-    }
-    let resumed = seen.resumed.load(SeqCst) - before;
-    assert!(
-        resumed >= 10,
-        "10 new connections, {resumed} resumed ({} full in all)",
-        seen.full.load(SeqCst)
-    );
-    assert_eq!(
-        seen.resumed_with_client_cert.load(SeqCst),
-        seen.resumed.load(SeqCst),
-        "a resumed session lost the client certificate"
-    );
-    let text = metrics(&c, &edge).await;
-    let counted = text
-        .lines()
-        .filter(|l| l.starts_with("edge_upstream_tls_handshakes_total{"))
-        .filter(|l| l.contains("kind=\"resumed\"") && l.contains("target=\"api\""))
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum::<f64>();
-    assert!(counted >= 10.0, "metric counted {counted} resumed:\n{text}");
 }
 
 /// One gRPC call on an HTTP/2 connection; its reply messages and `grpc-status`.
