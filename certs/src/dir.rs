@@ -248,6 +248,15 @@ mod tests {
         std::fs::write(dir.join(format!("{name}.key")), ck.key_pair.serialize_pem()).unwrap();
     }
 
+    /// The leaf certificate of pair `name` in `dir`.
+    fn leaf_of(dir: &Path, name: &str) -> rustls_pki_types::CertificateDer<'static> {
+        let cert = dir.join(format!("{name}.crt"));
+        load_pem(&cert, &dir.join(format!("{name}.key")))
+            .unwrap()
+            .chain[0]
+            .clone()
+    }
+
     /// A self-signed pair for `sans` valid until the start of `year`.
     fn pair_until(dir: &Path, name: &str, sans: &[&str], year: i32) {
         let names: Vec<String> = sans.iter().map(|s| s.to_string()).collect();
@@ -273,15 +282,7 @@ mod tests {
         pair_until(&dir, "z-old", &["www.example.com", "*.example.com"], 2030);
         let set = load_dir(&dir, &provider()).unwrap();
         let leaf = |sni: &str| set.table.choose(Some(sni)).map(|k| k.cert[0].clone());
-        let of = |name: &str| {
-            load_pem(
-                &dir.join(format!("{name}.crt")),
-                &dir.join(format!("{name}.key")),
-            )
-            .unwrap()
-            .chain[0]
-                .clone()
-        };
+        let of = |name: &str| leaf_of(&dir, name);
         assert_eq!(leaf("www.example.com"), Some(of("a-renewed")));
         assert_eq!(leaf("api.example.com"), Some(of("m-current")));
         assert!(set.overlaps.contains(&Overlap {
@@ -335,15 +336,7 @@ mod tests {
         let names: Vec<&str> = set.certs.iter().map(|c| c.name.as_str()).collect();
         assert_eq!(names, ["api", "default", "wild"]);
         let leaf = |sni: Option<&str>| set.table.choose(sni).map(|k| k.cert[0].clone());
-        let of = |name: &str| {
-            load_pem(
-                &dir.join(format!("{name}.crt")),
-                &dir.join(format!("{name}.key")),
-            )
-            .unwrap()
-            .chain[0]
-                .clone()
-        };
+        let of = |name: &str| leaf_of(&dir, name);
         assert_eq!(leaf(Some("api.example.com")), Some(of("api")));
         assert_eq!(leaf(Some("www.example.com")), Some(of("wild")));
         assert_eq!(leaf(Some("unknown.test")), Some(of("default")));

@@ -4,6 +4,15 @@ use std::process::Command;
 
 use crate::support::edge_binary;
 
+/// `edge-router check -c PATH`.
+fn check(path: &std::path::Path) -> std::process::Output {
+    Command::new(edge_binary())
+        .args(["check", "-c"])
+        .arg(path)
+        .output()
+        .unwrap()
+}
+
 #[test]
 fn check_reports_three_mistakes_with_lines_and_exits_2() {
     let dir = tempfile::tempdir().unwrap();
@@ -29,11 +38,7 @@ upstream = "ap"
 "#,
     )
     .unwrap();
-    let out = Command::new(edge_binary())
-        .args(["check", "-c"])
-        .arg(&path)
-        .output()
-        .unwrap();
+    let out = check(&path);
     assert_eq!(out.status.code(), Some(2));
     let stderr = String::from_utf8_lossy(&out.stderr);
     let lines: Vec<&str> = stderr.lines().collect();
@@ -135,11 +140,7 @@ upstream = "api"
         ),
     )
     .unwrap();
-    let out = Command::new(edge_binary())
-        .args(["check", "-c"])
-        .arg(&path)
-        .output()
-        .unwrap();
+    let out = check(&path);
     let stderr = String::from_utf8_lossy(&out.stderr);
     // It loads (an operator may be mid-rotation), but says so.
     assert_eq!(out.status.code(), Some(0), "{stderr}");

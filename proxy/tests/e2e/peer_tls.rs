@@ -291,28 +291,7 @@ async fn a_report_from_a_server_without_the_regions_certificate_is_never_read() 
         }
     });
     let o = origin("us-east-1", "a").await;
-    let regions = vec![
-        RegionSpec::new("us-east-1", vec![o.addr()]),
-        RegionSpec::new("eu-west-1", vec![]),
-    ];
-    let tls_port = free_port();
-    let server_extra: &'static str = Box::leak(
-        format!(
-            "peer_ca = \"{ca}\"\npeer_cert = \"{dir}/default.crt\"\npeer_key = \"{dir}/default.key\"\n[[server.tls]]\nlisten = \"127.0.0.1:{tls_port}\"\ncerts = \"{dir}\"\n",
-            ca = pki.ca().display(),
-            dir = pki.certs("us-east-1").display(),
-        )
-        .into_boxed_str(),
-    );
-    let t = Tweaks {
-        server_extra,
-        ..Tweaks::default()
-    };
-    let config = config_for(&regions, 0, &t).replace(
-        &format!("peer = \"http://127.0.0.1:{}\"", regions[1].port),
-        &format!("peer = \"https://localhost:{impostor_port}\""),
-    );
-    let edge = Edge::start(&config, regions[0].port, regions[0].admin).await;
+    let edge = us_east_with_tls_peer(&pki, o.addr(), impostor_port).await;
     let c = client();
     // Probes reach the impostor's port and fail their handshake there.
     let tried = eventually(HANG, || async {
@@ -486,13 +465,11 @@ async fn recording_peer(
     (port, seen)
 }
 
-/// us-east-1 with mutual TLS towards eu-west-1 at `peer_port`, its only
-/// backend a closed port (so everything goes to the peer), once it has
-/// forwarded a request there.
-async fn forwarding_to_peer(pki: &Pki, peer_port: u16) -> Edge {
-    let dead: std::net::SocketAddr = format!("127.0.0.1:{}", free_port()).parse().expect("addr");
+/// us-east-1 (certificate and CA from `pki`, one backend at `backend`)
+/// with mutual TLS towards its one peer, eu-west-1 at `https://localhost:PORT`.
+async fn us_east_with_tls_peer(pki: &Pki, backend: std::net::SocketAddr, peer_port: u16) -> Edge {
     let regions = vec![
-        RegionSpec::new("us-east-1", vec![dead]),
+        RegionSpec::new("us-east-1", vec![backend]),
         RegionSpec::new("eu-west-1", vec![]),
     ];
     let tls_port = free_port();
@@ -512,7 +489,15 @@ async fn forwarding_to_peer(pki: &Pki, peer_port: u16) -> Edge {
         &format!("peer = \"http://127.0.0.1:{}\"", regions[1].port),
         &format!("peer = \"https://localhost:{peer_port}\""),
     );
-    let edge = Edge::start(&config, regions[0].port, regions[0].admin).await;
+    Edge::start(&config, regions[0].port, regions[0].admin).await
+}
+
+/// us-east-1 with mutual TLS towards eu-west-1 at `peer_port`, its only
+/// backend a closed port (so everything goes to the peer), once it has
+/// forwarded a request there.
+async fn forwarding_to_peer(pki: &Pki, peer_port: u16) -> Edge {
+    let dead: std::net::SocketAddr = format!("127.0.0.1:{}", free_port()).parse().expect("addr");
+    let edge = us_east_with_tls_peer(pki, dead, peer_port).await;
     let c = client();
     let forwarded = eventually(HANG, || async {
         let s = try_get(&c, &edge.url("/first")).await;
