@@ -512,24 +512,26 @@ async fn forwarding_to_peer(pki: &Pki, peer_port: u16) -> Edge {
     edge
 }
 
-/// Ten sequential requests through `edge`; each must be the peer's answer.
-async fn ten_through(edge: &Edge) {
+/// us-east-1 forwarding ten sequential requests to a recording eu-west-1
+/// (closing every connection with `close`); what the peer saw.
+async fn ten_forwarded(close: bool) -> Vec<SeenRequest> {
+    let pki = Pki::new(&["us-east-1", "eu-west-1"]);
+    let (peer_port, seen) = recording_peer(&pki, "eu-west-1", close).await;
+    let edge = forwarding_to_peer(&pki, peer_port).await;
     let c = client();
     for i in 0..10 {
         let s = try_get(&c, &edge.url(&format!("/again/{i}"))).await;
         assert_eq!((s.status, s.body.as_str()), (200, "peer"), "request {i}");
     }
+    let seen = seen.lock().expect("records").clone();
+    seen
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn new_connections_to_a_peer_resume_the_tls_session_and_keep_the_client_certificate() {
-    let pki = Pki::new(&["us-east-1", "eu-west-1"]);
     // eu-west-1 closes every connection after one answer, so each forwarded
     // request opens a new one: a full handshake unless the session resumes.
-    let (peer_port, seen) = recording_peer(&pki, "eu-west-1", true).await;
-    let edge = forwarding_to_peer(&pki, peer_port).await;
-    ten_through(&edge).await;
-    let seen = seen.lock().expect("records").clone();
+    let seen = ten_forwarded(true).await;
     let again: Vec<&SeenRequest> = seen.iter().filter(|r| r.0.starts_with("/again/")).collect();
     assert_eq!(again.len(), 10, "{seen:?}");
     assert!(
@@ -544,11 +546,7 @@ async fn new_connections_to_a_peer_resume_the_tls_session_and_keep_the_client_ce
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn connections_to_a_peer_are_kept_alive_and_reused() {
-    let pki = Pki::new(&["us-east-1", "eu-west-1"]);
-    let (peer_port, seen) = recording_peer(&pki, "eu-west-1", false).await;
-    let edge = forwarding_to_peer(&pki, peer_port).await;
-    ten_through(&edge).await;
-    let seen = seen.lock().expect("records").clone();
+    let seen = ten_forwarded(false).await;
     let connections: std::collections::BTreeSet<usize> = seen
         .iter()
         .filter(|r| r.0.starts_with("/again/"))

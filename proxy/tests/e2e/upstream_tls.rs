@@ -391,7 +391,6 @@ async fn grpc_call(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn server_h2c_serves_http2_with_prior_knowledge_and_http1_alike_on_a_plain_listener() {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let backend = grpc_h2c_server().await;
     let t = Tweaks {
         server_extra: "h2c = true",
@@ -434,40 +433,14 @@ async fn server_h2c_serves_http2_with_prior_knowledge_and_http1_alike_on_a_plain
 
     // HTTP/1 on the same listener: a head shorter than the preface is
     // answered, not held waiting for 24 bytes.
-    let mut raw = TcpStream::connect(("127.0.0.1", edge.port))
-        .await
-        .expect("connect");
-    raw.write_all(b"GET /test.Echo/Unary HTTP/1.0\r\n\r\n")
-        .await
-        .expect("write");
-    let mut answer = Vec::new();
-    tokio::time::timeout(
-        std::time::Duration::from_secs(10),
-        raw.read_to_end(&mut answer),
-    )
-    .await
-    .expect("an HTTP/1.0 request on an h2c listener hung")
-    .expect("read");
-    let head = String::from_utf8_lossy(&answer);
-    assert!(head.starts_with("HTTP/1."), "HTTP/1 answer: {head}");
+    let answer = raw_exchange(edge.port, b"GET /test.Echo/Unary HTTP/1.0\r\n\r\n").await;
+    assert!(answer.starts_with("HTTP/1."), "HTTP/1 answer: {answer}");
     let short = b"GET / HTTP/1.0\r\n\r\n";
     assert!(short.len() < H2_PREFACE_LEN);
-    let mut raw = TcpStream::connect(("127.0.0.1", edge.port))
-        .await
-        .expect("connect");
-    raw.write_all(short).await.expect("write");
-    let mut answer = Vec::new();
-    tokio::time::timeout(
-        std::time::Duration::from_secs(10),
-        raw.read_to_end(&mut answer),
-    )
-    .await
-    .expect("a request shorter than the preface hung")
-    .expect("read");
+    let answer = raw_exchange(edge.port, short).await;
     assert!(
-        String::from_utf8_lossy(&answer).starts_with("HTTP/1."),
-        "{}",
-        String::from_utf8_lossy(&answer)
+        answer.starts_with("HTTP/1."),
+        "a head shorter than the preface: {answer}"
     );
 
     // Without `h2c`, the preface is not taken for HTTP/2.
@@ -492,6 +465,25 @@ async fn server_h2c_serves_http2_with_prior_knowledge_and_http1_alike_on_a_plain
         .await
         .expect("an h2c client hung on a listener without h2c");
     assert_eq!(outcome, None, "HTTP/2 without `server.h2c`");
+}
+
+/// Send `request` on a new connection to `port` and read until it closes
+/// (a bound only catches a hang).
+async fn raw_exchange(port: u16, request: &[u8]) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut raw = TcpStream::connect(("127.0.0.1", port))
+        .await
+        .expect("connect");
+    raw.write_all(request).await.expect("write");
+    let mut answer = Vec::new();
+    tokio::time::timeout(
+        std::time::Duration::from_secs(10),
+        raw.read_to_end(&mut answer),
+    )
+    .await
+    .expect("the answer hung")
+    .expect("read");
+    String::from_utf8_lossy(&answer).to_string()
 }
 
 /// The length of the HTTP/2 connection preface.
