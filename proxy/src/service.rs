@@ -787,20 +787,21 @@ impl ProxyHttp for EdgeProxy {
             }
         }
         ctx.route = self.routes.find(&host_name, &path);
+        // The scheme the client used: a trusted proxy's (or a peer's) word
+        // when it gives one, else this listener's; the same rule as
+        // x-forwarded-proto towards the origin. It keys the cache and marks
+        // the token cookie Secure.
+        let told = req.headers.get("x-forwarded-proto").filter(|_| {
+            ctx.hop_from.is_some()
+                || forwarding::is_trusted(client_ip(session), &self.trusted_proxies)
+        });
+        ctx.cache.https = match told {
+            Some(v) => v.as_bytes().eq_ignore_ascii_case(b"https"),
+            None => listener_scheme(session) == "https",
+        };
         if let Some(rc) = self.route(ctx).and_then(|r| r.cache) {
             ctx.cache.route = Some(rc);
             ctx.cache.directives = RequestDirectives::of(req);
-            let trusted = ctx.hop_from.is_some()
-                || forwarding::is_trusted(client_ip(session), &self.trusted_proxies);
-            // The scheme the client used: a trusted proxy's (or a peer's)
-            // word when it gives one, else this listener's; the same rule
-            // as x-forwarded-proto towards the origin.
-            let told = req
-                .headers
-                .get("x-forwarded-proto")
-                .filter(|_| trusted)
-                .map(|v| v.as_bytes().eq_ignore_ascii_case(b"https"));
-            ctx.cache.https = told.unwrap_or(listener_scheme(session) == "https");
         }
         ctx.retryable = Retryable::of(&req.method, req.headers.contains_key("idempotency-key"));
         ctx.write = is_unsafe(&req.method);
@@ -1218,9 +1219,11 @@ impl ProxyHttp for EdgeProxy {
                 .consistency_tokens
                 .with_label_values(&["issued"])
                 .inc();
-            // Secure is added once TLS listeners exist: today every listener is plain HTTP.
+            // Over HTTPS (by the listener, or a trusted proxy's word) the
+            // browser must not send it back in clear.
+            let secure = if ctx.cache.https { "; Secure" } else { "" };
             let cookie = format!(
-                "{TOKEN_COOKIE}={t}; Path=/; Max-Age={}; HttpOnly; SameSite=Lax",
+                "{TOKEN_COOKIE}={t}; Path=/; Max-Age={}; HttpOnly; SameSite=Lax{secure}",
                 self.tokens.ttl().as_secs()
             );
             resp.insert_header(TOKEN_HEADER, t)?;
@@ -1322,7 +1325,8 @@ impl ProxyHttp for EdgeProxy {
     ) -> Result<RespCacheable> {
         if let Some(cache) = &self.cache {
             let key = cache::key_of(session, ctx.cache.https);
-            let url = String::from_utf8_lossy(key.primary_key());
+            // As purges name it: an `https://` key's URL is written `http://`.
+            let url = cache::store::url_of(&key);
             let tags = cache_rules::response_tags(&resp.headers);
             if cache.store.purged_since(ctx.cache.purge_seq, &url, &tags) {
                 // Produced before a purge that covers it: served, not stored.

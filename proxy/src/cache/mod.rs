@@ -124,7 +124,8 @@ pub struct CacheCtx {
     /// The store's purge sequence when the request was let into the cache:
     /// a response to it is not stored if a purge since then covers it.
     pub purge_seq: u64,
-    /// A trusted proxy says the client used HTTPS (part of the key).
+    /// The client used HTTPS (the listener's scheme, or a trusted proxy's
+    /// word): part of the key; it also marks the token cookie `Secure`.
     pub https: bool,
 }
 

@@ -399,7 +399,7 @@ impl HandleMiss for Fill {
 
 /// The URL purges match against: the key's, with `https://` written
 /// `http://` (a purge names an object, whichever scheme fetched it).
-fn url_of(key: &CacheKey) -> Arc<str> {
+pub fn url_of(key: &CacheKey) -> Arc<str> {
     let primary = String::from_utf8_lossy(key.primary_key());
     match primary.strip_prefix("https://") {
         Some(rest) => Arc::from(format!("http://{rest}")),

@@ -1180,7 +1180,23 @@ async fn the_store_stays_within_max_bytes() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_response_produced_before_a_purge_is_not_stored() {
-    let s = Site::start(&cached()).await;
+    produced_before_a_purge(&[]).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_response_produced_before_a_purge_is_not_stored_for_https_clients_either() {
+    // Keyed `https://…`; purges name the object `http://…`.
+    produced_before_a_purge(&[("x-forwarded-proto", "https")]).await;
+}
+
+/// A slow answer (sent with `headers`) is purged on its way: it is served to
+/// its own client, never stored.
+async fn produced_before_a_purge(headers: &'static [(&'static str, &'static str)]) {
+    let t = Tweaks {
+        server_extra: "trusted_proxies = [\"127.0.0.1/32\"]",
+        ..cached()
+    };
+    let s = Site::start(&t).await;
     // The first answer is slow: the purge lands while it is on its way.
     s.origin.script("/race", |r: &Asked| {
         let reply = Reply::fresh(format!("n={}", r.n));
@@ -1193,7 +1209,13 @@ async fn a_response_produced_before_a_purge_is_not_stored() {
     let slow = {
         let http = s.http.clone();
         let url = s.edge.url("/race");
-        tokio::spawn(async move { http.get(url).header("host", HOST).send().await })
+        tokio::spawn(async move {
+            let mut req = http.get(url).header("host", HOST);
+            for (k, v) in headers {
+                req = req.header(*k, *v);
+            }
+            req.send().await
+        })
     };
     let asked = eventually(HANG, || async { s.origin.count("/race") == 1 }).await;
     assert!(asked.is_some(), "the first GET reached the origin");
@@ -1201,13 +1223,13 @@ async fn a_response_produced_before_a_purge_is_not_stored() {
     let first = slow.await.expect("task").expect("GET");
     assert_eq!(first.text().await.unwrap_or_default(), "n=1");
     // Produced before the purge: served to its client, never to the next one.
-    let next = s.get("/race").await;
+    let next = s.get_with("/race", headers).await;
     assert_ne!(
         (next.x_cache(), next.text()),
         ("HIT", "n=1".to_string()),
         "{next:?}"
     );
-    seen_as(&s.get("/race").await, "HIT", &next.text());
+    seen_as(&s.get_with("/race", headers).await, "HIT", &next.text());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -427,3 +427,62 @@ async fn plain_http_is_redirected_to_the_tls_listener_but_health_is_not() {
         "the accelerator's health check stays on plain HTTP"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_consistency_cookie_is_secure_over_https_only() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let files = edge_certs::dev::write_dev(dir.path()).expect("dev CA");
+    let tls_port = free_port();
+    let extra: &'static str = Box::leak(
+        format!(
+            "\n[[server.tls]]\nlisten = \"127.0.0.1:{tls_port}\"\ncerts = \"{}\"\n",
+            dir.path().display()
+        )
+        .into_boxed_str(),
+    );
+    let t = Tweaks {
+        server_extra: extra,
+        policy: "read-your-writes",
+        ..Tweaks::default()
+    };
+    let (_origin, edge) = solo_edge(&t).await;
+    let write =
+        "POST /doc HTTP/1.1\r\nHost: localhost\r\ncontent-length: 0\r\nConnection: close\r\n\r\n";
+    let cookie_of = |answer: &str| {
+        answer
+            .lines()
+            .find(|l| l.to_ascii_lowercase().starts_with("set-cookie: edge_ct="))
+            .unwrap_or("")
+            .to_string()
+    };
+
+    let mut tls = connect(
+        tls_port,
+        "localhost",
+        client_config(None, Some(&files.ca_cert), &[b"http/1.1"]),
+    )
+    .await
+    .expect("handshake");
+    tls.write_all(write.as_bytes()).await.expect("write");
+    let mut answer = Vec::new();
+    let _ = tokio::time::timeout(HANG, tls.read_to_end(&mut answer)).await;
+    let answer = String::from_utf8_lossy(&answer).to_string();
+    let secure = cookie_of(&answer);
+    assert!(
+        secure.contains("; Secure") && secure.contains("HttpOnly"),
+        "over HTTPS: {answer}"
+    );
+
+    let mut plain = TcpStream::connect(("127.0.0.1", edge.port))
+        .await
+        .expect("connect");
+    plain.write_all(write.as_bytes()).await.expect("write");
+    let mut answer = Vec::new();
+    let _ = tokio::time::timeout(HANG, plain.read_to_end(&mut answer)).await;
+    let answer = String::from_utf8_lossy(&answer).to_string();
+    let cookie = cookie_of(&answer);
+    assert!(
+        !cookie.is_empty() && !cookie.contains("Secure"),
+        "over plain HTTP: {answer}"
+    );
+}
