@@ -106,9 +106,14 @@ struct LoadArgs {
     /// Method.
     #[arg(short, long, default_value = "GET")]
     method: String,
-    /// Extra header, `Name: value` (repeatable).
+    /// Extra header, `Name: value` (repeatable). A `Host` replaces the
+    /// URL's (and HTTP/2's `:authority`); the connection still follows the URL.
     #[arg(short = 'H', long = "header")]
     headers: Vec<String>,
+    /// `HOST:PORT:ADDR`: connect to ADDR for the URL's HOST:PORT instead of
+    /// resolving it (curl's `--resolve`; SNI and Host keep HOST). Repeatable.
+    #[arg(long)]
+    resolve: Vec<String>,
     /// Request body; `@FILE` reads a file.
     #[arg(long)]
     body: Option<String>,
@@ -135,9 +140,14 @@ struct LoadArgs {
 
 impl LoadArgs {
     fn spec(&self, urls: &[String], mode: Mode) -> anyhow::Result<LoadSpec> {
-        let targets = urls
+        let resolve = self
+            .resolve
             .iter()
-            .map(|u| Target::parse(u))
+            .map(|r| r.parse::<edge_loadtest::target::Resolve>())
+            .collect::<anyhow::Result<Vec<_>>>()?;
+        let mut targets = urls
+            .iter()
+            .map(|u| Target::parse_with(u, &resolve))
             .collect::<anyhow::Result<Vec<_>>>()?;
         let method: Method = self
             .method
@@ -148,9 +158,17 @@ impl LoadArgs {
             let (k, v) = h
                 .split_once(':')
                 .with_context(|| format!("header `{h}` is not `Name: value`"))?;
+            let name = HeaderName::from_bytes(k.trim().as_bytes())
+                .with_context(|| format!("bad header name in `{h}`"))?;
+            if name == http::header::HOST {
+                // One Host, the one asked for (a second makes servers answer 400).
+                for t in &mut targets {
+                    t.set_host(v.trim())?;
+                }
+                continue;
+            }
             headers.push((
-                HeaderName::from_bytes(k.trim().as_bytes())
-                    .with_context(|| format!("bad header name in `{h}`"))?,
+                name,
                 HeaderValue::from_str(v.trim())
                     .with_context(|| format!("bad header value in `{h}`"))?,
             ));

@@ -280,3 +280,93 @@ async fn http2_cleartext_prior_knowledge_works() {
     assert!(r["status"]["200"].as_u64().unwrap() > 0, "{r}");
     assert_eq!(r["errors"]["connect"].as_u64().unwrap(), 0, "{r}");
 }
+
+/// A server answering 200 only to requests with exactly one `Host`, equal
+/// to `want(its port)`, and 400 otherwise (as nginx answers two Host headers).
+async fn host_checker(want: impl Fn(u16) -> String) -> SocketAddr {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let want = want(addr.port());
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = listener.accept().await {
+            let want = want.clone();
+            tokio::spawn(async move {
+                let mut buf = Vec::new();
+                let mut chunk = [0u8; 4096];
+                loop {
+                    let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") else {
+                        match s.read(&mut chunk).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                        }
+                        continue;
+                    };
+                    let head = String::from_utf8_lossy(&buf[..end]).to_string();
+                    buf.drain(..end + 4);
+                    let hosts: Vec<&str> = head
+                        .lines()
+                        .filter_map(|l| l.split_once(':'))
+                        .filter(|(k, _)| k.eq_ignore_ascii_case("host"))
+                        .map(|(_, v)| v.trim())
+                        .collect();
+                    let status = if hosts == [want.as_str()] {
+                        "200 OK"
+                    } else {
+                        "400 Bad Request"
+                    };
+                    let resp = format!("HTTP/1.1 {status}\r\ncontent-length: 0\r\n\r\n");
+                    if s.write_all(resp.as_bytes()).await.is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    addr
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_given_host_replaces_the_urls_and_resolve_pins_the_address() {
+    let addr = host_checker(|_| "api.example.test".into()).await;
+    let url = format!("http://{addr}/x");
+    let r = run_json(args(&[
+        "run",
+        &url,
+        "-H",
+        "Host: api.example.test",
+        "-c",
+        "1",
+        "-d",
+        "300ms",
+        "--warmup",
+        "0s",
+    ]))
+    .await;
+    assert!(r["status"]["200"].as_u64().unwrap_or(0) > 0, "{r}");
+    assert!(
+        r["status"].get("400").is_none(),
+        "two Host headers sent: {r}"
+    );
+
+    // A name that resolves nowhere, pinned to the server: the Host sent is
+    // the URL's (with its port, as written).
+    let addr = host_checker(|port| format!("edge.invalid:{port}")).await;
+    let url = format!("http://edge.invalid:{}/x", addr.port());
+    let pin = format!("edge.invalid:{}:127.0.0.1", addr.port());
+    let r = run_json(args(&[
+        "run",
+        &url,
+        "--resolve",
+        &pin,
+        "-c",
+        "1",
+        "-d",
+        "300ms",
+        "--warmup",
+        "0s",
+    ]))
+    .await;
+    assert!(r["status"]["200"].as_u64().unwrap_or(0) > 0, "{r}");
+    assert!(r["status"].get("400").is_none(), "{r}");
+}
