@@ -29,6 +29,7 @@ pub mod path;
 pub mod retry;
 pub mod routing;
 pub mod service;
+pub mod signals;
 pub mod snapshot;
 pub mod tables;
 pub mod telemetry;

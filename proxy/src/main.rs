@@ -180,6 +180,7 @@ fn main() -> ExitCode {
             Err(code) => code,
         },
         Command::Run { config } => {
+            install_signals();
             let config = match load_or_report(&config) {
                 Ok(c) => c,
                 Err(code) => return code,
@@ -197,6 +198,7 @@ fn main() -> ExitCode {
             }
         }
         Command::Demo(args) => {
+            install_signals();
             let _log = telemetry::init(cli.log_format, config::LogConfig::default());
             match demo::run(args) {
                 Ok(()) => ExitCode::SUCCESS,
@@ -206,6 +208,15 @@ fn main() -> ExitCode {
                 }
             }
         }
+    }
+}
+
+/// SIGHUP, SIGUSR1, SIGUSR2 and SIGALRM from here on never end the process.
+fn install_signals() {
+    if let Err(e) = edge_router::signals::install() {
+        eprintln!(
+            "edge-router: cannot handle SIGHUP/SIGUSR1/SIGUSR2 ({e}); they will end the process"
+        );
     }
 }
 

@@ -161,20 +161,18 @@ impl BackgroundService for CertWatch {
     async fn start(&self, mut shutdown: ShutdownWatch) {
         let mut tick = tokio::time::interval(WATCH_EVERY);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        // Handling SIGHUP also keeps its default action (ending the process,
-        // as logrotate or `systemctl reload` would) from taking a region down.
-        let mut hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).ok();
+        let mut signals = crate::signals::subscribe();
         loop {
-            let hangup = async {
-                match hup.as_mut() {
-                    Some(s) => s.recv().await,
-                    None => std::future::pending().await,
-                }
-            };
             tokio::select! {
                 _ = shutdown.changed() => return,
                 _ = tick.tick() => self.check(),
-                Some(()) = hangup => self.reload_all(),
+                s = signals.recv() => match s {
+                    Ok(crate::signals::Request::Reload) => self.reload_all(),
+                    Ok(_) => {}
+                    // Missed some: reload once for all of them.
+                    Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => self.reload_all(),
+                    Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
+                },
             }
         }
     }

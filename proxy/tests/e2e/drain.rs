@@ -165,3 +165,38 @@ async fn second_sigterm_exits_at_once() {
         "a second SIGTERM must not wait for the 60 s drain"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn only_term_int_and_quit_end_the_process() {
+    let (_origin, mut edge) = solo_edge(&Tweaks::default()).await;
+    let c = client();
+    // logrotate's SIGUSR1, `systemctl reload`'s SIGHUP, and stray ones.
+    for (sig, logged) in [
+        ("HUP", "Reload"),
+        ("USR1", "ReopenLogs"),
+        ("USR2", "SIGUSR2 ignored"),
+        ("ALRM", "SIGALRM ignored"),
+    ] {
+        edge.signal(sig);
+        let seen = eventually(Duration::from_secs(10), || async {
+            edge.log_text().contains(logged)
+        })
+        .await;
+        assert!(
+            seen.is_some(),
+            "SIG{sig} left no log line:\n{}",
+            edge.log_text()
+        );
+        assert!(
+            edge.wait_exit(Duration::from_millis(200)).await.is_none(),
+            "SIG{sig} ended the process"
+        );
+        let s = try_get(&c, &edge.url(&format!("/after-{sig}"))).await;
+        assert_eq!(s.status, 200, "after SIG{sig}");
+    }
+    edge.signal("TERM");
+    assert!(
+        edge.wait_exit(Duration::from_secs(30)).await.is_some(),
+        "SIGTERM did not end it"
+    );
+}
