@@ -261,6 +261,7 @@ pub fn add_region(
         via_name: crate::forwarding::via_pseudonym(&region),
         hop_warnings: WarnLimiter::new(WARN_INTERVAL),
         loop_warnings: WarnLimiter::new(WARN_INTERVAL),
+        error_warnings: WarnLimiter::new(WARN_INTERVAL),
         send_timeout: config.server.send_timeout,
         snapshots: Snapshots {
             health: health.clone(),

@@ -83,6 +83,9 @@ pub struct EdgeProxy {
     pub hop_warnings: WarnLimiter,
     /// Rate limit for warnings about `Via` loops.
     pub loop_warnings: WarnLimiter,
+    /// Rate limit for warnings about failed requests (each one is in the
+    /// access log; Pingora's own line per failure is suppressed).
+    pub error_warnings: WarnLimiter,
     /// A write to the client that makes no progress this long ends the response (nginx's `send_timeout`).
     pub send_timeout: Duration,
     /// Health, replication lag and clock, composed for `decide`.
@@ -1503,6 +1506,27 @@ impl ProxyHttp for EdgeProxy {
         }
     }
 
+    fn suppress_error_log(&self, _session: &Session, _ctx: &RequestCtx, _error: &Error) -> bool {
+        // Every request, failed or not, gets its access-log line in
+        // `logging` (with the error); Pingora's ERROR line per failure would
+        // flood the log in an outage (every policy 503 too). A failure of
+        // the upstream's or ours is also warned about, at most once per
+        // interval.
+        true
+    }
+
+    fn suppress_proxy_warn_log(
+        &self,
+        _session: &Session,
+        _ctx: &RequestCtx,
+        _error: &Error,
+        _context: pingora::proxy::ProxyWarnLogContext,
+    ) -> bool {
+        // Retried attempts: counted in edge_retries_total and the access
+        // log's `attempts`.
+        true
+    }
+
     async fn logging(&self, session: &mut Session, e: Option<&Error>, ctx: &mut RequestCtx) {
         if let Some(u) = ctx.budget_upstream.take() {
             self.retry_budgets[u].end_request(ctx.retries_held);
@@ -1541,6 +1565,22 @@ impl ProxyHttp for EdgeProxy {
                     .failovers
                     .with_label_values(&[route, upstream_region, d.reason.kind.as_str()])
                     .inc();
+            }
+        }
+        if let Some(e) = e.filter(|e| {
+            // A policy's answer (HTTPStatus) or a client that went away is not a failure to warn about.
+            !matches!(e.etype(), ErrorType::HTTPStatus(_))
+                && e.esource() != &ErrorSource::Downstream
+        }) {
+            if self.error_warnings.allow() {
+                tracing::warn!(
+                    route,
+                    region = upstream_region,
+                    status,
+                    error = %e,
+                    request_id = %ctx.request_id,
+                    "request failed (at most one such line per interval; each failure is in the access log and edge_upstream_errors_total)"
+                );
             }
         }
         let req = session.req_header();

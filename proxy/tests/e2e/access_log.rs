@@ -78,3 +78,43 @@ async fn a_stalled_log_reader_never_blocks_requests() {
     let _ = child.kill();
     let _ = child.wait();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_outage_logs_each_request_once_and_the_reason_stays_out_of_the_body() {
+    // One region whose only backend is a closed port: every request fails,
+    // first by connecting, then (once it is found down) by policy.
+    let dead: std::net::SocketAddr = format!("127.0.0.1:{}", free_port()).parse().expect("addr");
+    let regions = vec![RegionSpec::new("solo", vec![dead])];
+    let edge = start_region(&regions, 0, &Tweaks::default()).await;
+    let c = client();
+    let mut bodies = Vec::new();
+    for i in 0..40 {
+        let s = try_get(&c, &edge.url(&format!("/outage/{i}"))).await;
+        assert!(s.status >= 500, "request {i}: {}", s.status);
+        bodies.push(s.body);
+    }
+    let logged = eventually(Duration::from_secs(10), || async {
+        edge.log_text().matches("path=\"/outage/").count() >= 40
+    })
+    .await;
+    let log = edge.log_text();
+    assert!(
+        logged.is_some(),
+        "not every request has its access line:\n{log}"
+    );
+    assert_eq!(
+        log.matches("Fail to proxy").count(),
+        0,
+        "Pingora's line per failure is back:\n{log}"
+    );
+    assert!(
+        log.matches("request failed").count() <= 2,
+        "failures are warned about at most once per interval:\n{log}"
+    );
+    for b in bodies {
+        assert!(
+            !b.contains("unavailable") && !b.contains("no-healthy") && !b.contains("127.0.0.1"),
+            "internals in an error body: {b}"
+        );
+    }
+}
