@@ -103,6 +103,57 @@ enum Head {
     H2Preface(BytesMut),
 }
 
+tokio::task_local! {
+    /// Set when the proxy's `logging` ran for the request being handed to
+    /// Pingora: one that Pingora refuses before the proxy sees it (a head
+    /// its parser rejects) leaves it unset.
+    static LOGGED: std::cell::Cell<bool>;
+}
+
+/// The proxy logged the current request (called from its `logging`).
+pub fn note_logged() {
+    let _ = LOGGED.try_with(|l| l.set(true));
+}
+
+/// Up to this much of a request line is kept to log a request Pingora refuses.
+const LINE_KEPT: usize = 256;
+
+/// The start of a request's first line, kept while Pingora reads the head.
+struct RequestLine {
+    bytes: [u8; LINE_KEPT],
+    len: usize,
+}
+
+impl RequestLine {
+    fn of(head: &[u8]) -> RequestLine {
+        let start = head
+            .iter()
+            .position(|b| *b != b'\r' && *b != b'\n')
+            .unwrap_or(head.len());
+        let line = &head[start..];
+        let end = line
+            .iter()
+            .position(|b| *b == b'\r' || *b == b'\n')
+            .unwrap_or(line.len())
+            .min(LINE_KEPT);
+        let mut bytes = [0u8; LINE_KEPT];
+        bytes[..end].copy_from_slice(&line[..end]);
+        RequestLine { bytes, len: end }
+    }
+
+    /// Method and target, as far as they can be read (`-` otherwise).
+    fn parts(&self) -> (String, String) {
+        let text = String::from_utf8_lossy(&self.bytes[..self.len]);
+        let mut words = text.split(' ');
+        let method = words.next().filter(|w| !w.is_empty()).unwrap_or("-");
+        let target = words.next().unwrap_or("-");
+        (
+            method.escape_default().to_string(),
+            target.escape_default().to_string(),
+        )
+    }
+}
+
 /// What an HTTP/2 client with prior knowledge sends first (RFC 9113 3.4).
 const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 
@@ -142,6 +193,17 @@ fn head_state(buf: &[u8], scanned: &mut usize) -> HeadState {
         HeadState::HandOver
     } else {
         HeadState::Partial
+    }
+}
+
+/// Where a complete head ends (its blank line included), as `head_state`
+/// finds it: the first empty line, CRLF or bare LF.
+fn head_len(buf: &[u8]) -> usize {
+    let lf = buf.windows(2).position(|w| w == b"\n\n").map(|p| p + 2);
+    let crlf = buf.windows(3).position(|w| w == b"\n\r\n").map(|p| p + 3);
+    match (lf, crlf) {
+        (Some(a), Some(b)) => a.min(b),
+        (a, b) => a.or(b).unwrap_or(buf.len()),
     }
 }
 
@@ -252,6 +314,11 @@ impl EdgeApp {
                     }
                 }
                 match head_state(&buf, &mut scanned) {
+                    // A whole head that arrived at once can still be too
+                    // large (the read may also hold the body's start).
+                    HeadState::HandOver if buf.len() > MAX_HEAD && head_len(&buf) > MAX_HEAD => {
+                        return Head::TooLarge
+                    }
                     HeadState::HandOver => return Head::Ready(std::mem::take(&mut buf)),
                     HeadState::Garbage => return Head::Invalid,
                     HeadState::Partial if buf.len() > MAX_HEAD => return Head::TooLarge,
@@ -270,12 +337,58 @@ impl EdgeApp {
         }
     }
 
-    async fn refuse(&self, mut stream: Stream, status: &str, kind: &'static str) {
+    /// One access-log line and one count for a response made before the
+    /// proxy saw the request (ours, or Pingora's parser's).
+    fn log_rejected(
+        &self,
+        line: &RequestLine,
+        client: Option<&pingora::protocols::l4::socket::SocketAddr>,
+        status: u16,
+        kind: &'static str,
+    ) {
+        self.metrics
+            .requests
+            .with_label_values(&["-", "none", kind, crate::metrics::status_class(status)])
+            .inc();
+        let (method, path) = line.parts();
+        tracing::info!(
+            target: "edge_router::access",
+            client = client.map(|c| c.to_string()),
+            method,
+            path,
+            status,
+            route = "-",
+            region = "none",
+            decision = kind,
+            outcome = "rejected",
+            "request"
+        );
+    }
+
+    async fn refuse(
+        &self,
+        mut stream: Stream,
+        status: &str,
+        kind: &'static str,
+        line: Option<&RequestLine>,
+    ) {
         self.metrics
             .client_refusals
             .with_label_values(&[kind])
             .inc();
-        tracing::debug!(target: "edge_router::access", status, kind, "request head refused");
+        let code = status
+            .split(' ')
+            .next()
+            .and_then(|c| c.parse().ok())
+            .unwrap_or(400);
+        let client = stream.get_socket_digest();
+        let empty = RequestLine::of(b"");
+        self.log_rejected(
+            line.unwrap_or(&empty),
+            client.as_ref().and_then(|d| d.peer_addr()),
+            code,
+            kind,
+        );
         let resp = format!(
             "HTTP/1.1 {status}\r\nconnection: close\r\ncontent-length: 0\r\ncache-control: no-store\r\n\r\n"
         );
@@ -346,12 +459,12 @@ impl ServerApp for EdgeApp {
                 }
                 Head::Close => return None,
                 Head::Invalid => {
-                    self.refuse(stream, "400 Bad Request", "header_invalid")
+                    self.refuse(stream, "400 Bad Request", "header_invalid", None)
                         .await;
                     return None;
                 }
                 Head::TimedOut => {
-                    self.refuse(stream, "408 Request Timeout", "header_timeout")
+                    self.refuse(stream, "408 Request Timeout", "header_timeout", None)
                         .await;
                     return None;
                 }
@@ -360,6 +473,7 @@ impl ServerApp for EdgeApp {
                         stream,
                         "431 Request Header Fields Too Large",
                         "header_too_large",
+                        None,
                     )
                     .await;
                     return None;
@@ -368,6 +482,8 @@ impl ServerApp for EdgeApp {
             // A request has been received: it counts as in flight for the
             // shutdown watcher from now on, not only once Pingora has a context.
             let _in_flight = self.lifecycle.enter_pending();
+            let line = RequestLine::of(&head);
+            let client = stream.get_socket_digest();
             let mut session = ServerSession::new_http1(stream);
             if let Some(s) = settings.take() {
                 // Pipelining is off (Pingora's default, never enabled here),
@@ -382,7 +498,25 @@ impl ServerApp for EdgeApp {
                 Some(self.limits.keepalive_timeout.as_secs().max(1))
             });
             session.set_pipelined_prefix(head);
-            let reused = HttpServerApp::process_new_http(&self.proxy, session, shutdown).await?;
+            let (reused, logged) = LOGGED
+                .scope(std::cell::Cell::new(false), async {
+                    let reused =
+                        HttpServerApp::process_new_http(&self.proxy, session, shutdown).await;
+                    (reused, LOGGED.with(|l| l.get()))
+                })
+                .await;
+            if !logged && !*shutdown.borrow() {
+                // We hold a whole head, so Pingora's reading it cannot have
+                // failed for want of bytes: its parser refused it, answered
+                // 400 and closed. Nobody else logs or counts that.
+                self.log_rejected(
+                    &line,
+                    client.as_ref().and_then(|d| d.peer_addr()),
+                    400,
+                    "bad-request",
+                );
+            }
+            let reused = reused?;
             let (next, persistent) = reused.consume();
             stream = next;
             settings = persistent;

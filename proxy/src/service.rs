@@ -1528,6 +1528,7 @@ impl ProxyHttp for EdgeProxy {
     }
 
     async fn logging(&self, session: &mut Session, e: Option<&Error>, ctx: &mut RequestCtx) {
+        crate::downstream::note_logged();
         if let Some(u) = ctx.budget_upstream.take() {
             self.retry_budgets[u].end_request(ctx.retries_held);
         }

@@ -118,3 +118,57 @@ async fn an_outage_logs_each_request_once_and_the_reason_stays_out_of_the_body()
         );
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requests_refused_before_the_proxy_are_logged_and_counted() {
+    let (_origin, edge) = solo_edge(&Tweaks::default()).await;
+    let c = client();
+    // Pingora's parser refuses these (two Host headers), before any hook of ours.
+    for i in 0..5 {
+        let r = raw_request(
+            edge.port,
+            &format!("GET /twice/{i} HTTP/1.1\r\nHost: a.test\r\nHost: b.test\r\n\r\n"),
+        )
+        .await;
+        assert_eq!(r.status, 400, "request {i}");
+    }
+    // Ours: a head larger than the limit.
+    let big = format!(
+        "GET /big HTTP/1.1\r\nHost: a.test\r\nx-big: {}\r\n\r\n",
+        "a".repeat(70 * 1024)
+    );
+    assert_eq!(raw_request(edge.port, &big).await.status, 431);
+    // And one the proxy answers, for comparison.
+    assert_eq!(try_get(&c, &edge.url("/fine")).await.status, 200);
+
+    let counted = |text: &str, decision: &str| {
+        text.lines()
+            .filter(|l| l.starts_with("edge_requests_total{"))
+            .filter(|l| l.contains(&format!("decision=\"{decision}\"")))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum::<f64>()
+    };
+    let m = metrics(&c, &edge).await;
+    assert_eq!(counted(&m, "bad-request"), 5.0, "{m}");
+    assert_eq!(counted(&m, "header_too_large"), 1.0, "{m}");
+    let logged = eventually(Duration::from_secs(10), || async {
+        edge.log_text().matches("path=/twice/").count()
+            + edge.log_text().matches("path=\"/twice/").count()
+            >= 5
+    })
+    .await;
+    let log = edge.log_text();
+    assert!(
+        logged.is_some(),
+        "refused requests left no access line:\n{log}"
+    );
+    assert!(
+        log.contains("decision=\"header_too_large\"") || log.contains("decision=header_too_large"),
+        "{log}"
+    );
+    assert_eq!(
+        log.matches("path=\"/fine\"").count() + log.matches("path=/fine").count(),
+        1,
+        "{log}"
+    );
+}
