@@ -16,6 +16,11 @@ use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 
 use crate::config::{PeerTls, UpstreamProtocol, UpstreamTransport};
 
+/// Tells apart the connection pools of transports to the same address and
+/// name (Pingora's pool key leaves out the CA, and peers' TLS material is
+/// the connector's, so nothing else separates them).
+static NEXT_TRANSPORT_ID: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+
 /// A client certificate presented to the other side (mutual TLS).
 struct ClientCert {
     chain: Vec<CertificateDer<'static>>,
@@ -54,6 +59,8 @@ pub struct BackendTransport {
     /// The CA and client certificate are the proxy's connector's own (the
     /// peers'), not set per connection: see [`BackendTransport::connector_options`].
     in_connector: bool,
+    /// Pingora's pool key part for this transport.
+    id: u64,
 }
 
 impl std::fmt::Debug for BackendTransport {
@@ -80,6 +87,7 @@ impl BackendTransport {
             client: None,
             probe: None,
             in_connector: false,
+            id: 0,
         }
     }
 
@@ -93,6 +101,12 @@ impl BackendTransport {
         let mut roots = rustls::RootCertStore::empty();
         pingora::tls::load_ca_file_into_store(&p.ca, &mut roots)
             .map_err(|e| format!("{}: {e}", p.ca.display()))?;
+        let (cert, key) = (p.cert.to_string_lossy(), p.key.to_string_lossy());
+        match pingora::tls::load_certs_and_key_files(&cert, &key) {
+            Ok(Some((chain, _))) if !chain.is_empty() => {}
+            Ok(_) => return Err(format!("{cert} / {key}: no certificate and key")),
+            Err(e) => return Err(format!("{cert} / {key}: {e}")),
+        }
         let mut out = BackendTransport::load(
             &UpstreamTransport {
                 tls: true,
@@ -181,6 +195,7 @@ impl BackendTransport {
             client,
             probe: None,
             in_connector: false,
+            id: NEXT_TRANSPORT_ID.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
         };
         out.probe = out.build_probe_config()?;
         Ok(out)
@@ -216,6 +231,7 @@ impl BackendTransport {
         peer.options.read_timeout = Some(read);
         peer.options.idle_timeout = Some(UPSTREAM_IDLE);
         if self.tls {
+            peer.group_key = self.id;
             peer.options.verify_cert = true;
             peer.options.verify_hostname = true;
             if !self.in_connector {
@@ -345,7 +361,7 @@ fn system_roots() -> Result<Vec<CertificateDer<'static>>, String> {
     let roots: Vec<_> = rustls_native_certs::load_native_certs()
         .certs
         .into_iter()
-        .filter(|c| edge_certs::dir::describe(c).is_ok())
+        .filter(|c| edge_certs::dir::describe(c).is_ok() && usable_root(c))
         .collect();
     if roots.is_empty() {
         return Err("no system root certificates: set `ca`".to_string());
@@ -364,6 +380,58 @@ fn load_ca(path: &Path) -> Result<Vec<CertificateDer<'static>>, String> {
     for c in &certs {
         // Pingora parses these again and would panic on one it cannot read.
         edge_certs::dir::describe(c).map_err(|e| format!("{}: {e}", path.display()))?;
+        if !usable_root(c) {
+            return Err(format!(
+                "{}: a certificate cannot be used as a trust anchor",
+                path.display()
+            ));
+        }
     }
     Ok(certs)
+}
+
+/// Whether rustls (webpki) takes `c` as a trust anchor, as every connection will.
+fn usable_root(c: &CertificateDer<'_>) -> bool {
+    rustls::RootCertStore::empty()
+        .add(c.clone().into_owned())
+        .is_ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use pingora::upstreams::peer::Peer;
+
+    #[test]
+    fn two_tls_transports_to_one_address_never_share_a_pool() {
+        let dir = tempfile::tempdir().unwrap();
+        let files = edge_certs::dev::write_dev(dir.path()).unwrap();
+        let t = UpstreamTransport {
+            tls: true,
+            sni: Some("localhost".into()),
+            ca: Some(files.ca_cert.clone()),
+            protocol: UpstreamProtocol::Http1,
+            client_cert: None,
+        };
+        let (a, b) = (
+            BackendTransport::load(&t, false).unwrap(),
+            BackendTransport::load(&t, false).unwrap(),
+        );
+        let addr: SocketAddr = "127.0.0.1:8443".parse().unwrap();
+        let d = Duration::from_secs(1);
+        let peer = |x: &BackendTransport| x.peer_named(addr, Some("localhost"), d, d).reuse_hash();
+        assert_ne!(peer(&a), peer(&b));
+        assert_eq!(peer(&a), peer(&a), "one transport keeps one pool");
+        let peers = BackendTransport::for_peers(&PeerTls {
+            ca: files.ca_cert.clone(),
+            cert: files.leaf_cert.clone(),
+            key: files.leaf_key.clone(),
+        })
+        .unwrap();
+        assert_ne!(
+            peer(&peers),
+            peer(&a),
+            "peers and an upstream at one address"
+        );
+    }
 }

@@ -799,7 +799,13 @@ impl ProxyHttp for EdgeProxy {
                 || forwarding::is_trusted(client_ip(session), &self.trusted_proxies)
         });
         ctx.cache.https = match told {
-            Some(v) => v.as_bytes().eq_ignore_ascii_case(b"https"),
+            // A proxy that appended to the list: its first element is the
+            // scheme the client used.
+            Some(v) => v
+                .as_bytes()
+                .split(|b| *b == b',')
+                .next()
+                .is_some_and(|first| first.trim_ascii().eq_ignore_ascii_case(b"https")),
             None => listener_scheme(session) == "https",
         };
         if let Some(rc) = self.route(ctx).and_then(|r| r.cache) {

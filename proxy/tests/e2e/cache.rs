@@ -1302,6 +1302,9 @@ async fn the_scheme_a_trusted_proxy_reports_is_part_of_the_key() {
     seen_as(&s.get("/scheme").await, "MISS", "http");
     seen_as(&s.get_with("/scheme", https).await, "HIT", "https");
     seen_as(&s.get("/scheme").await, "HIT", "http");
+    // A proxy that appended its own scheme: the first is the client's.
+    let appended: &[(&str, &str)] = &[("x-forwarded-proto", "https, http")];
+    seen_as(&s.get_with("/scheme", appended).await, "HIT", "https");
     // One purge names the object, whichever scheme fetched it.
     assert_eq!(s.purged(json!({"keys": [key("/scheme")]})).await, 2);
 }
