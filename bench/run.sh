@@ -47,6 +47,8 @@ command -v python3 >/dev/null || { echo "bench: python3 is needed to summarise r
 echo "bench: building release binaries" >&2
 cargo build --release -q -p edge-router -p edge-loadtest
 BIN=$PWD/target/release
+# Regions sign their hops with a shared secret; `check` reads it as `run` does.
+export EDGE_HOP_SECRET="${EDGE_HOP_SECRET:-$(python3 -c 'import secrets; print(secrets.token_urlsafe(32))')}"
 
 # Two cores: the proxies on core 0; the load generator and the origin on the last core.
 NCPU=$(nproc)

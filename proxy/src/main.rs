@@ -168,6 +168,10 @@ fn main() -> ExitCode {
                         fail(format!("upstreams.{}: {e}", u.name));
                     }
                 }
+                // `run` would refuse to start without them.
+                if let Err(e) = load_secrets(&c) {
+                    fail(e);
+                }
                 if bad {
                     return ExitCode::from(EXIT_CONFIG);
                 }
@@ -220,24 +224,28 @@ fn install_signals() {
     }
 }
 
-fn run(config: config::Config) -> anyhow::Result<()> {
+/// The secrets `config` names, read from the environment as `run` needs
+/// them (`check` reads them too): an error says which variable is wrong.
+fn load_secrets(config: &config::Config) -> Result<app::Secrets, String> {
     let hop_key = match std::env::var(&config.server.hop_secret_env) {
         // Clients see values signed with keys derived from it (consistency
         // tokens), so it must resist an offline guess.
         // During a rolling upgrade (hop_format = "v1") the previous
         // release's secret must keep working until every region is upgraded.
         Ok(s) if !s.is_empty() && s.len() < MIN_SECRET_BYTES && !config.server.hop_format_v1 => {
-            anyhow::bail!(
+            return Err(format!(
                 "{} is {} bytes: use at least {MIN_SECRET_BYTES} random bytes (e.g. `openssl rand -base64 32`)",
                 config.server.hop_secret_env,
                 s.len()
-            )
+            ))
         }
         Ok(s) if !s.is_empty() => s.into_bytes(),
-        _ if config.regions.len() > 1 => anyhow::bail!(
-            "{} is not set: every region's edge-router needs the same secret to sign x-edge-hop",
-            config.server.hop_secret_env
-        ),
+        _ if config.regions.len() > 1 => {
+            return Err(format!(
+                "{} is not set: every region's edge-router needs the same secret to sign x-edge-hop",
+                config.server.hop_secret_env
+            ))
+        }
         // One region never forwards, so a throwaway key is enough.
         _ => rand::random::<[u8; 32]>().to_vec(),
     };
@@ -252,31 +260,40 @@ fn run(config: config::Config) -> anyhow::Result<()> {
         .is_some_and(|k| k.len() < MIN_SECRET_BYTES)
         && !config.server.hop_format_v1
     {
-        anyhow::bail!("{previous_env} is shorter than {MIN_SECRET_BYTES} bytes");
-    }
-    if hop_key.len() < MIN_SECRET_BYTES {
-        tracing::warn!(env = %config.server.hop_secret_env, "the secret is shorter than {MIN_SECRET_BYTES} bytes: accepted only while hop_format = \"v1\" (a rolling upgrade); rotate to a longer one next");
-    }
-    if previous_hop_key.is_some() {
-        tracing::info!(env = %previous_env, "secret rotation: hops and consistency tokens signed with the previous secret are accepted");
+        return Err(format!(
+            "{previous_env} is shorter than {MIN_SECRET_BYTES} bytes"
+        ));
     }
     let admin_token = std::env::var(&config.admin.token_env)
         .ok()
         .filter(|t| !t.is_empty());
-    if admin_token.is_none() {
+    if let Some(t) = admin_token.as_ref().filter(|t| t.len() < MIN_SECRET_BYTES) {
+        return Err(format!(
+            "{} is {} bytes: an admin token must be at least {MIN_SECRET_BYTES} random bytes (e.g. `openssl rand -base64 32`)",
+            config.admin.token_env,
+            t.len()
+        ));
+    }
+    Ok(app::Secrets {
+        hop_key,
+        previous_hop_key,
+        admin_token,
+    })
+}
+
+fn run(config: config::Config) -> anyhow::Result<()> {
+    let secrets = load_secrets(&config).map_err(|e| anyhow::anyhow!(e))?;
+    if secrets.hop_key.len() < MIN_SECRET_BYTES {
+        tracing::warn!(env = %config.server.hop_secret_env, "the secret is shorter than {MIN_SECRET_BYTES} bytes: accepted only while hop_format = \"v1\" (a rolling upgrade); rotate to a longer one next");
+    }
+    if secrets.previous_hop_key.is_some() {
+        tracing::info!(env = %format!("{}_PREVIOUS", config.server.hop_secret_env), "secret rotation: hops and consistency tokens signed with the previous secret are accepted");
+    }
+    if secrets.admin_token.is_none() {
         tracing::warn!(env = %config.admin.token_env, "no admin token set: admin mutations (POST /drain) are refused");
     }
     let mut server = app::new_server(config.server.shutdown_timeout)?;
-    let lifecycle = app::add_region(
-        &mut server,
-        &config,
-        app::Secrets {
-            hop_key,
-            previous_hop_key,
-            admin_token,
-        },
-        None,
-    )?;
+    let lifecycle = app::add_region(&mut server, &config, secrets, None)?;
     tracing::info!(
         region = %config.server.region,
         listen = ?config.server.listen,

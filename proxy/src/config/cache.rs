@@ -103,6 +103,9 @@ pub(super) fn validate_cache(
             "max_object_size is larger than max_bytes: such an object could never be stored",
         ));
     }
+    if raw.max_unsynced > Duration::from_secs(3600) {
+        errors.push(loc.at_path(&at("max_unsynced"), "max_unsynced must be at most 1h"));
+    }
     if raw.max_unsynced < tables.poll_interval * 2 {
         errors.push(loc.at_path(
             &at("max_unsynced"),

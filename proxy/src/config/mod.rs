@@ -389,6 +389,9 @@ struct Sections {
     admin: RawAdmin,
     regions: Vec<(String, RawRegion)>,
     upstreams: Vec<(String, RawUpstream)>,
+    /// Every `[upstreams.NAME]`, including those that did not deserialize
+    /// (so routes naming one do not also report it unknown).
+    upstream_names: Vec<String>,
     routes: Vec<Option<RawRoute>>,
     log: RawLog,
     tables: RawTables,
@@ -445,7 +448,12 @@ fn read_sections(
                 }
             }
             "regions" => s.regions = typed_entries(loc, &path, value, errors),
-            "upstreams" => s.upstreams = typed_entries(loc, &path, value, errors),
+            "upstreams" => {
+                if let DeValue::Table(t) = value.get_ref() {
+                    s.upstream_names = t.iter().map(|(k, _)| k.get_ref().to_string()).collect();
+                }
+                s.upstreams = typed_entries(loc, &path, value, errors);
+            }
             "routes" => match value.into_inner() {
                 DeValue::Array(items) => {
                     for (i, item) in items.into_iter().enumerate() {
@@ -527,6 +535,22 @@ fn validate(
     };
     let server = validate_server(loc, raw_server, region_override, errors);
     let admin = validate_admin(loc, &s.admin, errors);
+    let traffic = server
+        .listen
+        .iter()
+        .chain(server.tls.iter().map(|t| &t.listen));
+    if let Some(l) = traffic
+        .clone()
+        .find(|l| listeners_overlap(l, &admin.listen))
+    {
+        errors.push(loc.at_path(
+            &["admin".into(), "listen".into()],
+            format!(
+                "`{}` is also a traffic listener ({l}): the two would split its connections",
+                admin.listen
+            ),
+        ));
+    }
     let regions = validate_regions(loc, &server.region, s.regions, errors);
     if regions.len() > 64 {
         errors.push(loc.at_offset(
@@ -580,7 +604,18 @@ fn validate(
     let mut seen = HashSet::new();
     for (i, raw) in s.routes.into_iter().enumerate() {
         let Some(raw) = raw else { continue };
-        if let Some(r) = validate_route(loc, i, raw, &upstreams, &regions, &server.region, errors) {
+        if let Some(r) = validate_route(
+            loc,
+            i,
+            raw,
+            Upstreams {
+                valid: &upstreams,
+                names: &s.upstream_names,
+            },
+            &regions,
+            &server.region,
+            errors,
+        ) {
             if !seen.insert((r.host.clone(), r.path_prefix.clone())) {
                 errors.push(loc.at_path(
                     &["routes".into(), i.into()],
@@ -614,7 +649,18 @@ fn validate(
     let tables = validate_tables(loc, s.tables, &server.region, errors);
     let consistency = validate_consistency(loc, s.consistency, errors);
     let cache = cache::validate_cache(loc, s.cache, &tables, errors);
-    let warnings = consistency_warnings(&regions, &routes, &tables);
+    let mut warnings = consistency_warnings(&regions, &routes, &tables);
+    if !admin.listen.ip().is_loopback() {
+        warnings.push(format!(
+            "admin.listen {} is not a loopback address: /metrics, /status and (with the token) mutations are reachable from the network; put it on 127.0.0.1 or firewall it",
+            admin.listen
+        ));
+    }
+    if let Some(net) = server.trusted_proxies.iter().find(|n| n.prefix_len() == 0) {
+        warnings.push(format!(
+            "server.trusted_proxies has `{net}`, which trusts every address: any client can set X-Forwarded-For and X-Forwarded-Proto; list only the proxies in front"
+        ));
+    }
     Some(Config {
         server,
         admin,
@@ -630,6 +676,49 @@ fn validate(
         cache,
         warnings,
     })
+}
+
+/// The longest any duration setting may be: time arithmetic on the request
+/// path (an ejection's end, a deadline) must never overflow.
+const MAX_SETTING: std::time::Duration = std::time::Duration::from_secs(365 * 86_400);
+
+/// Check duration settings at `base`: at most [`MAX_SETTING`], and above
+/// zero unless `zero_ok`.
+fn check_durations(
+    loc: &Locator<'_>,
+    base: &[Seg],
+    items: &[(&str, std::time::Duration, bool)],
+    errors: &mut Vec<ConfigError>,
+) {
+    for (key, d, zero_ok) in items {
+        let mut at = base.to_vec();
+        at.extend(key.split('.').map(Seg::from));
+        if d.is_zero() && !zero_ok {
+            errors.push(loc.at_path(&at, "must be more than 0s"));
+        } else if *d > MAX_SETTING {
+            errors.push(loc.at_path(&at, "must be at most 365d"));
+        }
+    }
+}
+
+/// Region names go into metric labels, table keys and headers: lower-case
+/// letters, digits and `-`, as AWS names its regions.
+fn region_name_error(name: &str) -> Option<String> {
+    let ok = !name.is_empty()
+        && name.len() <= 64
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        && !name.starts_with('-');
+    (!ok).then(|| {
+        format!("region name `{name}`: use lower-case letters, digits and `-` (like `us-east-1`)")
+    })
+}
+
+/// Whether two listening addresses would take the same connections (one
+/// port on the same address, or on an unspecified one).
+pub fn listeners_overlap(a: &SocketAddr, b: &SocketAddr) -> bool {
+    a.port() == b.port() && (a.ip() == b.ip() || a.ip().is_unspecified() || b.ip().is_unspecified())
 }
 
 /// Settings that are valid but probably not what the operator wants.
@@ -729,6 +818,12 @@ fn validate_tables(
             TableBackend::Embedded
         }
     };
+    check_durations(
+        loc,
+        &[Seg::from("tables")],
+        &[("heartbeat_interval", raw.heartbeat_interval, false)],
+        errors,
+    );
     if raw.heartbeat_interval < Duration::from_millis(10) {
         errors.push(loc.at_path(
             &at("heartbeat_interval"),
@@ -764,6 +859,12 @@ fn validate_consistency(
     raw: RawConsistency,
     errors: &mut Vec<ConfigError>,
 ) -> ConsistencyConfig {
+    check_durations(
+        loc,
+        &[Seg::from("consistency")],
+        &[("token_ttl", raw.token_ttl, false)],
+        errors,
+    );
     if raw.token_ttl < Duration::from_secs(1) {
         errors.push(loc.at_path(
             &[Seg::from("consistency"), Seg::from("token_ttl")],
@@ -797,11 +898,15 @@ fn validate_server(
     let p = |k: &str| vec![Seg::from("server"), Seg::from(k)];
     let mut listen = Vec::new();
     for (i, l) in raw.listen.iter().enumerate() {
-        match l.parse::<SocketAddr>() {
-            Ok(a) => listen.push(a),
-            Err(_) => errors.push(loc.at_path(
+        match parse_listen(l) {
+            Ok(a) if listen.iter().any(|o| listeners_overlap(o, &a)) => errors.push(loc.at_path(
                 &[Seg::from("server"), Seg::from("listen"), Seg::from(i)],
-                format!("`{l}` is not an ip:port address"),
+                format!("`{l}` is also an earlier listener"),
+            )),
+            Ok(a) => listen.push(a),
+            Err(msg) => errors.push(loc.at_path(
+                &[Seg::from("server"), Seg::from("listen"), Seg::from(i)],
+                msg,
             )),
         }
     }
@@ -849,14 +954,14 @@ fn validate_server(
                 Seg::from(k),
             ]
         };
-        let addr = t.listen.parse::<SocketAddr>();
-        if addr.is_err() {
-            errors.push(loc.at_path(
-                &at("listen"),
-                format!("`{}` is not an ip:port address", t.listen),
-            ));
+        let addr = parse_listen(&t.listen);
+        if let Err(msg) = &addr {
+            errors.push(loc.at_path(&at("listen"), msg.clone()));
         }
-        if listen.iter().any(|l| Ok(*l) == addr) {
+        if addr
+            .as_ref()
+            .is_ok_and(|a| listen.iter().any(|l| listeners_overlap(l, a)))
+        {
             errors.push(loc.at_path(
                 &at("listen"),
                 "also a plain listener: one port cannot be both",
@@ -917,20 +1022,26 @@ fn validate_server(
             EscapedSlashes::Keep
         }
     };
-    for (key, d) in [
-        ("shutdown_timeout", raw.shutdown_timeout),
-        ("keepalive_timeout", raw.keepalive_timeout),
-        ("header_read_timeout", raw.header_read_timeout),
-        ("send_timeout", raw.send_timeout),
-    ] {
-        if d.is_zero() {
-            errors.push(loc.at_path(&p(key), "must be more than 0s"));
-        }
-    }
+    check_durations(
+        loc,
+        &[Seg::from("server")],
+        &[
+            ("shutdown_timeout", raw.shutdown_timeout, false),
+            ("keepalive_timeout", raw.keepalive_timeout, false),
+            ("header_read_timeout", raw.header_read_timeout, false),
+            ("send_timeout", raw.send_timeout, false),
+            ("drain_period", raw.drain_period, true),
+            ("rtt_tolerance", raw.rtt_tolerance, true),
+        ],
+        errors,
+    );
     let region = region_override
         .filter(|r| !r.is_empty())
         .map(str::to_string)
         .unwrap_or(raw.region);
+    if let Some(msg) = region_name_error(&region) {
+        errors.push(loc.at_path(&p("region"), msg));
+    }
     ServerConfig {
         region,
         listen,
@@ -969,11 +1080,8 @@ fn validate_server(
 }
 
 fn validate_admin(loc: &Locator<'_>, raw: &RawAdmin, errors: &mut Vec<ConfigError>) -> AdminConfig {
-    let listen = raw.listen.parse::<SocketAddr>().unwrap_or_else(|_| {
-        errors.push(loc.at_path(
-            &["admin".into(), "listen".into()],
-            format!("`{}` is not an ip:port address", raw.listen),
-        ));
+    let listen = parse_listen(&raw.listen).unwrap_or_else(|msg| {
+        errors.push(loc.at_path(&["admin".into(), "listen".into()], msg));
         SocketAddr::from(([127, 0, 0, 1], 9901))
     });
     AdminConfig {
@@ -1010,6 +1118,12 @@ fn validate_regions(
     let mut regions = Vec::new();
     for (i, (name, r)) in raw.into_iter().enumerate() {
         let path = [Seg::from("regions"), Seg::Key(name.clone())];
+        if let Some(msg) = region_name_error(&name) {
+            errors.push(loc.at_path(&path, msg));
+        }
+        if let Some(rtt) = r.rtt {
+            check_durations(loc, &path, &[("rtt", rtt, true)], errors);
+        }
         let peer = match &r.peer {
             Some(url) => match parse_peer(url) {
                 Ok(p) => Some(p),
@@ -1068,20 +1182,40 @@ fn parse_peer(url: &str) -> Result<PeerAddr, String> {
 }
 
 fn resolve(authority: &str) -> Result<SocketAddr, String> {
+    port_error(authority)?;
     if let Ok(a) = authority.parse::<SocketAddr>() {
         return Ok(a);
-    }
-    if authority
-        .rsplit_once(':')
-        .is_none_or(|(_, p)| p.parse::<u16>().is_err())
-    {
-        return Err(format!("`{authority}` needs a port (host:port)"));
     }
     authority
         .to_socket_addrs()
         .map_err(|e| format!("cannot resolve `{authority}`: {e}"))?
         .next()
         .ok_or_else(|| format!("`{authority}` resolves to no address"))
+}
+
+/// What is wrong with the port of `host:port`, if anything.
+fn port_error(authority: &str) -> Result<(), String> {
+    let port = match authority.rsplit_once(':') {
+        // `[::1]` alone: the last colon is inside the brackets.
+        Some((_, p)) if !p.ends_with(']') => p,
+        _ => return Err(format!("`{authority}` needs a port (host:port)")),
+    };
+    match port.parse::<u32>() {
+        Ok(0) => Err(format!(
+            "`{authority}`: port 0 is not a port to connect or listen to"
+        )),
+        Ok(n) if n > 65_535 => Err(format!("`{authority}`: port {n} is out of range (1-65535)")),
+        Ok(_) => Ok(()),
+        Err(_) if port.is_empty() => Err(format!("`{authority}` needs a port (host:port)")),
+        Err(_) => Err(format!("`{authority}`: port `{port}` is not a number")),
+    }
+}
+
+/// A listening address `ip:port`, with the reason when it is not one.
+fn parse_listen(l: &str) -> Result<SocketAddr, String> {
+    port_error(l)?;
+    l.parse::<SocketAddr>()
+        .map_err(|_| format!("`{l}` is not an ip:port address (listeners take an IP, not a name)"))
 }
 
 fn validate_upstream(
@@ -1141,12 +1275,32 @@ fn validate_upstream(
         ));
     }
     let h = &raw.health;
+    check_durations(
+        loc,
+        &base,
+        &[
+            ("connect_timeout", raw.connect_timeout, false),
+            ("read_timeout", raw.read_timeout, false),
+            ("health.interval", h.interval, false),
+            ("health.timeout", h.timeout, false),
+            ("health.jitter", h.jitter.unwrap_or_default(), true),
+            ("outlier.base_ejection", raw.outlier.base_ejection, false),
+            ("outlier.max_ejection", raw.outlier.max_ejection, false),
+        ],
+        errors,
+    );
+    // The probe's request line carries it as written.
+    let probe_path_ok = h.path.starts_with('/')
+        && h.path.parse::<http::uri::PathAndQuery>().is_ok()
+        && h.path.bytes().all(|b| b.is_ascii_graphic());
     for (key, ok, msg) in [
         ("healthy", h.healthy >= 1, "must be at least 1"),
         ("unhealthy", h.unhealthy >= 1, "must be at least 1"),
-        ("interval", !h.interval.is_zero(), "must be more than 0s"),
-        ("timeout", !h.timeout.is_zero(), "must be more than 0s"),
-        ("path", h.path.starts_with('/'), "must start with `/`"),
+        (
+            "path",
+            probe_path_ok,
+            "must be a path starting with `/`, without spaces or control characters",
+        ),
     ] {
         if !ok {
             errors.push(loc.at_path(&at(&["health".into(), key.into()]), msg));
@@ -1279,15 +1433,23 @@ fn validate_upstream(
     })
 }
 
+/// The upstreams routes may name: those that validated, and every name
+/// defined (some with mistakes of their own).
+struct Upstreams<'a> {
+    valid: &'a [UpstreamConfig],
+    names: &'a [String],
+}
+
 fn validate_route(
     loc: &Locator<'_>,
     i: usize,
     raw: RawRoute,
-    upstreams: &[UpstreamConfig],
+    known: Upstreams<'_>,
     regions: &[RegionConfig],
     local_region: &str,
     errors: &mut Vec<ConfigError>,
 ) -> Option<RouteConfig> {
+    let (upstreams, upstream_names) = (known.valid, known.names);
     let at = |k: &str| vec![Seg::from("routes"), Seg::from(i), Seg::from(k)];
     let before = errors.len();
     let host = match parse_host(&raw.host) {
@@ -1317,8 +1479,11 @@ fn validate_route(
         }
     };
     let upstream = upstreams.iter().position(|u| u.name == raw.upstream);
-    if upstream.is_none() {
-        let mut names: Vec<&str> = upstreams.iter().map(|u| u.name.as_str()).collect();
+    // An upstream that is defined but has a mistake of its own was reported
+    // there; the route is only checked no further.
+    let defined_but_broken = upstream.is_none() && upstream_names.contains(&raw.upstream);
+    if upstream.is_none() && !defined_but_broken {
+        let mut names: Vec<&str> = upstream_names.iter().map(String::as_str).collect();
         names.sort_unstable();
         errors.push(loc.at_path(
             &at("upstream"),
@@ -1374,7 +1539,7 @@ fn validate_route(
             ));
         }
     }
-    if errors.len() > before {
+    if errors.len() > before || defined_but_broken {
         return None;
     }
     let cache = cache::route_cache(loc, i, &raw, errors);
@@ -1488,6 +1653,10 @@ fn route_policy(
             on_primary_down,
         },
         PolicyName::BoundedStaleness => match raw.max_staleness {
+            Some(d) if d > MAX_SETTING => {
+                errors.push(loc.at_path(&at("max_staleness"), "must be at most 365d"));
+                return None;
+            }
             Some(max_staleness) if !max_staleness.is_zero() => Policy::BoundedStaleness {
                 max_staleness,
                 on_primary_down,

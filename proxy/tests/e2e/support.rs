@@ -13,7 +13,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 pub const HOP_SECRET: &str = "e2e-hop-secret-of-at-least-32-bytes";
-pub const ADMIN_TOKEN: &str = "e2e-admin-token";
+pub const ADMIN_TOKEN: &str = "e2e-admin-token-of-at-least-32-bytes";
 
 /// A port for the binary to bind (Pingora binds by itself, so we cannot
 /// hand it a socket). Binding port 0 and releasing it races: another test
