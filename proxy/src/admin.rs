@@ -11,14 +11,15 @@ use pingora::protocols::http::ServerSession;
 
 use crate::cache::purge::PurgeSpec;
 use crate::cache::EdgeCache;
-use crate::health::HealthState;
 use crate::lifecycle::Lifecycle;
 use crate::metrics::Metrics;
+use crate::reload::{ConfigInfo, ReloadHandle};
+use crate::service::Region;
 use crate::tables::heartbeat::LagState;
 
 /// The admin HTTP app of one proxy.
 pub struct AdminApp {
-    health: Arc<HealthState>,
+    live: Arc<arc_swap::ArcSwap<Region>>,
     lifecycle: Arc<Lifecycle>,
     metrics: Arc<Metrics>,
     lag: Arc<LagState>,
@@ -26,6 +27,7 @@ pub struct AdminApp {
     token: Option<String>,
     cache: Option<Arc<EdgeCache>>,
     tls: Vec<Arc<edge_certs::resolver::DirResolver>>,
+    reload: Option<(ReloadHandle, Arc<arc_swap::ArcSwap<ConfigInfo>>)>,
 }
 
 /// Largest `POST /purge` body.
@@ -35,7 +37,7 @@ impl AdminApp {
     /// `token` is the bearer token for mutations; None refuses them all.
     /// `table` describes the replicated table for `/status`.
     pub fn new(
-        health: Arc<HealthState>,
+        live: Arc<arc_swap::ArcSwap<Region>>,
         lifecycle: Arc<Lifecycle>,
         metrics: Arc<Metrics>,
         lag: Arc<LagState>,
@@ -43,7 +45,8 @@ impl AdminApp {
         token: Option<String>,
     ) -> Self {
         AdminApp {
-            health,
+            live,
+            reload: None,
             lifecycle,
             metrics,
             lag,
@@ -85,6 +88,32 @@ impl AdminApp {
     }
 
     /// Serve `POST /purge` and the `/status` cache section for `cache`.
+    /// `POST /reload` asks `handle`; `/status` shows `info`.
+    pub fn with_reload(
+        mut self,
+        handle: ReloadHandle,
+        info: Arc<arc_swap::ArcSwap<ConfigInfo>>,
+    ) -> Self {
+        self.reload = Some((handle, info));
+        self
+    }
+
+    async fn reload(&self) -> Response<Vec<u8>> {
+        let Some((handle, _)) = &self.reload else {
+            return text(
+                StatusCode::CONFLICT,
+                "this process has no config file to reload",
+            );
+        };
+        match handle.reload().await {
+            Ok(info) => json(StatusCode::OK, info.json()),
+            Err(why) => json(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                serde_json::json!({ "error": why, "kept": "the previous config keeps serving" }),
+            ),
+        }
+    }
+
     pub fn with_cache(mut self, cache: Option<Arc<EdgeCache>>) -> Self {
         self.cache = cache;
         self
@@ -199,7 +228,7 @@ impl ServeHttp for AdminApp {
             .map(|v| v.as_bytes().to_vec());
         let mutation = matches!(
             (&method, path.as_str()),
-            (&Method::POST, "/purge") | (&Method::POST | &Method::DELETE, "/drain")
+            (&Method::POST, "/purge" | "/reload") | (&Method::POST | &Method::DELETE, "/drain")
         );
         if mutation && !self.authorized(auth.as_deref()) {
             tracing::warn!(
@@ -218,7 +247,10 @@ impl ServeHttp for AdminApp {
                 self.metrics.render(),
             ),
             (Method::GET, "/status") => {
-                let mut doc = self.health.status_json();
+                let mut doc = self.live.load().health.status_json();
+                if let Some((_, info)) = &self.reload {
+                    doc["config"] = info.load().json();
+                }
                 doc["draining"] = self.lifecycle.is_draining().into();
                 doc["tables"] = self.lag.status_json(&self.table);
                 doc["tls"] = self.tls_json();
@@ -230,6 +262,7 @@ impl ServeHttp for AdminApp {
                 respond(StatusCode::OK, "application/json", body)
             }
             (Method::POST, "/purge") => self.purge(session).await,
+            (Method::POST, "/reload") => self.reload().await,
             (m @ (Method::POST | Method::DELETE), "/drain") => {
                 let drain = m == Method::POST;
                 if drain {
@@ -253,12 +286,12 @@ impl ServeHttp for AdminApp {
                     },
                 )
             }
-            (_, "/metrics" | "/status" | "/drain" | "/purge") => {
+            (_, "/metrics" | "/status" | "/drain" | "/purge" | "/reload") => {
                 text(StatusCode::METHOD_NOT_ALLOWED, "method not allowed")
             }
             _ => text(
                 StatusCode::NOT_FOUND,
-                "not found: try /metrics, /status, POST /drain, POST /purge",
+                "not found: try /metrics, /status, POST /drain, POST /purge, POST /reload",
             ),
         }
     }

@@ -24,14 +24,14 @@ use crate::cache::store::MemoryStore;
 use crate::cache::EdgeCache;
 use crate::config::Config;
 use crate::downstream::{ClientLimits, EdgeApp};
-use crate::health::prober::Prober;
 use crate::health::{HealthState, Topology};
 use crate::hop::HopSigner;
 use crate::lifecycle::Lifecycle;
 use crate::metrics::Metrics;
+use crate::reload::Reloader;
 use crate::retry::RetryBudget;
 use crate::routing::RouteTable;
-use crate::service::EdgeProxy;
+use crate::service::{EdgeProxy, Region};
 use crate::snapshot::Snapshots;
 use crate::tables::heartbeat::{HeartbeatSettings, Heartbeats, LagState};
 use crate::tables::SharedTable;
@@ -49,6 +49,7 @@ const WARN_INTERVAL: Duration = Duration::from_secs(10);
 const HOP_WINDOW: Duration = Duration::from_secs(60);
 
 /// Secrets that come from the environment, not the file.
+#[derive(Clone)]
 pub struct Secrets {
     /// Secret shared by every region's proxy; the hop and token keys are derived from it.
     pub hop_key: Vec<u8>,
@@ -150,6 +151,107 @@ fn prime_metrics(metrics: &Metrics, config: &Config, topo: &Topology) {
     }
 }
 
+/// What a region keeps across reloads (built once, at start).
+#[derive(Clone)]
+pub struct Fixed {
+    /// From the environment.
+    pub secrets: Secrets,
+    /// The region's registry.
+    pub metrics: Arc<Metrics>,
+    /// Drain state.
+    pub lifecycle: Arc<Lifecycle>,
+    /// Replication lag from the heartbeats.
+    pub lag: Arc<LagState>,
+    /// The HTTP cache, when a route had `cache = true` at start.
+    pub cache: Option<Arc<EdgeCache>>,
+    /// Verifies purges from peers.
+    pub purge_signer: Arc<PurgeSigner>,
+    /// How peer regions are reached.
+    pub peer_transport: BackendTransport,
+}
+
+/// Where a region's config came from, for reloads.
+#[derive(Debug, Clone, Default)]
+pub struct ConfigSource {
+    /// The file (`run -c`); None for the demo's generated configs.
+    pub path: Option<std::path::PathBuf>,
+    /// `EDGE_REGION`, which overrides the file's `server.region`.
+    pub region_override: Option<String>,
+    /// The text it was parsed from (hashed for `/status` and metrics).
+    pub text: String,
+}
+
+/// The part of a region a reload replaces, built from `config`: its
+/// health state (all healthy; see [`HealthState::inherit`]), its
+/// upstreams' transports, and the proxy's setup.
+pub fn build_region(config: &Config, fixed: &Fixed) -> anyhow::Result<Region> {
+    let metrics = fixed.metrics.clone();
+    let topo = Arc::new(Topology::from_config(config));
+    let health = Arc::new(HealthState::new(topo, metrics.clone()));
+    prime_metrics(&metrics, config, &health.topo);
+    let backend_transports = config
+        .upstreams
+        .iter()
+        .map(|u| {
+            BackendTransport::load(&u.transport, config.server.peer_tls.is_some())
+                .map_err(|e| anyhow::anyhow!("upstream `{}`: {e}", u.name))
+        })
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    let secrets = &fixed.secrets;
+    let region = &config.server.region;
+    Ok(Region {
+        health: health.clone(),
+        routes: RouteTable::new(config.routes.clone()),
+        hop: HopSigner::new(
+            &secrets.hop_key,
+            secrets.previous_hop_key.as_deref(),
+            HOP_WINDOW,
+        )
+        .signing_legacy(config.server.hop_format_v1),
+        metrics,
+        lifecycle: fixed.lifecycle.clone(),
+        health_path: config.server.health_path.clone(),
+        debug_headers: config.server.debug_headers,
+        trusted_proxies: config.server.trusted_proxies.clone(),
+        path_rules: config.server.path_rules,
+        retry_budgets: config
+            .upstreams
+            .iter()
+            .map(|_| RetryBudget::default())
+            .collect(),
+        via_name: crate::forwarding::via_pseudonym(region),
+        hop_warnings: WarnLimiter::new(WARN_INTERVAL),
+        loop_warnings: WarnLimiter::new(WARN_INTERVAL),
+        error_warnings: WarnLimiter::new(WARN_INTERVAL),
+        send_timeout: config.server.send_timeout,
+        snapshots: Snapshots {
+            health,
+            lag: fixed.lag.clone(),
+            margin_ms: config.consistency.clock_margin.as_millis() as u64,
+        },
+        tokens: TokenSigner::new(
+            &secrets.hop_key,
+            secrets.previous_hop_key.as_deref(),
+            config.consistency.token_ttl,
+            // Only a region of ours can sign one, and its time is compared
+            // with that region's own heartbeats: a clock ahead of ours
+            // delays the token's region catching up, it does not forge.
+            config.consistency.token_ttl,
+        ),
+        peers_check_tokens: !config.server.hop_format_v1,
+        cache: fixed.cache.clone(),
+        purge_signer: fixed.purge_signer.clone(),
+        backend_transports,
+        peer_transport: fixed.peer_transport.clone(),
+        peers_need_certificates: config.server.peer_tls.is_some(),
+        redirect_https: config
+            .server
+            .redirect_https
+            .then(|| config.server.tls.first().map(|t| t.listen.port()))
+            .flatten(),
+    })
+}
+
 /// Add one region's services to `server`; returns its drain state.
 /// `table` replaces the configured replicated table (the demo's simulated
 /// global table); `None` opens the one `[tables]` names.
@@ -158,13 +260,11 @@ pub fn add_region(
     config: &Config,
     secrets: Secrets,
     table: Option<SharedTable>,
+    source: ConfigSource,
 ) -> anyhow::Result<Arc<Lifecycle>> {
     let region = config.server.region.clone();
     let metrics = Arc::new(Metrics::new(&region).context("registering metrics")?);
-    let topo = Arc::new(Topology::from_config(config));
-    let health = Arc::new(HealthState::new(topo, metrics.clone()));
     let lifecycle = Arc::new(Lifecycle::new(metrics.clone()));
-    prime_metrics(&metrics, config, &health.topo);
     let table = match table {
         Some(t) => t,
         None => {
@@ -172,7 +272,7 @@ pub fn add_region(
         }
     };
     let lag = Arc::new(LagState::new(
-        health.topo.regions.iter().map(|r| r.name.clone()).collect(),
+        config.regions.iter().map(|r| r.name.clone()).collect(),
     ));
     let peer_transport = match &config.server.peer_tls {
         Some(p) => BackendTransport::for_peers(p)
@@ -230,69 +330,21 @@ pub fn add_region(
         ))
     });
 
-    let backend_transports = config
-        .upstreams
-        .iter()
-        .map(|u| {
-            BackendTransport::load(&u.transport, config.server.peer_tls.is_some())
-                .map_err(|e| anyhow::anyhow!("upstream `{}`: {e}", u.name))
-        })
-        .collect::<anyhow::Result<Vec<_>>>()?;
-    let edge_proxy = || EdgeProxy {
-        health: health.clone(),
-        routes: RouteTable::new(config.routes.clone()),
-        hop: HopSigner::new(
-            &secrets.hop_key,
-            secrets.previous_hop_key.as_deref(),
-            HOP_WINDOW,
-        )
-        .signing_legacy(config.server.hop_format_v1),
+    let fixed = Fixed {
+        secrets: secrets.clone(),
         metrics: metrics.clone(),
         lifecycle: lifecycle.clone(),
-        health_path: config.server.health_path.clone(),
-        debug_headers: config.server.debug_headers,
-        trusted_proxies: config.server.trusted_proxies.clone(),
-        path_rules: config.server.path_rules,
-        retry_budgets: config
-            .upstreams
-            .iter()
-            .map(|_| RetryBudget::default())
-            .collect(),
-        via_name: crate::forwarding::via_pseudonym(&region),
-        hop_warnings: WarnLimiter::new(WARN_INTERVAL),
-        loop_warnings: WarnLimiter::new(WARN_INTERVAL),
-        error_warnings: WarnLimiter::new(WARN_INTERVAL),
-        send_timeout: config.server.send_timeout,
-        snapshots: Snapshots {
-            health: health.clone(),
-            lag: lag.clone(),
-            margin_ms: config.consistency.clock_margin.as_millis() as u64,
-        },
-        tokens: TokenSigner::new(
-            &secrets.hop_key,
-            secrets.previous_hop_key.as_deref(),
-            config.consistency.token_ttl,
-            // Only a region of ours can sign one, and its time is compared
-            // with that region's own heartbeats: a clock ahead of ours
-            // delays the token's region catching up, it does not forge.
-            config.consistency.token_ttl,
-        ),
-        peers_check_tokens: !config.server.hop_format_v1,
+        lag: lag.clone(),
         cache: cache.clone(),
-        purge_signer: purge_signer.clone(),
-        backend_transports: backend_transports.clone(),
+        purge_signer,
         peer_transport: peer_transport.clone(),
-        peers_need_certificates: config.server.peer_tls.is_some(),
-        redirect_https: config
-            .server
-            .redirect_https
-            .then(|| config.server.tls.first().map(|t| t.listen.port()))
-            .flatten(),
     };
+    let first = build_region(config, &fixed)?;
+    let current = Arc::new(arc_swap::ArcSwap::from_pointee(first));
     let conf = server.configuration.clone();
     let mut http = match &config.server.peer_tls {
         None => {
-            let mut http = pingora::proxy::HttpProxy::new(edge_proxy(), conf);
+            let mut http = pingora::proxy::HttpProxy::new(EdgeProxy::new(current.clone()), conf);
             http.handle_init_modules();
             http
         }
@@ -305,10 +357,11 @@ pub fn add_region(
                 pingora::connectors::ConnectorOptions::from_server_conf(&conf),
             )
             .map_err(|e| anyhow::anyhow!("mutual TLS between regions: {e}"))?;
-            let mut built = pingora::proxy::ProxyServiceBuilder::new(&conf, edge_proxy())
-                .client_options(options)
-                .build();
-            let mut http = pingora::proxy::HttpProxy::new(edge_proxy(), conf);
+            let mut built =
+                pingora::proxy::ProxyServiceBuilder::new(&conf, EdgeProxy::new(current.clone()))
+                    .client_options(options)
+                    .build();
+            let mut http = pingora::proxy::HttpProxy::new(EdgeProxy::new(current.clone()), conf);
             std::mem::swap(
                 built
                     .app_logic_mut()
@@ -389,8 +442,9 @@ pub fn add_region(
     traffic.threads = Some(config.server.threads);
     server.add_service(traffic);
 
+    let reloader = Reloader::new(source, config.clone(), current.clone(), fixed);
     let admin_app = AdminApp::new(
-        health.clone(),
+        current.clone(),
         lifecycle.clone(),
         metrics.clone(),
         lag.clone(),
@@ -398,7 +452,8 @@ pub fn add_region(
         secrets.admin_token,
     )
     .with_cache(cache)
-    .with_tls(tls_resolvers.clone());
+    .with_tls(tls_resolvers.clone())
+    .with_reload(reloader.handle(), reloader.info());
     let mut admin = Service::new(format!("admin {region}"), admin_app);
     admin.add_tcp(&config.admin.listen.to_string());
     admin.threads = Some(1);
@@ -409,13 +464,11 @@ pub fn add_region(
         &format!("tls certificates {region}"),
         CertWatch::new(tls_resolvers, metrics.clone()),
     ));
-    let prober = Prober::new(
-        health,
-        config.server.health_path.clone(),
-        backend_transports,
-        peer_transport,
-    );
-    server.add_service(background_service(&format!("health {region}"), prober));
+    // The health prober of the current setup, and reloads of it.
+    server.add_service(background_service(
+        &format!("health and reload {region}"),
+        reloader,
+    ));
     let heartbeats = Heartbeats::new(
         table,
         region.clone(),

@@ -185,7 +185,8 @@ fn main() -> ExitCode {
         },
         Command::Run { config } => {
             install_signals();
-            let config = match load_or_report(&config) {
+            let config_path = config;
+            let config = match load_or_report(&config_path) {
                 Ok(c) => c,
                 Err(code) => return code,
             };
@@ -193,7 +194,12 @@ fn main() -> ExitCode {
             for w in &config.warnings {
                 tracing::warn!("config: {w}");
             }
-            match run(config) {
+            let source = app::ConfigSource {
+                text: std::fs::read_to_string(&config_path).unwrap_or_default(),
+                path: Some(config_path),
+                region_override: region_override(),
+            };
+            match run(config, source) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
                     eprintln!("edge-router: {e:#}");
@@ -281,7 +287,7 @@ fn load_secrets(config: &config::Config) -> Result<app::Secrets, String> {
     })
 }
 
-fn run(config: config::Config) -> anyhow::Result<()> {
+fn run(config: config::Config, source: app::ConfigSource) -> anyhow::Result<()> {
     let secrets = load_secrets(&config).map_err(|e| anyhow::anyhow!(e))?;
     if secrets.hop_key.len() < MIN_SECRET_BYTES {
         tracing::warn!(env = %config.server.hop_secret_env, "the secret is shorter than {MIN_SECRET_BYTES} bytes: accepted only while hop_format = \"v1\" (a rolling upgrade); rotate to a longer one next");
@@ -293,7 +299,7 @@ fn run(config: config::Config) -> anyhow::Result<()> {
         tracing::warn!(env = %config.admin.token_env, "no admin token set: admin mutations (POST /drain) are refused");
     }
     let mut server = app::new_server(config.server.shutdown_timeout)?;
-    let lifecycle = app::add_region(&mut server, &config, secrets, None)?;
+    let lifecycle = app::add_region(&mut server, &config, secrets, None, source)?;
     tracing::info!(
         region = %config.server.region,
         listen = ?config.server.listen,

@@ -85,6 +85,10 @@ pub struct Metrics {
     pub tls_cert_expiry: IntGaugeVec,
     /// Reloads of TLS certificate directories, by result (ok, error).
     pub tls_reloads: IntCounterVec,
+    /// Config reloads by result (ok; error: the previous config keeps serving).
+    pub config_reloads: IntCounterVec,
+    /// 1 for the config serving, labelled with its hash and load time.
+    pub config_info: IntGaugeVec,
 }
 
 impl Metrics {
@@ -233,6 +237,16 @@ impl Metrics {
                 "edge_tls_reloads_total",
                 "Reloads of TLS certificate directories after their files changed, by result (ok, error: the old certificates keep serving).",
                 &["result"],
+            )?,
+            config_reloads: counter(
+                "edge_config_reloads_total",
+                "Config reloads (SIGHUP, POST /reload) by result: ok, or error (the previous config keeps serving; the log says why).",
+                &["result"],
+            )?,
+            config_info: gauge(
+                "edge_config_info",
+                "1 for the config serving: its hash (SHA-256 of the file, 16 hex digits) and when it was loaded (Unix ms).",
+                &["hash", "loaded_at"],
             )?,
             purge_fanout: counter(
                 "edge_purge_fanout_total",

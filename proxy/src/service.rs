@@ -55,8 +55,9 @@ use crate::token::{self, TokenCheck, TokenSigner, TOKEN_COOKIE, TOKEN_HEADER};
 /// Attempts per request: the first, another backend, then the next region.
 const MAX_ATTEMPTS: usize = 3;
 
-/// Everything one region's proxy needs to handle a request.
-pub struct EdgeProxy {
+/// Everything one region's proxy needs to handle a request, as one config
+/// file made it: a reload builds a new one and swaps it in ([`EdgeProxy`]).
+pub struct Region {
     /// Health and topology.
     pub health: Arc<HealthState>,
     /// Routes.
@@ -136,6 +137,8 @@ enum Aborted {
 
 /// Per-request state.
 pub struct RequestCtx {
+    /// The region setup this request started with (kept to its end across a reload).
+    region: Option<Arc<Region>>,
     start: Instant,
     request_id: String,
     route: Option<usize>,
@@ -254,7 +257,7 @@ fn named_host(req: &RequestHeader) -> Result<Option<&str>, &'static str> {
     }
 }
 
-impl EdgeProxy {
+impl Region {
     fn local(&self) -> usize {
         self.health.topo.local
     }
@@ -634,7 +637,7 @@ fn strip_token_cookies(resp: &mut ResponseHeader) -> Result<()> {
 }
 
 #[async_trait]
-impl ProxyHttp for EdgeProxy {
+impl ProxyHttp for Region {
     type CTX = RequestCtx;
 
     /// No downstream modules: Pingora's default adds a (disabled) response
@@ -643,6 +646,7 @@ impl ProxyHttp for EdgeProxy {
 
     fn new_ctx(&self) -> RequestCtx {
         RequestCtx {
+            region: None,
             start: Instant::now(),
             request_id: String::new(),
             route: None,
@@ -1620,5 +1624,189 @@ impl ProxyHttp for EdgeProxy {
             error = e.map(|e| e.to_string()),
             "request"
         );
+    }
+}
+
+/// The proxy Pingora runs: the current [`Region`], swapped whole by a
+/// reload. A request keeps the `Region` it started with to its end, so
+/// in-flight requests finish on the setup they began with.
+pub struct EdgeProxy {
+    current: Arc<arc_swap::ArcSwap<Region>>,
+}
+
+impl EdgeProxy {
+    /// A proxy serving whatever `current` holds.
+    pub fn new(current: Arc<arc_swap::ArcSwap<Region>>) -> EdgeProxy {
+        EdgeProxy { current }
+    }
+
+    /// The request's region setup (`new_ctx` sets it; the current one otherwise).
+    fn region(&self, ctx: &RequestCtx) -> Arc<Region> {
+        ctx.region
+            .clone()
+            .unwrap_or_else(|| self.current.load_full())
+    }
+}
+
+#[async_trait]
+impl ProxyHttp for EdgeProxy {
+    type CTX = RequestCtx;
+
+    fn init_downstream_modules(&self, _modules: &mut pingora::modules::http::HttpModules) {}
+
+    fn new_ctx(&self) -> RequestCtx {
+        let region = self.current.load_full();
+        let mut ctx = region.new_ctx();
+        ctx.region = Some(region);
+        ctx
+    }
+
+    async fn request_filter(&self, session: &mut Session, ctx: &mut RequestCtx) -> Result<bool> {
+        self.region(ctx).request_filter(session, ctx).await
+    }
+
+    async fn upstream_peer(
+        &self,
+        session: &mut Session,
+        ctx: &mut RequestCtx,
+    ) -> Result<Box<HttpPeer>> {
+        self.region(ctx).upstream_peer(session, ctx).await
+    }
+
+    async fn upstream_request_filter(
+        &self,
+        session: &mut Session,
+        upstream_request: &mut RequestHeader,
+        ctx: &mut RequestCtx,
+    ) -> Result<()> {
+        self.region(ctx)
+            .upstream_request_filter(session, upstream_request, ctx)
+            .await
+    }
+
+    async fn upstream_response_filter(
+        &self,
+        session: &mut Session,
+        upstream_response: &mut ResponseHeader,
+        ctx: &mut RequestCtx,
+    ) -> Result<()> {
+        self.region(ctx)
+            .upstream_response_filter(session, upstream_response, ctx)
+            .await
+    }
+
+    async fn response_filter(
+        &self,
+        session: &mut Session,
+        resp: &mut ResponseHeader,
+        ctx: &mut RequestCtx,
+    ) -> Result<()> {
+        self.region(ctx).response_filter(session, resp, ctx).await
+    }
+
+    fn request_cache_filter(&self, session: &mut Session, ctx: &mut RequestCtx) -> Result<()> {
+        self.region(ctx).request_cache_filter(session, ctx)
+    }
+
+    fn cache_key_callback(&self, session: &Session, ctx: &mut RequestCtx) -> Result<CacheKey> {
+        self.region(ctx).cache_key_callback(session, ctx)
+    }
+
+    async fn cache_hit_filter(
+        &self,
+        session: &mut Session,
+        meta: &CacheMeta,
+        hit_handler: &mut HitHandler,
+        is_fresh: bool,
+        ctx: &mut RequestCtx,
+    ) -> Result<Option<ForcedFreshness>> {
+        self.region(ctx)
+            .cache_hit_filter(session, meta, hit_handler, is_fresh, ctx)
+            .await
+    }
+
+    async fn proxy_upstream_filter(
+        &self,
+        session: &mut Session,
+        ctx: &mut RequestCtx,
+    ) -> Result<bool> {
+        self.region(ctx).proxy_upstream_filter(session, ctx).await
+    }
+
+    fn response_cache_filter(
+        &self,
+        session: &Session,
+        resp: &ResponseHeader,
+        ctx: &mut RequestCtx,
+    ) -> Result<RespCacheable> {
+        self.region(ctx).response_cache_filter(session, resp, ctx)
+    }
+
+    fn cache_vary_filter(
+        &self,
+        meta: &CacheMeta,
+        ctx: &mut RequestCtx,
+        req: &RequestHeader,
+    ) -> Option<HashBinary> {
+        self.region(ctx).cache_vary_filter(meta, ctx, req)
+    }
+
+    fn should_serve_stale(
+        &self,
+        session: &mut Session,
+        ctx: &mut RequestCtx,
+        error: Option<&Error>,
+    ) -> bool {
+        self.region(ctx).should_serve_stale(session, ctx, error)
+    }
+
+    fn fail_to_connect(
+        &self,
+        session: &mut Session,
+        peer: &HttpPeer,
+        ctx: &mut RequestCtx,
+        e: Box<Error>,
+    ) -> Box<Error> {
+        self.region(ctx).fail_to_connect(session, peer, ctx, e)
+    }
+
+    fn error_while_proxy(
+        &self,
+        peer: &HttpPeer,
+        session: &mut Session,
+        e: Box<Error>,
+        ctx: &mut RequestCtx,
+        client_reused: bool,
+    ) -> Box<Error> {
+        self.region(ctx)
+            .error_while_proxy(peer, session, e, ctx, client_reused)
+    }
+
+    async fn fail_to_proxy(
+        &self,
+        session: &mut Session,
+        e: &Error,
+        ctx: &mut RequestCtx,
+    ) -> FailToProxy {
+        self.region(ctx).fail_to_proxy(session, e, ctx).await
+    }
+
+    fn suppress_error_log(&self, session: &Session, ctx: &RequestCtx, error: &Error) -> bool {
+        self.region(ctx).suppress_error_log(session, ctx, error)
+    }
+
+    fn suppress_proxy_warn_log(
+        &self,
+        session: &Session,
+        ctx: &RequestCtx,
+        error: &Error,
+        context: pingora::proxy::ProxyWarnLogContext,
+    ) -> bool {
+        self.region(ctx)
+            .suppress_proxy_warn_log(session, ctx, error, context)
+    }
+
+    async fn logging(&self, session: &mut Session, e: Option<&Error>, ctx: &mut RequestCtx) {
+        self.region(ctx).logging(session, e, ctx).await
     }
 }

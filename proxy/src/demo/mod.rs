@@ -792,7 +792,18 @@ pub fn run(args: DemoArgs) -> anyhow::Result<()> {
             admin_token: Some(admin_token.clone()),
         };
         let table: SharedTable = Arc::new(global.replica(r.name)?);
-        lifecycles.push(app::add_region(&mut server, &cfg, secrets, Some(table))?);
+        let source = app::ConfigSource {
+            path: None,
+            region_override: None,
+            text,
+        };
+        lifecycles.push(app::add_region(
+            &mut server,
+            &cfg,
+            secrets,
+            Some(table),
+            source,
+        )?);
     }
     print_table(&plan, &admin_token, args.replication_delay);
     if let Some(dir) = &certs {

@@ -113,6 +113,48 @@ impl HealthState {
         state
     }
 
+    /// Take over what `old` knows of the backends and peers this state
+    /// shares with it (the same upstream name and address; the same
+    /// region), so that a reload neither revives a backend found down nor
+    /// forgets an ejection; new backends start healthy, as at start.
+    pub fn inherit(&self, old: &HealthState) {
+        for (ui, u) in self.topo.upstreams.iter().enumerate() {
+            let Some(oi) = old
+                .topo
+                .upstreams
+                .iter()
+                .position(|o| o.config.name == u.config.name)
+            else {
+                continue;
+            };
+            for (bi, b) in u.backends.iter().enumerate() {
+                let found = old.topo.upstreams[oi]
+                    .backends
+                    .iter()
+                    .position(|o| o.addr == b.addr && o.region == b.region);
+                if let Some(obi) = found {
+                    let was = old.backends[oi][obi].lock();
+                    let mut now = self.backends[ui][bi].lock();
+                    now.active = was.active;
+                    now.outlier = was.outlier.clone();
+                }
+            }
+        }
+        for (ri, r) in self.topo.regions.iter().enumerate() {
+            let found = old.topo.regions.iter().position(|o| o.name == r.name);
+            if let (Some(ori), Some(now)) = (found, self.peers.get(ri)) {
+                if let Some(was) = old.peers.get(ori) {
+                    let was = was.lock();
+                    let mut now = now.lock();
+                    now.active = was.active;
+                    now.rtt = was.rtt;
+                    now.reported = was.reported.clone();
+                }
+            }
+        }
+        self.rebuild(Instant::now());
+    }
+
     /// The current snapshot (cheap: an atomic load).
     pub fn snapshot(&self) -> arc_swap::Guard<Arc<Snapshot>> {
         self.snapshot.load()

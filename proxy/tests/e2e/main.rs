@@ -16,6 +16,7 @@ mod failover;
 mod hop;
 mod outlier;
 mod peer_tls;
+mod reload;
 mod request_path;
 mod retries;
 mod slow_clients;

@@ -232,6 +232,11 @@ impl Edge {
         format!("http://127.0.0.1:{}{path}", self.admin)
     }
 
+    /// The config file it was started with (rewrite it, then reload).
+    pub fn config_path(&self) -> PathBuf {
+        self.log.with_file_name("edge.toml")
+    }
+
     pub fn log_text(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }

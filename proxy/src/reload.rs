@@ -1,0 +1,312 @@
+//! Reloading a region's config without dropping a connection, as nginx's
+//! `nginx -s reload` and Envoy's dynamic configuration do: SIGHUP or
+//! `POST /reload` on the admin listener re-reads the file, validates it as
+//! `check` does, builds the routes, upstreams, policies and health settings
+//! from it, and swaps them in one step. A request keeps the setup it
+//! started with, so requests in flight finish on the old one. Backends and
+//! peers the new file keeps keep their health (a backend found down stays
+//! down, an ejection runs its course). A file that does not load, or that
+//! changes what only a restart can (listeners, the region, the table, the
+//! cache), keeps the old config serving and says why: the log, the metric
+//! `edge_config_reloads_total{result}` and the admin answer. It also runs
+//! the current setup's health prober, replaced with each reload.
+
+use std::sync::Arc;
+
+use arc_swap::ArcSwap;
+use async_trait::async_trait;
+use parking_lot::Mutex;
+use pingora::server::ShutdownWatch;
+use pingora::services::background::BackgroundService;
+use sha2::{Digest, Sha256};
+use tokio::sync::{mpsc, oneshot, watch};
+
+use crate::app::{build_region, ConfigSource, Fixed};
+use crate::config::{self, Config};
+use crate::health::prober::Prober;
+use crate::service::Region;
+
+/// Which config is serving: its hash and when it was loaded.
+#[derive(Debug, Clone)]
+pub struct ConfigInfo {
+    /// SHA-256 of the file's text (and `EDGE_REGION`), first 16 hex digits.
+    pub hash: String,
+    /// Unix milliseconds of the load.
+    pub loaded_at_ms: u64,
+    /// The file, when there is one.
+    pub path: Option<std::path::PathBuf>,
+    /// Reloads that applied since start.
+    pub reloads: u64,
+}
+
+impl ConfigInfo {
+    fn of(source: &ConfigSource, reloads: u64) -> ConfigInfo {
+        let mut h = Sha256::new();
+        h.update(source.text.as_bytes());
+        h.update([0]);
+        h.update(source.region_override.as_deref().unwrap_or("").as_bytes());
+        let digest = h.finalize();
+        ConfigInfo {
+            hash: digest[..8].iter().map(|b| format!("{b:02x}")).collect(),
+            loaded_at_ms: crate::clock::unix_ms(),
+            path: source.path.clone(),
+            reloads,
+        }
+    }
+
+    /// For `/status` and the admin answer.
+    pub fn json(&self) -> serde_json::Value {
+        serde_json::json!({
+            "hash": self.hash,
+            "loaded_at_ms": self.loaded_at_ms,
+            "path": self.path.as_ref().map(|p| p.display().to_string()),
+            "reloads": self.reloads,
+        })
+    }
+}
+
+type Reply = oneshot::Sender<Result<ConfigInfo, String>>;
+
+/// Asks the reloader to reload (the admin listener's `POST /reload`).
+#[derive(Clone)]
+pub struct ReloadHandle(mpsc::Sender<Reply>);
+
+impl ReloadHandle {
+    /// Reload now; the new config's info, or why the old one stays.
+    pub async fn reload(&self) -> Result<ConfigInfo, String> {
+        let (tx, rx) = oneshot::channel();
+        self.0
+            .send(tx)
+            .await
+            .map_err(|_| "the reloader is not running".to_string())?;
+        rx.await
+            .map_err(|_| "the reloader stopped before answering".to_string())?
+    }
+}
+
+/// A running health prober and the switch that stops it.
+struct RunningProber(watch::Sender<bool>);
+
+impl RunningProber {
+    fn start(region: &Region) -> RunningProber {
+        let (stop, stopped) = watch::channel(false);
+        let prober = Prober::new(
+            region.health.clone(),
+            region.health_path.clone(),
+            region.backend_transports.clone(),
+            region.peer_transport.clone(),
+        );
+        tokio::spawn(async move { prober.start(stopped).await });
+        RunningProber(stop)
+    }
+}
+
+impl Drop for RunningProber {
+    fn drop(&mut self) {
+        let _ = self.0.send(true);
+    }
+}
+
+/// The background service that runs the current setup's prober and reloads.
+pub struct Reloader {
+    source: Mutex<ConfigSource>,
+    config: Mutex<Config>,
+    current: Arc<ArcSwap<Region>>,
+    fixed: Fixed,
+    requests: Mutex<Option<mpsc::Receiver<Reply>>>,
+    handle: ReloadHandle,
+    info: Arc<ArcSwap<ConfigInfo>>,
+}
+
+impl Reloader {
+    /// Reloads of `config` (read from `source`) into `current`.
+    pub fn new(
+        source: ConfigSource,
+        config: Config,
+        current: Arc<ArcSwap<Region>>,
+        fixed: Fixed,
+    ) -> Reloader {
+        let (tx, rx) = mpsc::channel(4);
+        let info = ConfigInfo::of(&source, 0);
+        publish_info(&fixed, None, &info);
+        Reloader {
+            source: Mutex::new(source),
+            config: Mutex::new(config),
+            current,
+            fixed,
+            requests: Mutex::new(Some(rx)),
+            handle: ReloadHandle(tx),
+            info: Arc::new(ArcSwap::from_pointee(info)),
+        }
+    }
+
+    /// For the admin listener.
+    pub fn handle(&self) -> ReloadHandle {
+        self.handle.clone()
+    }
+
+    /// Which config is serving.
+    pub fn info(&self) -> Arc<ArcSwap<ConfigInfo>> {
+        self.info.clone()
+    }
+
+    /// Read, validate and swap in the file; the prober is replaced with it.
+    fn reload(&self, prober: &mut RunningProber) -> Result<ConfigInfo, String> {
+        let result = self.try_reload(prober);
+        let metrics = &self.fixed.metrics;
+        match &result {
+            Ok(info) => {
+                metrics.config_reloads.with_label_values(&["ok"]).inc();
+                tracing::info!(hash = %info.hash, "config reloaded: new requests use it; requests in flight finish on the old one");
+            }
+            Err(why) => {
+                metrics.config_reloads.with_label_values(&["error"]).inc();
+                tracing::warn!(error = %why, "config not reloaded: the previous one keeps serving");
+            }
+        }
+        result
+    }
+
+    fn try_reload(&self, prober: &mut RunningProber) -> Result<ConfigInfo, String> {
+        let (path, region_override) = {
+            let s = self.source.lock();
+            (s.path.clone(), s.region_override.clone())
+        };
+        let Some(path) = path else {
+            return Err("this process was not started from a config file".to_string());
+        };
+        let text = std::fs::read_to_string(&path)
+            .map_err(|e| format!("reading {}: {e}", path.display()))?;
+        let new = config::parse(
+            &path.display().to_string(),
+            &text,
+            region_override.as_deref(),
+        )
+        .map_err(|e| e.to_string())?;
+        let old = self.config.lock().clone();
+        let restart = needs_restart(&old, &new);
+        if !restart.is_empty() {
+            return Err(format!(
+                "{} changed: these take a restart (or a graceful upgrade), nothing was applied",
+                restart.join(", ")
+            ));
+        }
+        if self.fixed.cache.is_none() && new.routes.iter().any(|r| r.cache.is_some()) {
+            return Err(
+                "a route turns `cache` on, and this process started without a cache: restart to enable it"
+                    .to_string(),
+            );
+        }
+        let region = build_region(&new, &self.fixed).map_err(|e| format!("{e:#}"))?;
+        let previous = self.current.load_full();
+        region.health.inherit(&previous.health);
+        // The new prober starts before the swap, the old one stops after.
+        let next = RunningProber::start(&region);
+        self.current.store(Arc::new(region));
+        *prober = next;
+        *self.config.lock() = new;
+        let source = ConfigSource {
+            path: Some(path),
+            region_override,
+            text,
+        };
+        let info = ConfigInfo::of(&source, self.info.load().reloads + 1);
+        *self.source.lock() = source;
+        let old_info = self.info.swap(Arc::new(info.clone()));
+        publish_info(&self.fixed, Some(&old_info), &info);
+        Ok(info)
+    }
+}
+
+/// `edge_config_info{hash,loaded_at}` for the config serving, and not the previous one.
+fn publish_info(fixed: &Fixed, previous: Option<&ConfigInfo>, now: &ConfigInfo) {
+    let gauge = &fixed.metrics.config_info;
+    if let Some(p) = previous {
+        let _ = gauge.remove_label_values(&[p.hash.as_str(), &p.loaded_at_ms.to_string()]);
+    }
+    gauge
+        .with_label_values(&[now.hash.as_str(), &now.loaded_at_ms.to_string()])
+        .set(1);
+}
+
+/// The sections of `old` and `new` that differ where a reload cannot apply
+/// the difference: everything but the routes, the upstreams and
+/// `server.trusted_proxies` / `debug_headers`.
+fn needs_restart(old: &Config, new: &Config) -> Vec<&'static str> {
+    let server = |c: &Config| {
+        let mut s = c.server.clone();
+        s.trusted_proxies.clear();
+        s.debug_headers = false;
+        format!("{s:?}")
+    };
+    let mut changed = Vec::new();
+    if server(old) != server(new) {
+        changed.push("[server] (beyond trusted_proxies and debug_headers)");
+    }
+    for (name, a, b) in [
+        (
+            "[admin]",
+            format!("{:?}", old.admin),
+            format!("{:?}", new.admin),
+        ),
+        (
+            "[regions]",
+            format!("{:?}", old.regions),
+            format!("{:?}", new.regions),
+        ),
+        (
+            "[tables]",
+            format!("{:?}", old.tables),
+            format!("{:?}", new.tables),
+        ),
+        (
+            "[consistency]",
+            format!("{:?}", old.consistency),
+            format!("{:?}", new.consistency),
+        ),
+        (
+            "[cache]",
+            format!("{:?}", old.cache),
+            format!("{:?}", new.cache),
+        ),
+        ("[log]", format!("{:?}", old.log), format!("{:?}", new.log)),
+    ] {
+        if a != b {
+            changed.push(name);
+        }
+    }
+    changed
+}
+
+#[async_trait]
+impl BackgroundService for Reloader {
+    async fn start(&self, mut shutdown: ShutdownWatch) {
+        let mut prober = RunningProber::start(&self.current.load());
+        let mut signals = crate::signals::subscribe();
+        let mut requests = self.requests.lock().take();
+        loop {
+            let request = async {
+                match requests.as_mut() {
+                    Some(r) => r.recv().await,
+                    None => std::future::pending().await,
+                }
+            };
+            tokio::select! {
+                _ = shutdown.changed() => return,
+                s = signals.recv() => match s {
+                    Ok(crate::signals::Request::Reload)
+                    | Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {
+                        let _ = self.reload(&mut prober);
+                    }
+                    Ok(_) => {}
+                    Err(tokio::sync::broadcast::error::RecvError::Closed) => {
+                        std::future::pending::<()>().await;
+                    }
+                },
+                Some(reply) = request => {
+                    let _ = reply.send(self.reload(&mut prober));
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,243 @@
+//! Reloading the config (SIGHUP, `POST /reload`) under load: routes and
+//! backends swap with no request failing, a bad file keeps the old config
+//! and says why, and what needs a restart is refused, not half applied.
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use crate::support::*;
+
+const HANG: Duration = Duration::from_secs(20);
+
+/// A client loop of `tasks` concurrent requesters until `stop`; it counts
+/// answers, and failures (anything but a 200).
+struct Load {
+    stop: Arc<AtomicBool>,
+    ok: Arc<AtomicU64>,
+    failed: Arc<AtomicU64>,
+    last_failure: Arc<parking_lot::Mutex<String>>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl Load {
+    fn start(url: String, tasks: usize) -> Load {
+        let stop = Arc::new(AtomicBool::new(false));
+        let ok = Arc::new(AtomicU64::new(0));
+        let failed = Arc::new(AtomicU64::new(0));
+        let last_failure = Arc::new(parking_lot::Mutex::new(String::new()));
+        let handles = (0..tasks)
+            .map(|_| {
+                let (stop, ok, failed, last) = (
+                    stop.clone(),
+                    ok.clone(),
+                    failed.clone(),
+                    last_failure.clone(),
+                );
+                let url = url.clone();
+                tokio::spawn(async move {
+                    let c = client();
+                    while !stop.load(Ordering::Relaxed) {
+                        let s = try_get(&c, &url).await;
+                        if s.status == 200 {
+                            ok.fetch_add(1, Ordering::Relaxed);
+                        } else {
+                            failed.fetch_add(1, Ordering::Relaxed);
+                            *last.lock() = format!("{} {}", s.status, s.body);
+                        }
+                    }
+                })
+            })
+            .collect();
+        Load {
+            stop,
+            ok,
+            failed,
+            last_failure,
+            tasks: handles,
+        }
+    }
+
+    /// Wait until `n` more requests were answered: each reload happens with traffic flowing.
+    async fn flowing(&self, n: u64) {
+        let from = self.ok.load(Ordering::Relaxed) + self.failed.load(Ordering::Relaxed);
+        let moved = eventually(HANG, || async {
+            self.ok.load(Ordering::Relaxed) + self.failed.load(Ordering::Relaxed) >= from + n
+        })
+        .await;
+        assert!(moved.is_some(), "the client loop stalled");
+    }
+
+    async fn finish(self) -> (u64, u64, String) {
+        self.stop.store(true, Ordering::Relaxed);
+        for t in self.tasks {
+            let _ = t.await;
+        }
+        (
+            self.ok.load(Ordering::Relaxed),
+            self.failed.load(Ordering::Relaxed),
+            self.last_failure.lock().clone(),
+        )
+    }
+}
+
+async fn post_reload(edge: &Edge) -> (u16, serde_json::Value) {
+    let resp = client()
+        .post(edge.admin_url("/reload"))
+        .bearer_auth(ADMIN_TOKEN)
+        .send()
+        .await
+        .expect("POST /reload");
+    let status = resp.status().as_u16();
+    (status, resp.json().await.unwrap_or_default())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ten_reloads_under_load_fail_no_request_and_a_bad_file_keeps_the_old_config() {
+    let (a, b) = (origin("solo", "a").await, origin("solo", "b").await);
+    let spec = |backend| vec![RegionSpec::new("solo", vec![backend])];
+    let regions_a = spec(a.addr());
+    let mut regions_b = spec(b.addr());
+    regions_b[0].port = regions_a[0].port;
+    regions_b[0].admin = regions_a[0].admin;
+    let t = Tweaks::default();
+    let config_a = config_for(&regions_a, 0, &t);
+    let config_b = config_for(&regions_b, 0, &t);
+    let edge = Edge::start(&config_a, regions_a[0].port, regions_a[0].admin).await;
+    let c = client();
+    let served_by = |name: &'static str| {
+        let c = c.clone();
+        let url = edge.url("/which");
+        async move {
+            eventually(HANG, || async { try_get(&c, &url).await.origin == name })
+                .await
+                .is_some()
+        }
+    };
+    assert!(served_by("a").await);
+    let hash_before = status_json(&c, &edge).await["config"]["hash"].clone();
+    assert!(hash_before.is_string(), "no config hash in /status");
+
+    let load = Load::start(edge.url("/under-load"), 4);
+    for i in 0..10 {
+        let (text, name) = if i % 2 == 0 {
+            (&config_b, "b")
+        } else {
+            (&config_a, "a")
+        };
+        load.flowing(50).await;
+        std::fs::write(edge.config_path(), text).expect("rewrite the config");
+        if i % 4 == 3 {
+            edge.signal("HUP");
+        } else {
+            let (status, body) = post_reload(&edge).await;
+            assert_eq!(status, 200, "reload {i}: {body}");
+            assert!(body["hash"].is_string(), "{body}");
+        }
+        assert!(
+            served_by(name).await,
+            "reload {i}: never served by {name}; log:\n{}",
+            edge.log_text()
+        );
+    }
+
+    // A broken file: refused with its location, the old config serving on.
+    std::fs::write(edge.config_path(), "[server\nregion = ").expect("write");
+    let (status, body) = post_reload(&edge).await;
+    assert_eq!(status, 422, "{body}");
+    let why = body["error"].as_str().unwrap_or("");
+    assert!(
+        why.contains("edge.toml:1:"),
+        "the error names the file and line: {body}"
+    );
+    // What only a restart can change is refused whole.
+    let moved = config_b.replace(
+        &format!("127.0.0.1:{}\"]", regions_a[0].port),
+        &format!("127.0.0.1:{}\"]", free_port()),
+    );
+    assert_ne!(moved, config_b);
+    std::fs::write(edge.config_path(), &moved).expect("write");
+    let (status, body) = post_reload(&edge).await;
+    assert_eq!(status, 422, "{body}");
+    assert!(
+        body["error"].as_str().unwrap_or("").contains("[server]"),
+        "{body}"
+    );
+
+    load.flowing(50).await;
+    let (ok, failed, last) = load.finish().await;
+    assert_eq!(
+        failed,
+        0,
+        "{failed} of {} requests failed across the reloads; last: {last}",
+        ok + failed
+    );
+    // Still the last good config: served by a.
+    assert_eq!(try_get(&c, &edge.url("/after")).await.origin, "a");
+
+    let m = metrics(&c, &edge).await;
+    let count = |result: &str| {
+        m.lines()
+            .filter(|l| l.starts_with("edge_config_reloads_total{"))
+            .filter(|l| l.contains(&format!("result=\"{result}\"")))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum::<f64>()
+    };
+    assert_eq!(count("ok"), 10.0, "{m}");
+    assert_eq!(count("error"), 2.0, "{m}");
+    let info: Vec<&str> = m
+        .lines()
+        .filter(|l| l.starts_with("edge_config_info{"))
+        .collect();
+    assert_eq!(info.len(), 1, "one config serving: {info:?}");
+    let status = status_json(&c, &edge).await;
+    assert_eq!(status["config"]["reloads"], 10);
+    assert_eq!(
+        status["config"]["hash"], hash_before,
+        "config a again, so its hash"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reload_keeps_a_dead_backend_down_and_needs_the_token() {
+    let a = origin("solo", "a").await;
+    let dead: std::net::SocketAddr = format!("127.0.0.1:{}", free_port()).parse().expect("addr");
+    let regions = vec![RegionSpec::new("solo", vec![a.addr(), dead])];
+    let t = Tweaks::default();
+    let config = config_for(&regions, 0, &t);
+    let edge = Edge::start(&config, regions[0].port, regions[0].admin).await;
+    let c = client();
+    let down = eventually(HANG, || async {
+        status_json(&c, &edge).await["upstreams"][0]["backends"]
+            .as_array()
+            .is_some_and(|b| b.iter().any(|b| b["active_healthy"] == false))
+    })
+    .await;
+    assert!(down.is_some(), "the dead backend was never found down");
+    // The same backends with another debug setting: the dead one must not
+    // come back as healthy (every request to it would fail until probed).
+    std::fs::write(
+        edge.config_path(),
+        config.replace("debug_headers = true", "debug_headers = false"),
+    )
+    .expect("write");
+    let unauthorized = c
+        .post(edge.admin_url("/reload"))
+        .send()
+        .await
+        .expect("POST");
+    assert_eq!(unauthorized.status(), 401);
+    let (status, body) = post_reload(&edge).await;
+    assert_eq!(status, 200, "{body}");
+    let backends = status_json(&c, &edge).await["upstreams"][0]["backends"].clone();
+    assert!(
+        backends
+            .as_array()
+            .is_some_and(|b| b.iter().any(|b| b["active_healthy"] == false)),
+        "the reload revived a dead backend: {backends}"
+    );
+    for i in 0..20 {
+        let s = try_get(&c, &edge.url(&format!("/after/{i}"))).await;
+        assert_eq!(s.status, 200, "request {i} after the reload: {}", s.body);
+    }
+}
