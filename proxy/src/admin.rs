@@ -228,7 +228,10 @@ impl ServeHttp for AdminApp {
             .map(|v| v.as_bytes().to_vec());
         let mutation = matches!(
             (&method, path.as_str()),
-            (&Method::POST, "/purge" | "/reload") | (&Method::POST | &Method::DELETE, "/drain")
+            (
+                &Method::POST,
+                "/purge" | "/reload" | "/backends/disable" | "/backends/enable"
+            ) | (&Method::POST | &Method::DELETE, "/drain")
         );
         if mutation && !self.authorized(auth.as_deref()) {
             tracing::warn!(
@@ -263,6 +266,38 @@ impl ServeHttp for AdminApp {
             }
             (Method::POST, "/purge") => self.purge(session).await,
             (Method::POST, "/reload") => self.reload().await,
+            (Method::POST, p @ ("/backends/disable" | "/backends/enable")) => {
+                let disable = p == "/backends/disable";
+                let query = session.req_header().uri.query().unwrap_or("").to_string();
+                let arg = |name: &str| {
+                    query
+                        .split('&')
+                        .filter_map(|kv| kv.split_once('='))
+                        .find(|(k, _)| *k == name)
+                        .map(|(_, v)| v.to_string())
+                };
+                let (Some(upstream), Some(address)) = (arg("upstream"), arg("address")) else {
+                    return text(
+                        StatusCode::BAD_REQUEST,
+                        "give ?upstream=NAME&address=IP:PORT (a local backend)",
+                    );
+                };
+                match self
+                    .live
+                    .load()
+                    .health
+                    .set_disabled(&upstream, &address, disable)
+                {
+                    Ok(()) => {
+                        tracing::warn!(upstream, address, disabled = disable, "backend rotation changed through the admin API");
+                        json(
+                            StatusCode::OK,
+                            serde_json::json!({"upstream": upstream, "address": address, "disabled": disable}),
+                        )
+                    }
+                    Err(why) => text(StatusCode::NOT_FOUND, &why),
+                }
+            }
             (m @ (Method::POST | Method::DELETE), "/drain") => {
                 let drain = m == Method::POST;
                 if drain {
@@ -286,12 +321,16 @@ impl ServeHttp for AdminApp {
                     },
                 )
             }
-            (_, "/metrics" | "/status" | "/drain" | "/purge" | "/reload") => {
+            (
+                _,
+                "/metrics" | "/status" | "/drain" | "/purge" | "/reload" | "/backends/disable"
+                | "/backends/enable",
+            ) => {
                 text(StatusCode::METHOD_NOT_ALLOWED, "method not allowed")
             }
             _ => text(
                 StatusCode::NOT_FOUND,
-                "not found: try /metrics, /status, POST /drain, POST /purge, POST /reload",
+                "not found: try /metrics, /status, POST /drain, /purge, /reload, /backends/disable, /backends/enable",
             ),
         }
     }

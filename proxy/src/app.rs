@@ -249,6 +249,7 @@ pub fn build_region(config: &Config, fixed: &Fixed) -> anyhow::Result<Region> {
             .redirect_https
             .then(|| config.server.tls.first().map(|t| t.listen.port()))
             .flatten(),
+        log_query: config.log.access_query,
     })
 }
 

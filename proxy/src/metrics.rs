@@ -85,6 +85,10 @@ pub struct Metrics {
     pub tls_cert_expiry: IntGaugeVec,
     /// Reloads of TLS certificate directories, by result (ok, error).
     pub tls_reloads: IntCounterVec,
+    /// Request body bytes read from clients, by route.
+    pub request_bytes: IntCounterVec,
+    /// Response body bytes sent to clients, by route.
+    pub response_bytes: IntCounterVec,
     /// Config reloads by result (ok; error: the previous config keeps serving).
     pub config_reloads: IntCounterVec,
     /// 1 for the config serving, labelled with its hash and load time.
@@ -188,6 +192,17 @@ impl Metrics {
             .const_label("region", region),
         )?;
         registry.register(Box::new(cache_consumer_lag.clone()))?;
+        // process_cpu_seconds_total, process_resident_memory_bytes,
+        // process_open_fds, process_start_time_seconds, … (Linux).
+        registry.register(Box::new(
+            prometheus::process_collector::ProcessCollector::for_self(),
+        ))?;
+        let build = gauge(
+            "edge_build_info",
+            "1, labelled with the version of edge-router running.",
+            &["version"],
+        )?;
+        build.with_label_values(&[env!("CARGO_PKG_VERSION")]).set(1);
         Ok(Metrics {
             cache_lookups: counter(
                 "edge_cache_lookups_total",
@@ -237,6 +252,16 @@ impl Metrics {
                 "edge_tls_reloads_total",
                 "Reloads of TLS certificate directories after their files changed, by result (ok, error: the old certificates keep serving).",
                 &["result"],
+            )?,
+            request_bytes: counter(
+                "edge_request_body_bytes_total",
+                "Request body bytes read from clients, by route.",
+                &["route"],
+            )?,
+            response_bytes: counter(
+                "edge_response_body_bytes_total",
+                "Response body bytes sent to clients, by route.",
+                &["route"],
             )?,
             config_reloads: counter(
                 "edge_config_reloads_total",

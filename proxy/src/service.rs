@@ -107,6 +107,8 @@ pub struct Region {
     pub peers_need_certificates: bool,
     /// `server.redirect_https`: plain-HTTP requests are sent to this TLS port.
     pub redirect_https: Option<u16>,
+    /// `log.access_query`: the access log shows query strings.
+    pub log_query: bool,
 }
 
 /// Headers through which clients or proxies tell an origin about the URL;
@@ -139,6 +141,8 @@ enum Aborted {
 pub struct RequestCtx {
     /// The region setup this request started with (kept to its end across a reload).
     region: Option<Arc<Region>>,
+    /// The status the upstream answered (before any change of ours).
+    upstream_status: Option<u16>,
     start: Instant,
     request_id: String,
     route: Option<usize>,
@@ -647,6 +651,7 @@ impl ProxyHttp for Region {
     fn new_ctx(&self) -> RequestCtx {
         RequestCtx {
             region: None,
+            upstream_status: None,
             start: Instant::now(),
             request_id: String::new(),
             route: None,
@@ -1137,6 +1142,7 @@ impl ProxyHttp for Region {
         ctx.got_response = true;
         ctx.upstream_time = ctx.upstream_start.map(|t| t.elapsed());
         let status = upstream_response.status.as_u16();
+        ctx.upstream_status = Some(status);
         if let (Some(route), Some(b)) = (ctx.route, ctx.backend) {
             let upstream = self.routes.routes()[route].upstream;
             self.health
@@ -1553,7 +1559,16 @@ impl ProxyHttp for Region {
             .or(ctx.local_reply)
             .unwrap_or("none");
         let elapsed = ctx.start.elapsed();
+        let (bytes_in, bytes_out) = (session.body_bytes_read(), session.body_bytes_sent());
         if ctx.local_reply != Some("health") {
+            self.metrics
+                .request_bytes
+                .with_label_values(&[route])
+                .inc_by(bytes_in as u64);
+            self.metrics
+                .response_bytes
+                .with_label_values(&[route])
+                .inc_by(bytes_out as u64);
             self.metrics
                 .requests
                 .with_label_values(&[route, upstream_region, decision, status_class(status)])
@@ -1600,12 +1615,42 @@ impl ProxyHttp for Region {
             tracing::debug!(target: "edge_router::access", status, request_id = %ctx.request_id, "health probe");
             return;
         }
+        let path = if self.log_query {
+            path_and_query(req)
+        } else {
+            req.uri.path()
+        };
+        let backend = match (ctx.route, ctx.backend) {
+            (Some(r), Some(b)) => {
+                let upstream = self.routes.routes()[r].upstream;
+                Some(
+                    self.health.topo.upstreams[upstream].backends[b]
+                        .label
+                        .as_str(),
+                )
+            }
+            // Another region's edge-router.
+            _ => ctx
+                .target_region
+                .filter(|&r| r != self.local())
+                .and_then(|r| self.health.topo.regions[r].peer.as_ref())
+                .map(|p| p.authority.as_str()),
+        };
         tracing::info!(
             target: "edge_router::access",
+            client = session.client_addr().map(|a| a.to_string()),
             method = %req.method,
             host = request_host(req).unwrap_or("-"),
-            path = path_and_query(req),
+            path,
             status,
+            bytes_in,
+            bytes_out,
+            user_agent = req
+                .headers
+                .get(http::header::USER_AGENT)
+                .and_then(|v| v.to_str().ok()),
+            backend,
+            upstream_status = ctx.upstream_status,
             duration_us = elapsed.as_micros() as u64,
             upstream_us = ctx.upstream_time.map(|d| d.as_micros() as u64),
             route,

@@ -102,6 +102,8 @@ pub struct LogConfig {
     pub block_when_full: bool,
     /// Lines queued for the writer thread.
     pub queue_lines: usize,
+    /// The access log shows query strings.
+    pub access_query: bool,
 }
 
 impl Default for LogConfig {
@@ -109,6 +111,7 @@ impl Default for LogConfig {
         LogConfig {
             block_when_full: false,
             queue_lines: 16 * 1024,
+            access_query: false,
         }
     }
 }
@@ -670,6 +673,7 @@ fn validate(
         log: LogConfig {
             block_when_full,
             queue_lines: s.log.queue_lines.max(1),
+            access_query: s.log.access_query,
         },
         tables,
         consistency,

@@ -124,6 +124,9 @@ pub struct RawLog {
     /// Lines queued for the writer thread before `on_full` applies.
     #[serde(default = "default_queue_lines")]
     pub queue_lines: usize,
+    /// Log request query strings too (off: they may carry tokens or personal data).
+    #[serde(default)]
+    pub access_query: bool,
 }
 
 impl Default for RawLog {
@@ -131,6 +134,7 @@ impl Default for RawLog {
         RawLog {
             on_full: default_on_full(),
             queue_lines: default_queue_lines(),
+            access_query: false,
         }
     }
 }

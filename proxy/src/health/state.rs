@@ -24,6 +24,8 @@ use crate::metrics::Metrics;
 pub(super) struct BackendHealth {
     pub(super) active: Hysteresis,
     pub(super) outlier: OutlierState,
+    /// Taken out of rotation through the admin API (nginx's `down`).
+    pub(super) disabled: bool,
 }
 
 #[derive(Debug)]
@@ -60,6 +62,7 @@ impl HealthState {
                         Mutex::new(BackendHealth {
                             active: Hysteresis::new_healthy(),
                             outlier: OutlierState::default(),
+                            disabled: false,
                         })
                     })
                     .collect()
@@ -137,6 +140,7 @@ impl HealthState {
                     let mut now = self.backends[ui][bi].lock();
                     now.active = was.active;
                     now.outlier = was.outlier.clone();
+                    now.disabled = was.disabled;
                 }
             }
         }
@@ -155,6 +159,31 @@ impl HealthState {
         self.rebuild(Instant::now());
     }
 
+    /// Take the local backend `address` (`ip:port`) of `upstream` out of
+    /// rotation, or put it back; an error says which name is unknown.
+    pub fn set_disabled(
+        &self,
+        upstream: &str,
+        address: &str,
+        disabled: bool,
+    ) -> Result<(), String> {
+        let ui = self
+            .topo
+            .upstreams
+            .iter()
+            .position(|u| u.config.name == upstream)
+            .ok_or_else(|| format!("no upstream `{upstream}`"))?;
+        let u = &self.topo.upstreams[ui];
+        let bi = u.by_region[self.topo.local]
+            .iter()
+            .copied()
+            .find(|&bi| u.backends[bi].label == address)
+            .ok_or_else(|| format!("upstream `{upstream}` has no local backend `{address}`"))?;
+        self.backends[ui][bi].lock().disabled = disabled;
+        self.rebuild(Instant::now());
+        Ok(())
+    }
+
     /// The current snapshot (cheap: an atomic load).
     pub fn snapshot(&self) -> arc_swap::Guard<Arc<Snapshot>> {
         self.snapshot.load()
@@ -170,8 +199,15 @@ impl HealthState {
         any_health: bool,
     ) -> Option<usize> {
         let u = &self.topo.upstreams[upstream];
+        let enabled: Vec<usize>;
         let pool: &[usize] = if any_health {
-            &u.by_region[self.topo.local]
+            // Panic mode ignores health, not an operator taking a backend out.
+            enabled = u.by_region[self.topo.local]
+                .iter()
+                .copied()
+                .filter(|&bi| !self.backends[upstream][bi].lock().disabled)
+                .collect();
+            &enabled
         } else {
             &snap.eligible_local[upstream]
         };
@@ -326,7 +362,7 @@ impl HealthState {
             for &bi in &u.by_region[topo.local] {
                 let h = self.backends[ui][bi].lock();
                 let ejected = h.outlier.is_ejected(now);
-                let ok = h.active.is_healthy() && !ejected;
+                let ok = h.active.is_healthy() && !ejected && !h.disabled;
                 let labels = [
                     u.config.name.as_str(),
                     topo.local_name(),

@@ -31,6 +31,7 @@ impl HealthState {
                             "times_ejected": h.outlier.times_ejected(),
                             "consecutive_failures": h.outlier.consecutive_failures(),
                             "eligible": snap.eligible_local[ui].contains(&bi),
+                            "disabled": h.disabled,
                         })
                     })
                     .collect();

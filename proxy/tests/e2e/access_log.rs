@@ -172,3 +172,78 @@ async fn requests_refused_before_the_proxy_are_logged_and_counted() {
         "{log}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_access_log_has_what_operators_expect_and_no_query_by_default() {
+    let (_origin, edge) = solo_edge(&Tweaks::default()).await;
+    let c = client();
+    let resp = c
+        .post(edge.url("/fields?token=secret-value"))
+        .header("user-agent", "fields-test/1.0")
+        .body("0123456789")
+        .send()
+        .await
+        .expect("POST");
+    assert_eq!(resp.status(), 200);
+    let request_id = resp
+        .headers()
+        .get("x-request-id")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("")
+        .to_string();
+    let body_len = resp.bytes().await.expect("body").len();
+    let found = eventually(Duration::from_secs(10), || async {
+        edge.log_text().contains(&request_id)
+    })
+    .await;
+    let log = edge.log_text();
+    assert!(found.is_some(), "no access line for {request_id}:\n{log}");
+    let line = log
+        .lines()
+        .find(|l| l.contains(&request_id) && l.contains("edge_router::access"))
+        .unwrap_or("");
+    for field in [
+        "client=\"127.0.0.1:",
+        "method=POST",
+        "path=\"/fields\"",
+        "status=200",
+        "bytes_in=10",
+        "user_agent=\"fields-test/1.0\"",
+        "upstream_status=200",
+        "backend=\"127.0.0.1:",
+        "decision=",
+        "duration_us=",
+    ] {
+        assert!(line.contains(field), "`{field}` missing from: {line}");
+    }
+    assert!(line.contains(&format!("bytes_out={body_len}")), "{line}");
+    assert!(
+        !line.contains("secret-value"),
+        "the query string was logged: {line}"
+    );
+
+    let m = metrics(&c, &edge).await;
+    assert!(
+        metric_total(&m, "edge_request_body_bytes_total") >= 10.0,
+        "{m}"
+    );
+    assert!(metric_total(&m, "edge_response_body_bytes_total") >= body_len as f64);
+    assert!(m.contains("edge_build_info{"), "no build info");
+    assert!(
+        m.contains("process_resident_memory_bytes"),
+        "no process metrics"
+    );
+
+    // Asked for: the query string too.
+    let t = Tweaks {
+        tail: "[log]\naccess_query = true",
+        ..Tweaks::default()
+    };
+    let (_origin, edge) = solo_edge(&t).await;
+    assert_eq!(try_get(&c, &edge.url("/q?page=2")).await.status, 200);
+    let logged = eventually(Duration::from_secs(10), || async {
+        edge.log_text().contains("path=\"/q?page=2\"")
+    })
+    .await;
+    assert!(logged.is_some(), "{}", edge.log_text());
+}

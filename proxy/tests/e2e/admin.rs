@@ -75,3 +75,62 @@ async fn unknown_host_metrics_status_and_drain_auth() {
     );
     assert_eq!(code(health()).await, 200, "drain cancelled");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_backend_taken_out_of_rotation_gets_no_requests_until_put_back() {
+    let (a, b) = (origin("solo", "a").await, origin("solo", "b").await);
+    let regions = vec![RegionSpec::new("solo", vec![a.addr(), b.addr()])];
+    let edge = start_region(&regions, 0, &Tweaks::default()).await;
+    let c = client();
+    let address = a.addr().to_string();
+    let call = |path: &'static str, token: bool| {
+        let mut req = c.post(edge.admin_url(&format!("{path}?upstream=api&address={address}")));
+        if token {
+            req = req.bearer_auth(ADMIN_TOKEN);
+        }
+        req.send()
+    };
+    assert_eq!(
+        call("/backends/disable", false)
+            .await
+            .expect("POST")
+            .status(),
+        401
+    );
+    assert_eq!(
+        call("/backends/disable", true)
+            .await
+            .expect("POST")
+            .status(),
+        200
+    );
+    for i in 0..20 {
+        let s = try_get(&c, &edge.url(&format!("/out/{i}"))).await;
+        assert_eq!((s.status, s.origin.as_str()), (200, "b"), "request {i}");
+    }
+    let status = status_json(&c, &edge).await;
+    let backends = status["upstreams"][0]["backends"].clone();
+    assert!(
+        backends.as_array().is_some_and(|bs| bs
+            .iter()
+            .any(|x| x["address"] == address.as_str() && x["disabled"] == true)),
+        "{backends}"
+    );
+    // Unknown names say so.
+    let unknown = c
+        .post(edge.admin_url("/backends/disable?upstream=api&address=10.0.0.1:1"))
+        .bearer_auth(ADMIN_TOKEN)
+        .send()
+        .await
+        .expect("POST");
+    assert_eq!(unknown.status(), 404);
+    assert_eq!(
+        call("/backends/enable", true).await.expect("POST").status(),
+        200
+    );
+    let back = eventually(std::time::Duration::from_secs(10), || async {
+        try_get(&c, &edge.url("/back")).await.origin == "a"
+    })
+    .await;
+    assert!(back.is_some(), "the backend never came back into rotation");
+}
