@@ -105,9 +105,23 @@ impl AdminApp {
                 "this process has no config file to reload",
             );
         };
-        match handle.reload().await {
-            Ok(info) => json(StatusCode::OK, info.json()),
-            Err(why) => json(
+        // A reload reads files and resolves names: bounded, so a stuck one
+        // cannot hold the request (it goes on, and says how it ended in the log).
+        let outcome =
+            tokio::time::timeout(std::time::Duration::from_secs(30), handle.reload()).await;
+        match outcome {
+            Err(_) => text(
+                StatusCode::GATEWAY_TIMEOUT,
+                "the reload is still running after 30 s; its result will be in the log and edge_config_reloads_total",
+            ),
+            Ok(Ok(info)) => json(StatusCode::OK, info.json()),
+            Ok(Err(why)) if why.starts_with("the reloader") => {
+                text(StatusCode::SERVICE_UNAVAILABLE, &why)
+            }
+            Ok(Err(why)) if why.contains("not started from a config file") => {
+                text(StatusCode::CONFLICT, &why)
+            }
+            Ok(Err(why)) => json(
                 StatusCode::UNPROCESSABLE_ENTITY,
                 serde_json::json!({ "error": why, "kept": "the previous config keeps serving" }),
             ),

@@ -114,9 +114,11 @@ fn prime_metrics(metrics: &Metrics, config: &Config, topo: &Topology) {
             ]);
         }
     }
-    metrics.draining.set(0);
     for kind in ["max_connections", "header_timeout", "header_too_large"] {
         metrics.client_refusals.with_label_values(&[kind]);
+    }
+    for result in ["ok", "error"] {
+        metrics.config_reloads.with_label_values(&[result]);
     }
     for result in [
         "issued",
@@ -168,6 +170,29 @@ pub struct Fixed {
     pub purge_signer: Arc<PurgeSigner>,
     /// How peer regions are reached.
     pub peer_transport: BackendTransport,
+    /// Each upstream's retry budget by name: retries in flight are counted
+    /// across reloads, so a reload during an outage does not reset it.
+    pub retry_budgets: Arc<parking_lot::Mutex<std::collections::HashMap<String, Arc<RetryBudget>>>>,
+}
+
+impl Fixed {
+    /// The retry budget of the upstream called `name`.
+    pub fn retry_budget(&self, name: &str) -> Arc<RetryBudget> {
+        self.retry_budgets
+            .lock()
+            .entry(name.to_string())
+            .or_default()
+            .clone()
+    }
+
+    /// Publish what a setup that now serves has in the metrics (label sets
+    /// primed at zero), keeping the drain state as it is.
+    pub fn prime(&self, config: &Config, region: &Region) {
+        prime_metrics(&self.metrics, config, &region.health.topo);
+        self.metrics
+            .draining
+            .set(i64::from(self.lifecycle.is_draining()));
+    }
 }
 
 /// Where a region's config came from, for reloads.
@@ -182,13 +207,16 @@ pub struct ConfigSource {
 }
 
 /// The part of a region a reload replaces, built from `config`: its
-/// health state (all healthy; see [`HealthState::inherit`]), its
-/// upstreams' transports, and the proxy's setup.
-pub fn build_region(config: &Config, fixed: &Fixed) -> anyhow::Result<Region> {
+/// health state (all healthy at start; after a reload, sharing what
+/// `previous` knows, see [`HealthState::succeed`]), its upstreams'
+/// transports, and the proxy's setup. Nothing is published to the metrics
+/// here: a reload that fails must leave them as they were.
+pub fn build_region(
+    config: &Config,
+    fixed: &Fixed,
+    previous: Option<&HealthState>,
+) -> anyhow::Result<Region> {
     let metrics = fixed.metrics.clone();
-    let topo = Arc::new(Topology::from_config(config));
-    let health = Arc::new(HealthState::new(topo, metrics.clone()));
-    prime_metrics(&metrics, config, &health.topo);
     let backend_transports = config
         .upstreams
         .iter()
@@ -197,6 +225,11 @@ pub fn build_region(config: &Config, fixed: &Fixed) -> anyhow::Result<Region> {
                 .map_err(|e| anyhow::anyhow!("upstream `{}`: {e}", u.name))
         })
         .collect::<anyhow::Result<Vec<_>>>()?;
+    let topo = Arc::new(Topology::from_config(config));
+    let health = Arc::new(match previous {
+        None => HealthState::new(topo, metrics.clone()),
+        Some(old) => HealthState::succeed(topo, metrics.clone(), old),
+    });
     let secrets = &fixed.secrets;
     let region = &config.server.region;
     Ok(Region {
@@ -217,7 +250,7 @@ pub fn build_region(config: &Config, fixed: &Fixed) -> anyhow::Result<Region> {
         retry_budgets: config
             .upstreams
             .iter()
-            .map(|_| RetryBudget::default())
+            .map(|u| fixed.retry_budget(&u.name))
             .collect(),
         via_name: crate::forwarding::via_pseudonym(region),
         hop_warnings: WarnLimiter::new(WARN_INTERVAL),
@@ -339,8 +372,10 @@ pub fn add_region(
         cache: cache.clone(),
         purge_signer,
         peer_transport: peer_transport.clone(),
+        retry_budgets: Default::default(),
     };
-    let first = build_region(config, &fixed)?;
+    let first = build_region(config, &fixed, None)?;
+    fixed.prime(config, &first);
     let current = Arc::new(arc_swap::ArcSwap::from_pointee(first));
     let conf = server.configuration.clone();
     let mut http = match &config.server.peer_tls {

@@ -16,11 +16,6 @@ use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 
 use crate::config::{PeerTls, UpstreamProtocol, UpstreamTransport};
 
-/// Tells apart the connection pools of transports to the same address and
-/// name (Pingora's pool key leaves out the CA, and peers' TLS material is
-/// the connector's, so nothing else separates them).
-static NEXT_TRANSPORT_ID: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
-
 /// A client certificate presented to the other side (mutual TLS).
 struct ClientCert {
     chain: Vec<CertificateDer<'static>>,
@@ -118,6 +113,13 @@ impl BackendTransport {
             false,
         )?;
         out.in_connector = true;
+        out.id = out.pool_id(&UpstreamTransport {
+            tls: true,
+            sni: None,
+            ca: Some(p.ca.clone()),
+            protocol: UpstreamProtocol::Http1,
+            client_cert: Some((p.cert.clone(), p.key.clone())),
+        });
         Ok(out)
     }
 
@@ -195,10 +197,33 @@ impl BackendTransport {
             client,
             probe: None,
             in_connector: false,
-            id: NEXT_TRANSPORT_ID.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
+            id: 0,
         };
         out.probe = out.build_probe_config()?;
+        out.id = out.pool_id(t);
         Ok(out)
+    }
+
+    /// Tells apart the connection pools of transports to one address and
+    /// name (Pingora's pool key leaves out the CA, and the peers' material
+    /// is the connector's, so nothing else separates them): a digest of the
+    /// settings and the certificates themselves, so a reload that changes
+    /// neither keeps the pooled connections, and one that does gets new ones.
+    fn pool_id(&self, t: &UpstreamTransport) -> u64 {
+        use std::hash::{Hash, Hasher};
+        let mut h = std::collections::hash_map::DefaultHasher::new();
+        format!("{t:?}").hash(&mut h);
+        self.in_connector.hash(&mut h);
+        for c in self.ca.iter().flatten() {
+            c.as_ref().hash(&mut h);
+        }
+        if let Some(c) = &self.client {
+            for cert in &c.chain {
+                cert.as_ref().hash(&mut h);
+            }
+        }
+        // 0 is the pool of plain peers.
+        h.finish() | 1
     }
 
     /// The server name for a backend at `addr`.
@@ -403,7 +428,7 @@ mod tests {
     use pingora::upstreams::peer::Peer;
 
     #[test]
-    fn two_tls_transports_to_one_address_never_share_a_pool() {
+    fn tls_transports_share_a_pool_only_with_the_same_material() {
         let dir = tempfile::tempdir().unwrap();
         let files = edge_certs::dev::write_dev(dir.path()).unwrap();
         let t = UpstreamTransport {
@@ -420,8 +445,22 @@ mod tests {
         let addr: SocketAddr = "127.0.0.1:8443".parse().unwrap();
         let d = Duration::from_secs(1);
         let peer = |x: &BackendTransport| x.peer_named(addr, Some("localhost"), d, d).reuse_hash();
-        assert_ne!(peer(&a), peer(&b));
-        assert_eq!(peer(&a), peer(&a), "one transport keeps one pool");
+        assert_eq!(
+            peer(&a),
+            peer(&b),
+            "the same settings and files: one pool (kept across a reload)"
+        );
+        let other = tempfile::tempdir().unwrap();
+        let other_ca = edge_certs::dev::write_dev(other.path()).unwrap();
+        let c = BackendTransport::load(
+            &UpstreamTransport {
+                ca: Some(other_ca.ca_cert.clone()),
+                ..t.clone()
+            },
+            false,
+        )
+        .unwrap();
+        assert_ne!(peer(&a), peer(&c), "another CA: another pool");
         let peers = BackendTransport::for_peers(&PeerTls {
             ca: files.ca_cert.clone(),
             cert: files.leaf_cert.clone(),

@@ -104,15 +104,15 @@ enum Head {
 }
 
 tokio::task_local! {
-    /// Set when the proxy's `logging` ran for the request being handed to
-    /// Pingora: one that Pingora refuses before the proxy sees it (a head
-    /// its parser rejects) leaves it unset.
-    static LOGGED: std::cell::Cell<bool>;
+    /// Set when Pingora accepted the head handed to it and made the
+    /// request's context (the proxy then logs it): one that Pingora refuses
+    /// first (a head its parser rejects, CONNECT) leaves it unset.
+    static REACHED: std::cell::Cell<bool>;
 }
 
-/// The proxy logged the current request (called from its `logging`).
-pub fn note_logged() {
-    let _ = LOGGED.try_with(|l| l.set(true));
+/// The proxy has the current request (called from its `new_ctx`).
+pub fn note_reached() {
+    let _ = REACHED.try_with(|l| l.set(true));
 }
 
 /// Up to this much of a request line is kept to log a request Pingora refuses.
@@ -199,12 +199,19 @@ fn head_state(buf: &[u8], scanned: &mut usize) -> HeadState {
 /// Where a complete head ends (its blank line included), as `head_state`
 /// finds it: the first empty line, CRLF or bare LF.
 fn head_len(buf: &[u8]) -> usize {
-    let lf = buf.windows(2).position(|w| w == b"\n\n").map(|p| p + 2);
-    let crlf = buf.windows(3).position(|w| w == b"\n\r\n").map(|p| p + 3);
-    match (lf, crlf) {
-        (Some(a), Some(b)) => a.min(b),
-        (a, b) => a.or(b).unwrap_or(buf.len()),
-    }
+    // Blank lines before the request line are skipped, as `head_state` does.
+    let blank = buf
+        .iter()
+        .take_while(|&&b| b == b'\r' || b == b'\n')
+        .count();
+    let rest = &buf[blank..];
+    let lf = rest.windows(2).position(|w| w == b"\n\n").map(|p| p + 2);
+    let crlf = rest.windows(3).position(|w| w == b"\n\r\n").map(|p| p + 3);
+    blank
+        + match (lf, crlf) {
+            (Some(a), Some(b)) => a.min(b),
+            (a, b) => a.or(b).unwrap_or(rest.len()),
+        }
 }
 
 impl EdgeApp {
@@ -498,22 +505,27 @@ impl ServerApp for EdgeApp {
                 Some(self.limits.keepalive_timeout.as_secs().max(1))
             });
             session.set_pipelined_prefix(head);
-            let (reused, logged) = LOGGED
+            let (reused, reached) = REACHED
                 .scope(std::cell::Cell::new(false), async {
                     let reused =
                         HttpServerApp::process_new_http(&self.proxy, session, shutdown).await;
-                    (reused, LOGGED.with(|l| l.get()))
+                    (reused, REACHED.with(|l| l.get()))
                 })
                 .await;
-            if !logged && !*shutdown.borrow() {
+            if !reached && !*shutdown.borrow() {
                 // We hold a whole head, so Pingora's reading it cannot have
-                // failed for want of bytes: its parser refused it, answered
-                // 400 and closed. Nobody else logs or counts that.
+                // failed for want of bytes: it refused it (its parser: 400;
+                // CONNECT: 405) and closed. Nobody else logs or counts that.
+                let (status, kind) = if line.parts().0 == "CONNECT" {
+                    (405, "connect-refused")
+                } else {
+                    (400, "bad-request")
+                };
                 self.log_rejected(
                     &line,
                     client.as_ref().and_then(|d| d.peer_addr()),
-                    400,
-                    "bad-request",
+                    status,
+                    kind,
                 );
             }
             let reused = reused?;

@@ -80,10 +80,27 @@ fn region_override() -> Option<String> {
 }
 
 fn load_or_report(path: &std::path::Path) -> Result<config::Config, ExitCode> {
-    config::load(path, region_override().as_deref()).map_err(|errors| {
+    load_text_or_report(path).map(|(c, _)| c)
+}
+
+/// The config and the text it was parsed from (one read: the hash `/status`
+/// shows is of what was loaded).
+fn load_text_or_report(path: &std::path::Path) -> Result<(config::Config, String), ExitCode> {
+    let report = |errors: config::ConfigErrors| {
         eprintln!("{errors}");
         ExitCode::from(EXIT_CONFIG)
-    })
+    };
+    let text = std::fs::read_to_string(path).map_err(|e| {
+        eprintln!("{}: cannot read: {e}", path.display());
+        ExitCode::from(EXIT_CONFIG)
+    })?;
+    let config = config::parse(
+        &path.display().to_string(),
+        &text,
+        region_override().as_deref(),
+    )
+    .map_err(report)?;
+    Ok((config, text))
 }
 
 fn main() -> ExitCode {
@@ -186,7 +203,7 @@ fn main() -> ExitCode {
         Command::Run { config } => {
             install_signals();
             let config_path = config;
-            let config = match load_or_report(&config_path) {
+            let (config, text) = match load_text_or_report(&config_path) {
                 Ok(c) => c,
                 Err(code) => return code,
             };
@@ -195,7 +212,7 @@ fn main() -> ExitCode {
                 tracing::warn!("config: {w}");
             }
             let source = app::ConfigSource {
-                text: std::fs::read_to_string(&config_path).unwrap_or_default(),
+                text,
                 path: Some(config_path),
                 region_override: region_override(),
             };

@@ -37,10 +37,12 @@ pub struct ConfigInfo {
     pub path: Option<std::path::PathBuf>,
     /// Reloads that applied since start.
     pub reloads: u64,
+    /// What `check` would warn about in it.
+    pub warnings: Vec<String>,
 }
 
 impl ConfigInfo {
-    fn of(source: &ConfigSource, reloads: u64) -> ConfigInfo {
+    fn of(source: &ConfigSource, reloads: u64, warnings: Vec<String>) -> ConfigInfo {
         let mut h = Sha256::new();
         h.update(source.text.as_bytes());
         h.update([0]);
@@ -51,6 +53,7 @@ impl ConfigInfo {
             loaded_at_ms: crate::clock::unix_ms(),
             path: source.path.clone(),
             reloads,
+            warnings,
         }
     }
 
@@ -61,6 +64,7 @@ impl ConfigInfo {
             "loaded_at_ms": self.loaded_at_ms,
             "path": self.path.as_ref().map(|p| p.display().to_string()),
             "reloads": self.reloads,
+            "warnings": self.warnings,
         })
     }
 }
@@ -127,7 +131,7 @@ impl Reloader {
         fixed: Fixed,
     ) -> Reloader {
         let (tx, rx) = mpsc::channel(4);
-        let info = ConfigInfo::of(&source, 0);
+        let info = ConfigInfo::of(&source, 0, config.warnings.clone());
         publish_info(&fixed, None, &info);
         Reloader {
             source: Mutex::new(source),
@@ -151,13 +155,24 @@ impl Reloader {
     }
 
     /// Read, validate and swap in the file; the prober is replaced with it.
-    fn reload(&self, prober: &mut RunningProber) -> Result<ConfigInfo, String> {
-        let result = self.try_reload(prober);
+    /// `asked`: through the admin API (a signal to a process without a file
+    /// is not an error to count).
+    async fn reload(&self, prober: &mut RunningProber, asked: bool) -> Result<ConfigInfo, String> {
+        if self.source.lock().path.is_none() {
+            if !asked {
+                tracing::debug!("SIGHUP: no config file to reload (demo)");
+            }
+            return Err("this process was not started from a config file".to_string());
+        }
+        let result = self.try_reload(prober).await;
         let metrics = &self.fixed.metrics;
         match &result {
             Ok(info) => {
                 metrics.config_reloads.with_label_values(&["ok"]).inc();
                 tracing::info!(hash = %info.hash, "config reloaded: new requests use it; requests in flight finish on the old one");
+                for w in &info.warnings {
+                    tracing::warn!("config: {w}");
+                }
             }
             Err(why) => {
                 metrics.config_reloads.with_label_values(&["error"]).inc();
@@ -167,55 +182,75 @@ impl Reloader {
         result
     }
 
-    fn try_reload(&self, prober: &mut RunningProber) -> Result<ConfigInfo, String> {
-        let (path, region_override) = {
-            let s = self.source.lock();
-            (s.path.clone(), s.region_override.clone())
-        };
-        let Some(path) = path else {
-            return Err("this process was not started from a config file".to_string());
-        };
-        let text = std::fs::read_to_string(&path)
-            .map_err(|e| format!("reading {}: {e}", path.display()))?;
-        let new = config::parse(
-            &path.display().to_string(),
-            &text,
-            region_override.as_deref(),
-        )
-        .map_err(|e| e.to_string())?;
+    async fn try_reload(&self, prober: &mut RunningProber) -> Result<ConfigInfo, String> {
+        let source = self.source.lock().clone();
         let old = self.config.lock().clone();
-        let restart = needs_restart(&old, &new);
-        if !restart.is_empty() {
-            return Err(format!(
-                "{} changed: these take a restart (or a graceful upgrade), nothing was applied",
-                restart.join(", ")
-            ));
-        }
-        if self.fixed.cache.is_none() && new.routes.iter().any(|r| r.cache.is_some()) {
-            return Err(
-                "a route turns `cache` on, and this process started without a cache: restart to enable it"
-                    .to_string(),
-            );
-        }
-        let region = build_region(&new, &self.fixed).map_err(|e| format!("{e:#}"))?;
         let previous = self.current.load_full();
-        region.health.inherit(&previous.health);
+        let fixed = self.fixed.clone();
+        // Reading, DNS and certificates block: off the runtime the probers share.
+        let (new, region, source) =
+            tokio::task::spawn_blocking(move || prepare(source, &old, &fixed, &previous))
+                .await
+                .map_err(|e| format!("the reload task failed: {e}"))??;
+        let previous = self.current.load_full();
         // The new prober starts before the swap, the old one stops after.
         let next = RunningProber::start(&region);
-        self.current.store(Arc::new(region));
+        let region = Arc::new(region);
+        self.current.store(region.clone());
+        region.health.go_live(&previous.health);
+        self.fixed.prime(&new, &region);
         *prober = next;
+        let info = ConfigInfo::of(&source, self.info.load().reloads + 1, new.warnings.clone());
         *self.config.lock() = new;
-        let source = ConfigSource {
-            path: Some(path),
-            region_override,
-            text,
-        };
-        let info = ConfigInfo::of(&source, self.info.load().reloads + 1);
         *self.source.lock() = source;
         let old_info = self.info.swap(Arc::new(info.clone()));
         publish_info(&self.fixed, Some(&old_info), &info);
         Ok(info)
     }
+}
+
+/// Read and validate the file, and build the setup it describes (nothing
+/// serves it yet, and nothing is published).
+fn prepare(
+    source: ConfigSource,
+    old: &Config,
+    fixed: &Fixed,
+    previous: &Region,
+) -> Result<(Config, Region, ConfigSource), String> {
+    let Some(path) = source.path.clone() else {
+        return Err("this process was not started from a config file".to_string());
+    };
+    let text =
+        std::fs::read_to_string(&path).map_err(|e| format!("reading {}: {e}", path.display()))?;
+    let new = config::parse(
+        &path.display().to_string(),
+        &text,
+        source.region_override.as_deref(),
+    )
+    .map_err(|e| e.to_string())?;
+    let restart = needs_restart(old, &new);
+    if !restart.is_empty() {
+        return Err(format!(
+            "{} changed: these take a restart (or a graceful upgrade), nothing was applied",
+            restart.join(", ")
+        ));
+    }
+    if fixed.cache.is_none() && new.routes.iter().any(|r| r.cache.is_some()) {
+        return Err(
+            "a route turns `cache` on, and this process started without a cache: restart to enable it"
+                .to_string(),
+        );
+    }
+    let region = build_region(&new, fixed, Some(&previous.health)).map_err(|e| format!("{e:#}"))?;
+    Ok((
+        new,
+        region,
+        ConfigSource {
+            path: Some(path),
+            region_override: source.region_override,
+            text,
+        },
+    ))
 }
 
 /// `edge_config_info{hash,loaded_at}` for the config serving, and not the previous one.
@@ -239,6 +274,17 @@ fn needs_restart(old: &Config, new: &Config) -> Vec<&'static str> {
         s.debug_headers = false;
         format!("{s:?}")
     };
+    // A peer's address as written, not as DNS answered it today.
+    let regions = |c: &Config| {
+        c.regions
+            .iter()
+            .map(|r| {
+                let peer = r.peer.as_ref().map(|p| (&p.authority, p.tls, &p.host));
+                format!("{} {peer:?} {} {:?}", r.name, r.order, r.rtt_hint)
+            })
+            .collect::<Vec<_>>()
+            .join("; ")
+    };
     let mut changed = Vec::new();
     if server(old) != server(new) {
         changed.push("[server] (beyond trusted_proxies and debug_headers)");
@@ -249,11 +295,7 @@ fn needs_restart(old: &Config, new: &Config) -> Vec<&'static str> {
             format!("{:?}", old.admin),
             format!("{:?}", new.admin),
         ),
-        (
-            "[regions]",
-            format!("{:?}", old.regions),
-            format!("{:?}", new.regions),
-        ),
+        ("[regions]", regions(old), regions(new)),
         (
             "[tables]",
             format!("{:?}", old.tables),
@@ -296,7 +338,7 @@ impl BackgroundService for Reloader {
                 s = signals.recv() => match s {
                     Ok(crate::signals::Request::Reload)
                     | Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {
-                        let _ = self.reload(&mut prober);
+                        let _ = self.reload(&mut prober, false).await;
                     }
                     Ok(_) => {}
                     Err(tokio::sync::broadcast::error::RecvError::Closed) => {
@@ -304,7 +346,7 @@ impl BackgroundService for Reloader {
                     }
                 },
                 Some(reply) = request => {
-                    let _ = reply.send(self.reload(&mut prober));
+                    let _ = reply.send(self.reload(&mut prober, true).await);
                 }
             }
         }

@@ -77,7 +77,7 @@ pub struct Region {
     /// Path normalisation rules.
     pub path_rules: PathRules,
     /// Per upstream: requests and retries in flight.
-    pub retry_budgets: Vec<RetryBudget>,
+    pub retry_budgets: Vec<Arc<RetryBudget>>,
     /// This region's `Via` pseudonym.
     pub via_name: String,
     /// Rate limit for warnings about hops that fail verification.
@@ -1544,7 +1544,6 @@ impl ProxyHttp for Region {
     }
 
     async fn logging(&self, session: &mut Session, e: Option<&Error>, ctx: &mut RequestCtx) {
-        crate::downstream::note_logged();
         if let Some(u) = ctx.budget_upstream.take() {
             self.retry_budgets[u].end_request(ctx.retries_held);
         }
@@ -1700,6 +1699,7 @@ impl ProxyHttp for EdgeProxy {
     fn init_downstream_modules(&self, _modules: &mut pingora::modules::http::HttpModules) {}
 
     fn new_ctx(&self) -> RequestCtx {
+        crate::downstream::note_reached();
         let region = self.current.load_full();
         let mut ctx = region.new_ctx();
         ctx.region = Some(region);

@@ -39,8 +39,12 @@ pub(super) struct PeerHealth {
 pub struct HealthState {
     /// Static topology.
     pub topo: Arc<Topology>,
-    pub(super) backends: Vec<Vec<Mutex<BackendHealth>>>,
-    pub(super) peers: Vec<Mutex<PeerHealth>>,
+    /// Shared with the state a reload replaces, for backends both know.
+    pub(super) backends: Vec<Vec<Arc<Mutex<BackendHealth>>>>,
+    pub(super) peers: Vec<Arc<Mutex<PeerHealth>>>,
+    /// This state publishes the health gauges (the serving one does; one
+    /// being built by a reload, or replaced, does not).
+    publishing: std::sync::atomic::AtomicBool,
     snapshot: ArcSwap<Snapshot>,
     metrics: Arc<Metrics>,
     rebuild: Mutex<()>,
@@ -52,17 +56,71 @@ pub struct HealthState {
 impl HealthState {
     /// Everything starts healthy; see `Hysteresis::new_healthy`.
     pub fn new(topo: Arc<Topology>, metrics: Arc<Metrics>) -> HealthState {
+        HealthState::build(topo, metrics, None)
+    }
+
+    /// The state for a reloaded config: the backends (same upstream name,
+    /// address and region) and peers it shares with `old` share their
+    /// health with it, so nothing either learns is lost (a backend found
+    /// down stays down, an ejection runs its course, outcomes of requests
+    /// still running on `old` count); new ones start healthy. It publishes
+    /// no metrics until [`HealthState::go_live`].
+    pub fn succeed(topo: Arc<Topology>, metrics: Arc<Metrics>, old: &HealthState) -> HealthState {
+        HealthState::build(topo, metrics, Some(old))
+    }
+
+    /// This state now serves and publishes the health gauges; `old` stops,
+    /// and the gauges of backends it had and this one does not are removed.
+    pub fn go_live(&self, old: &HealthState) {
+        use std::sync::atomic::Ordering;
+        old.publishing.store(false, Ordering::SeqCst);
+        self.publishing.store(true, Ordering::SeqCst);
+        for ou in &old.topo.upstreams {
+            for ob in &ou.backends {
+                let kept = self.topo.upstreams.iter().any(|u| {
+                    u.config.name == ou.config.name
+                        && u.backends.iter().any(|b| b.label == ob.label)
+                });
+                if !kept && ob.region == old.topo.local {
+                    let labels = [
+                        ou.config.name.as_str(),
+                        old.topo.local_name(),
+                        ob.label.as_str(),
+                    ];
+                    let _ = self.metrics.backend_healthy.remove_label_values(&labels);
+                    let _ = self.metrics.backend_ejected.remove_label_values(&labels);
+                }
+            }
+        }
+        self.rebuild(Instant::now());
+    }
+
+    fn build(topo: Arc<Topology>, metrics: Arc<Metrics>, old: Option<&HealthState>) -> HealthState {
+        let shared = |u: &super::topology::UpstreamTopology, b: &super::topology::Backend| {
+            let old = old?;
+            let oi = old
+                .topo
+                .upstreams
+                .iter()
+                .position(|o| o.config.name == u.config.name)?;
+            let obi = old.topo.upstreams[oi].backends.iter().position(|o| {
+                o.addr == b.addr && old.topo.regions[o.region].name == topo.regions[b.region].name
+            })?;
+            Some(old.backends[oi][obi].clone())
+        };
         let backends = topo
             .upstreams
             .iter()
             .map(|u| {
                 u.backends
                     .iter()
-                    .map(|_| {
-                        Mutex::new(BackendHealth {
-                            active: Hysteresis::new_healthy(),
-                            outlier: OutlierState::default(),
-                            disabled: false,
+                    .map(|b| {
+                        shared(u, b).unwrap_or_else(|| {
+                            Arc::new(Mutex::new(BackendHealth {
+                                active: Hysteresis::new_healthy(),
+                                outlier: OutlierState::default(),
+                                disabled: false,
+                            }))
                         })
                     })
                     .collect()
@@ -72,7 +130,14 @@ impl HealthState {
             .regions
             .iter()
             .map(|r| {
-                Mutex::new(PeerHealth {
+                let was = old.and_then(|old| {
+                    let i = old.topo.regions.iter().position(|o| o.name == r.name)?;
+                    old.peers.get(i).cloned()
+                });
+                if let Some(cell) = was {
+                    return cell;
+                }
+                Arc::new(Mutex::new(PeerHealth {
                     active: Hysteresis::new_healthy(),
                     rtt: None,
                     // Until a peer reports, assume the configured backends are there.
@@ -94,7 +159,7 @@ impl HealthState {
                             )
                         })
                         .collect(),
-                })
+                }))
             })
             .collect();
         let empty = Snapshot {
@@ -111,52 +176,10 @@ impl HealthState {
             snapshot: ArcSwap::from_pointee(empty),
             metrics,
             rebuild: Mutex::new(()),
+            publishing: std::sync::atomic::AtomicBool::new(old.is_none()),
         };
         state.rebuild(Instant::now());
         state
-    }
-
-    /// Take over what `old` knows of the backends and peers this state
-    /// shares with it (the same upstream name and address; the same
-    /// region), so that a reload neither revives a backend found down nor
-    /// forgets an ejection; new backends start healthy, as at start.
-    pub fn inherit(&self, old: &HealthState) {
-        for (ui, u) in self.topo.upstreams.iter().enumerate() {
-            let Some(oi) = old
-                .topo
-                .upstreams
-                .iter()
-                .position(|o| o.config.name == u.config.name)
-            else {
-                continue;
-            };
-            for (bi, b) in u.backends.iter().enumerate() {
-                let found = old.topo.upstreams[oi]
-                    .backends
-                    .iter()
-                    .position(|o| o.addr == b.addr && o.region == b.region);
-                if let Some(obi) = found {
-                    let was = old.backends[oi][obi].lock();
-                    let mut now = self.backends[ui][bi].lock();
-                    now.active = was.active;
-                    now.outlier = was.outlier.clone();
-                    now.disabled = was.disabled;
-                }
-            }
-        }
-        for (ri, r) in self.topo.regions.iter().enumerate() {
-            let found = old.topo.regions.iter().position(|o| o.name == r.name);
-            if let (Some(ori), Some(now)) = (found, self.peers.get(ri)) {
-                if let Some(was) = old.peers.get(ori) {
-                    let was = was.lock();
-                    let mut now = now.lock();
-                    now.active = was.active;
-                    now.rtt = was.rtt;
-                    now.reported = was.reported.clone();
-                }
-            }
-        }
-        self.rebuild(Instant::now());
     }
 
     /// Take the local backend `address` (`ip:port`) of `upstream` out of
@@ -355,6 +378,7 @@ impl HealthState {
     /// then build and swap in a new snapshot (one rebuild at a time).
     fn rebuild(&self, now: Instant) {
         let _one_at_a_time = self.rebuild.lock();
+        let publishing = self.publishing.load(std::sync::atomic::Ordering::SeqCst);
         let topo = &self.topo;
         let mut eligible_local = Vec::with_capacity(topo.upstreams.len());
         for (ui, u) in topo.upstreams.iter().enumerate() {
@@ -363,19 +387,21 @@ impl HealthState {
                 let h = self.backends[ui][bi].lock();
                 let ejected = h.outlier.is_ejected(now);
                 let ok = h.active.is_healthy() && !ejected && !h.disabled;
-                let labels = [
-                    u.config.name.as_str(),
-                    topo.local_name(),
-                    u.backends[bi].label.as_str(),
-                ];
-                self.metrics
-                    .backend_healthy
-                    .with_label_values(&labels)
-                    .set(i64::from(ok));
-                self.metrics
-                    .backend_ejected
-                    .with_label_values(&labels)
-                    .set(i64::from(ejected));
+                if publishing {
+                    let labels = [
+                        u.config.name.as_str(),
+                        topo.local_name(),
+                        u.backends[bi].label.as_str(),
+                    ];
+                    self.metrics
+                        .backend_healthy
+                        .with_label_values(&labels)
+                        .set(i64::from(ok));
+                    self.metrics
+                        .backend_ejected
+                        .with_label_values(&labels)
+                        .set(i64::from(ejected));
+                }
                 if ok {
                     eligible.push(bi);
                 }
@@ -392,10 +418,12 @@ impl HealthState {
                 }
                 let p = self.peers[ri].lock();
                 let up = p.active.is_healthy();
-                self.metrics
-                    .peer_healthy
-                    .with_label_values(&[r.name.as_str()])
-                    .set(i64::from(up && r.peer.is_some()));
+                if publishing {
+                    self.metrics
+                        .peer_healthy
+                        .with_label_values(&[r.name.as_str()])
+                        .set(i64::from(up && r.peer.is_some()));
+                }
                 PeerObservation {
                     up,
                     rtt: p.rtt,

@@ -132,6 +132,13 @@ async fn requests_refused_before_the_proxy_are_logged_and_counted() {
         .await;
         assert_eq!(r.status, 400, "request {i}");
     }
+    // Pingora refuses CONNECT (no forward proxying) with 405.
+    let connect = raw_request(
+        edge.port,
+        "CONNECT example.com:443 HTTP/1.1\r\nHost: example.com:443\r\n\r\n",
+    )
+    .await;
+    assert_eq!(connect.status, 405);
     // Ours: a head larger than the limit.
     let big = format!(
         "GET /big HTTP/1.1\r\nHost: a.test\r\nx-big: {}\r\n\r\n",
@@ -151,10 +158,10 @@ async fn requests_refused_before_the_proxy_are_logged_and_counted() {
     let m = metrics(&c, &edge).await;
     assert_eq!(counted(&m, "bad-request"), 5.0, "{m}");
     assert_eq!(counted(&m, "header_too_large"), 1.0, "{m}");
+    assert_eq!(counted(&m, "connect-refused"), 1.0, "{m}");
     let logged = eventually(Duration::from_secs(10), || async {
-        edge.log_text().matches("path=/twice/").count()
-            + edge.log_text().matches("path=\"/twice/").count()
-            >= 5
+        let log = edge.log_text();
+        log.matches("path=\"/twice/").count() >= 5 && log.contains("path=\"/fine\"")
     })
     .await;
     let log = edge.log_text();

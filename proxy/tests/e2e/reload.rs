@@ -240,4 +240,30 @@ async fn a_reload_keeps_a_dead_backend_down_and_needs_the_token() {
         let s = try_get(&c, &edge.url(&format!("/after/{i}"))).await;
         assert_eq!(s.status, 200, "request {i} after the reload: {}", s.body);
     }
+    // A reload that fails late (a CA file that is not PEM) changes nothing,
+    // the health gauges included.
+    let not_pem = edge.config_path().with_file_name("not-a-ca.pem");
+    std::fs::write(&not_pem, "not a certificate").expect("write");
+    std::fs::write(
+        edge.config_path(),
+        config.replace(
+            "[upstreams.api]",
+            &format!(
+                "[upstreams.api]\ntls = true\nca = \"{}\"",
+                not_pem.display()
+            ),
+        ),
+    )
+    .expect("write");
+    let (status, body) = post_reload(&edge).await;
+    assert_eq!(status, 422, "{body}");
+    let m = metrics(&c, &edge).await;
+    let dead_gauge = m
+        .lines()
+        .find(|l| l.starts_with("edge_backend_healthy{") && l.contains(&dead.to_string()))
+        .unwrap_or("");
+    assert!(
+        dead_gauge.ends_with(" 0"),
+        "a failed reload showed the dead backend healthy: {dead_gauge}"
+    );
 }
