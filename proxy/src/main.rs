@@ -207,7 +207,13 @@ fn main() -> ExitCode {
                 Ok(c) => c,
                 Err(code) => return code,
             };
-            let _log = telemetry::init(cli.log_format, config.log);
+            let _log = match telemetry::init(cli.log_format, config.log.clone()) {
+                Ok(g) => g,
+                Err(e) => {
+                    eprintln!("edge-router: {e}");
+                    return ExitCode::from(EXIT_CONFIG);
+                }
+            };
             for w in &config.warnings {
                 tracing::warn!("config: {w}");
             }
@@ -227,6 +233,13 @@ fn main() -> ExitCode {
         Command::Demo(args) => {
             install_signals();
             let _log = telemetry::init(cli.log_format, config::LogConfig::default());
+            let _log = match _log {
+                Ok(g) => g,
+                Err(e) => {
+                    eprintln!("edge-router demo: {e}");
+                    return ExitCode::FAILURE;
+                }
+            };
             match demo::run(args) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {

@@ -63,6 +63,7 @@ mod tests {
             policy: Policy::LocalFirst,
             allowed: edge_policies::RegionSet::ALL,
             cache: None,
+            limits: Default::default(),
         }
     }
 

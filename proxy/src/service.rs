@@ -143,6 +143,10 @@ pub struct RequestCtx {
     region: Option<Arc<Region>>,
     /// The status the upstream answered (before any change of ours).
     upstream_status: Option<u16>,
+    /// The route's `max_body`, for a body without a declared length.
+    max_body: Option<u64>,
+    /// Request body bytes seen so far.
+    body_seen: u64,
     start: Instant,
     request_id: String,
     route: Option<usize>,
@@ -284,6 +288,20 @@ impl Region {
             .unwrap_or("none")
     }
 
+    /// The route's `response_headers` rules, on a response to the client.
+    fn apply_response_headers(&self, ctx: &RequestCtx, resp: &mut ResponseHeader) -> Result<()> {
+        if let Some(route) = self.route(ctx) {
+            let rules = &route.limits.response_headers;
+            for name in &rules.remove {
+                resp.remove_header(name);
+            }
+            for (name, value) in &rules.set {
+                resp.insert_header(name.clone(), value.clone())?;
+            }
+        }
+        Ok(())
+    }
+
     /// Write a response the proxy makes itself, with the edge headers.
     async fn reply(
         &self,
@@ -301,6 +319,7 @@ impl Region {
             // Health and replication change within seconds: say when to try again.
             resp.insert_header(http::header::RETRY_AFTER, "1")?;
         }
+        self.apply_response_headers(ctx, &mut resp)?;
         resp.insert_header("x-edge-region", self.region_name(self.local()))?;
         resp.insert_header("x-request-id", ctx.request_id.as_str())?;
         if self.debug_headers {
@@ -652,6 +671,8 @@ impl ProxyHttp for Region {
         RequestCtx {
             region: None,
             upstream_status: None,
+            max_body: None,
+            body_seen: 0,
             start: Instant::now(),
             request_id: String::new(),
             route: None,
@@ -919,6 +940,27 @@ impl ProxyHttp for Region {
                 )
                 .await;
         }
+        if let Some(max) = self.route(ctx).and_then(|r| r.limits.max_body) {
+            let declared = session
+                .req_header()
+                .headers
+                .get(http::header::CONTENT_LENGTH)
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| v.trim().parse::<u64>().ok());
+            if declared.is_some_and(|n| n > max) {
+                return self
+                    .refuse(
+                        session,
+                        ctx,
+                        413,
+                        "body-too-large",
+                        "the request body is larger than this route accepts",
+                    )
+                    .await;
+            }
+            // A chunked body is counted as it streams (request_body_filter).
+            ctx.max_body = Some(max);
+        }
         if ctx.route.is_none() {
             ctx.local_reply = Some("no-route");
             self.reply(
@@ -1008,8 +1050,14 @@ impl ProxyHttp for Region {
                 return Ok(transport.peer_named(
                     peer.addr,
                     Some(&peer.host),
-                    upstream.config.connect_timeout,
-                    upstream.config.read_timeout,
+                    route
+                        .limits
+                        .connect_timeout
+                        .unwrap_or(upstream.config.connect_timeout),
+                    route
+                        .limits
+                        .read_timeout
+                        .unwrap_or(upstream.config.read_timeout),
                 ));
             }
             let tried = self.tried_local(ctx);
@@ -1019,8 +1067,14 @@ impl ProxyHttp for Region {
                     let addr = upstream.backends[b].addr;
                     return Ok(self.backend_transports[route.upstream].peer(
                         addr,
-                        upstream.config.connect_timeout,
-                        upstream.config.read_timeout,
+                        route
+                            .limits
+                            .connect_timeout
+                            .unwrap_or(upstream.config.connect_timeout),
+                        route
+                            .limits
+                            .read_timeout
+                            .unwrap_or(upstream.config.read_timeout),
                     ));
                 }
                 None => {
@@ -1129,6 +1183,15 @@ impl ProxyHttp for Region {
                 .sign(self.region_name(self.local()), unix_ms(), signed);
             upstream_request.insert_header(HOP_HEADER, value)?;
         }
+        if let Some(route) = self.route(ctx) {
+            let rules = &route.limits.request_headers;
+            for name in &rules.remove {
+                upstream_request.remove_header(name);
+            }
+            for (name, value) in &rules.set {
+                upstream_request.insert_header(name.clone(), value.clone())?;
+            }
+        }
         ctx.upstream_start = Some(Instant::now());
         Ok(())
     }
@@ -1211,6 +1274,7 @@ impl ProxyHttp for Region {
         resp: &mut ResponseHeader,
         ctx: &mut RequestCtx,
     ) -> Result<()> {
+        self.apply_response_headers(ctx, resp)?;
         resp.insert_header("x-edge-region", self.region_name(self.local()))?;
         if ctx.cache.route.is_some() {
             // Tags are for purging here, not for clients (as Fastly and Cloudflare do).
@@ -1269,6 +1333,28 @@ impl ProxyHttp for Region {
             }
         }
         resp.insert_header("server-timing", timing)?;
+        Ok(())
+    }
+
+    async fn request_body_filter(
+        &self,
+        _session: &mut Session,
+        body: &mut Option<Bytes>,
+        _end_of_stream: bool,
+        ctx: &mut RequestCtx,
+    ) -> Result<()> {
+        if let (Some(max), Some(chunk)) = (ctx.max_body, body.as_ref()) {
+            ctx.body_seen += chunk.len() as u64;
+            if ctx.body_seen > max {
+                ctx.local_reply = Some("body-too-large");
+                let mut e = Error::explain(
+                    ErrorType::HTTPStatus(413),
+                    "the request body grew past the route's max_body",
+                );
+                e.set_retry(false);
+                return Err(e);
+            }
+        }
         Ok(())
     }
 
@@ -1747,6 +1833,18 @@ impl ProxyHttp for EdgeProxy {
         ctx: &mut RequestCtx,
     ) -> Result<()> {
         self.region(ctx).response_filter(session, resp, ctx).await
+    }
+
+    async fn request_body_filter(
+        &self,
+        session: &mut Session,
+        body: &mut Option<Bytes>,
+        end_of_stream: bool,
+        ctx: &mut RequestCtx,
+    ) -> Result<()> {
+        self.region(ctx)
+            .request_body_filter(session, body, end_of_stream, ctx)
+            .await
     }
 
     fn request_cache_filter(&self, session: &mut Session, ctx: &mut RequestCtx) -> Result<()> {

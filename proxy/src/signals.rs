@@ -69,7 +69,10 @@ pub fn install() -> std::io::Result<()> {
                 loop {
                     let request = tokio::select! {
                         Some(()) = hup.recv() => Request::Reload,
-                        Some(()) = usr1.recv() => Request::ReopenLogs,
+                        Some(()) = usr1.recv() => {
+                            crate::telemetry::request_reopen();
+                            Request::ReopenLogs
+                        }
                         Some(()) = usr2.recv() => {
                             tracing::info!("SIGUSR2 ignored (SIGHUP reloads, SIGUSR1 reopens logs)");
                             continue;

@@ -1,6 +1,7 @@
 //! Logging: `tracing` with an env filter (`EDGE_LOG`, else `RUST_LOG`, else
 //! `info`), as text or JSON lines. Access-log events use target
-//! `edge_router::access`, so they can be filtered on their own.
+//! `edge_router::access`: on stderr with the rest, or in a file of their
+//! own (`log.access_path`, reopened on SIGUSR1).
 
 use std::sync::OnceLock;
 use std::time::Duration;
@@ -75,6 +76,7 @@ impl Drop for LogGuard {
 
 /// Write out what is queued and stop the writer (before `process::exit`).
 pub fn flush() {
+    drop(ACCESS_WORKER.lock().take());
     drop(WORKER.lock().take());
 }
 
@@ -87,13 +89,25 @@ pub fn flush() {
 /// is full (a slow or stopped reader of stderr) lines are dropped and
 /// counted unless `block_when_full`: a log consumer must never be able to
 /// stall the proxy, its health path included.
-pub fn init(format: LogFormat, log: LogConfig) -> LogGuard {
+///
+/// With `log.access_path`, access-log events go to that file (reopened on
+/// SIGUSR1, for logrotate) and everything else to stderr; an error says why
+/// the file cannot be opened.
+pub fn init(format: LogFormat, log: LogConfig) -> Result<LogGuard, String> {
+    use tracing_subscriber::layer::SubscriberExt;
+    use tracing_subscriber::util::SubscriberInitExt;
+    use tracing_subscriber::Layer;
     let block_when_full = log.block_when_full;
-    let filter = std::env::var("EDGE_LOG")
+    let directives = std::env::var("EDGE_LOG")
         .ok()
         .or_else(|| std::env::var("RUST_LOG").ok())
-        .and_then(|f| EnvFilter::try_new(f).ok())
-        .unwrap_or_else(|| EnvFilter::new("info"));
+        .filter(|f| EnvFilter::try_new(f).is_ok())
+        .unwrap_or_else(|| "info".to_string());
+    // With a file of its own, the access log leaves stderr to operations.
+    let filter = match &log.access_path {
+        Some(_) => EnvFilter::new(format!("{directives},{ACCESS_TARGET}=off")),
+        None => EnvFilter::new(&directives),
+    };
     // Colour only on a terminal: escape codes in a log file cost ~3 % CPU per request and help no one.
     let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
     let (writer, guard) = tracing_appender::non_blocking::NonBlockingBuilder::default()
@@ -107,18 +121,97 @@ pub fn init(format: LogFormat, log: LogConfig) -> LogGuard {
     if DROPPED.set(writer.error_counter()).is_ok() && !block_when_full {
         spawn_drop_reporter();
     }
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_ansi(ansi)
-        .with_writer(writer);
-    let installed = match format {
-        LogFormat::Text => builder.try_init(),
-        LogFormat::Json => builder.json().flatten_event(true).try_init(),
+    type Boxed = Box<dyn Layer<tracing_subscriber::Registry> + Send + Sync>;
+    let layer = |writer: tracing_appender::non_blocking::NonBlocking, ansi: bool| -> Boxed {
+        let l = tracing_subscriber::fmt::layer()
+            .with_ansi(ansi)
+            .with_writer(writer);
+        match format {
+            LogFormat::Text => Box::new(l),
+            LogFormat::Json => Box::new(l.json().flatten_event(true)),
+        }
     };
-    if installed.is_ok() {
-        *WORKER.lock() = Some(guard);
+    let mut layers: Vec<Boxed> = vec![Box::new(layer(writer, ansi).with_filter(filter))];
+    let mut access_guard = None;
+    if let Some(path) = &log.access_path {
+        let file = ReopeningFile::open(path.clone())?;
+        let (access, guard) = tracing_appender::non_blocking::NonBlockingBuilder::default()
+            .lossy(!block_when_full)
+            .buffered_lines_limit(log.queue_lines)
+            .thread_name("edge-access-log-writer")
+            .finish(std::io::BufWriter::with_capacity(64 * 1024, file));
+        let only_access = tracing_subscriber::filter::Targets::new()
+            .with_target(ACCESS_TARGET, tracing::Level::INFO);
+        layers.push(Box::new(layer(access, false).with_filter(only_access)));
+        access_guard = Some(guard);
     }
-    LogGuard(())
+    if tracing_subscriber::registry()
+        .with(layers)
+        .try_init()
+        .is_ok()
+    {
+        *WORKER.lock() = Some(guard);
+        *ACCESS_WORKER.lock() = access_guard;
+    }
+    Ok(LogGuard(()))
+}
+
+/// The access log's target.
+const ACCESS_TARGET: &str = "edge_router::access";
+
+/// The access-log file's writer thread guard.
+static ACCESS_WORKER: parking_lot::Mutex<Option<tracing_appender::non_blocking::WorkerGuard>> =
+    parking_lot::Mutex::new(None);
+
+/// Set by SIGUSR1: the access-log file is reopened before its next write.
+static REOPEN: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// Reopen the access-log file (logrotate moved it away): SIGUSR1.
+pub fn request_reopen() {
+    REOPEN.store(true, std::sync::atomic::Ordering::SeqCst);
+}
+
+/// An append-mode file that reopens its path when asked, as nginx does on
+/// `USR1`: logrotate renames the file, then signals, and new lines go to a
+/// new file under the old name.
+struct ReopeningFile {
+    path: std::path::PathBuf,
+    file: std::fs::File,
+}
+
+impl ReopeningFile {
+    fn open(path: std::path::PathBuf) -> Result<ReopeningFile, String> {
+        let file = Self::open_file(&path)
+            .map_err(|e| format!("log.access_path {}: {e}", path.display()))?;
+        Ok(ReopeningFile { path, file })
+    }
+
+    fn open_file(path: &std::path::Path) -> std::io::Result<std::fs::File> {
+        std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(path)
+    }
+}
+
+impl std::io::Write for ReopeningFile {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        if REOPEN.swap(false, std::sync::atomic::Ordering::SeqCst) {
+            match Self::open_file(&self.path) {
+                Ok(f) => self.file = f,
+                // Keep writing where we were; the next SIGUSR1 tries again.
+                Err(e) => eprintln!(
+                    "edge-router: cannot reopen the access log {}: {e}",
+                    self.path.display()
+                ),
+            }
+        }
+        self.file.write(buf)
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.file.flush()
+    }
 }
 
 /// One warning per interval while lines are being dropped; the warning

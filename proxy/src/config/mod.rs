@@ -6,6 +6,7 @@
 mod cache;
 pub mod diag;
 pub mod raw;
+pub mod route_limits;
 
 use std::collections::{BTreeMap, HashSet};
 use std::net::{IpAddr, SocketAddr, ToSocketAddrs};
@@ -96,7 +97,7 @@ pub struct ConsistencyConfig {
 }
 
 /// `[log]`, validated.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct LogConfig {
     /// Block requests when the log queue is full, instead of dropping lines.
     pub block_when_full: bool,
@@ -104,6 +105,8 @@ pub struct LogConfig {
     pub queue_lines: usize,
     /// The access log shows query strings.
     pub access_query: bool,
+    /// The access log's own file (else stderr, with the rest).
+    pub access_path: Option<std::path::PathBuf>,
 }
 
 impl Default for LogConfig {
@@ -112,6 +115,7 @@ impl Default for LogConfig {
             block_when_full: false,
             queue_lines: 16 * 1024,
             access_query: false,
+            access_path: None,
         }
     }
 }
@@ -338,6 +342,8 @@ pub struct RouteConfig {
     pub allowed: RegionSet,
     /// The HTTP cache for this route (`None`: not cached).
     pub cache: Option<RouteCache>,
+    /// Body limit, timeouts and header rules.
+    pub limits: route_limits::RouteLimits,
 }
 
 /// Read and validate a config file. `region_override` is `EDGE_REGION`.
@@ -646,6 +652,16 @@ fn validate(
             false
         }
     };
+    if let Some(p) = &s.log.access_path {
+        let path = std::path::Path::new(p);
+        let dir = path.parent().filter(|d| !d.as_os_str().is_empty());
+        if p.is_empty() || path.is_dir() || dir.is_some_and(|d| !d.is_dir()) {
+            errors.push(loc.at_path(
+                &["log".into(), "access_path".into()],
+                format!("`{p}` must be a file in a directory that exists"),
+            ));
+        }
+    }
     if s.log.queue_lines == 0 {
         errors.push(loc.at_path(&["log".into(), "queue_lines".into()], "must be at least 1"));
     }
@@ -674,6 +690,7 @@ fn validate(
             block_when_full,
             queue_lines: s.log.queue_lines.max(1),
             access_query: s.log.access_query,
+            access_path: s.log.access_path.as_ref().map(std::path::PathBuf::from),
         },
         tables,
         consistency,
@@ -1547,6 +1564,7 @@ fn validate_route(
         return None;
     }
     let cache = cache::route_cache(loc, i, &raw, errors);
+    let limits = route_limits::route_limits(loc, i, &raw, errors);
     Some(RouteConfig {
         name: raw
             .name
@@ -1557,6 +1575,7 @@ fn validate_route(
         policy: policy?,
         allowed,
         cache,
+        limits,
     })
 }
 

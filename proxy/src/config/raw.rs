@@ -127,6 +127,8 @@ pub struct RawLog {
     /// Log request query strings too (off: they may carry tokens or personal data).
     #[serde(default)]
     pub access_query: bool,
+    /// Write the access log to this file (reopened on SIGUSR1) instead of stderr.
+    pub access_path: Option<String>,
 }
 
 impl Default for RawLog {
@@ -135,6 +137,7 @@ impl Default for RawLog {
             on_full: default_on_full(),
             queue_lines: default_queue_lines(),
             access_query: false,
+            access_path: None,
         }
     }
 }
@@ -433,6 +436,32 @@ pub struct RawRoute {
     /// Store responses that set cookies (the stored copy drops `Set-Cookie`).
     #[serde(default)]
     pub cache_set_cookie: bool,
+    /// Largest request body (`"10MiB"`): larger ones get 413.
+    pub max_body: Option<RawSize>,
+    /// Overrides the upstream's connect timeout for this route.
+    #[serde(default, with = "humantime_serde")]
+    pub connect_timeout: Option<Duration>,
+    /// Overrides the upstream's read timeout for this route.
+    #[serde(default, with = "humantime_serde")]
+    pub read_timeout: Option<Duration>,
+    /// Headers removed from, then set on, the request to the upstream.
+    #[serde(default)]
+    pub request_headers: RawHeaderRules,
+    /// Headers removed from, then set on, the response to the client.
+    #[serde(default)]
+    pub response_headers: RawHeaderRules,
+}
+
+/// `request_headers` / `response_headers` of a route.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawHeaderRules {
+    /// Names to remove.
+    #[serde(default)]
+    pub remove: Vec<String>,
+    /// Name = value to set (replacing).
+    #[serde(default)]
+    pub set: std::collections::BTreeMap<String, String>,
 }
 
 /// `[tables]`

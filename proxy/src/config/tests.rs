@@ -536,3 +536,44 @@ fn upstream_transports_refuse_combinations_that_cannot_work() {
         assert_eq!(e[0].key_path, path, "{extra}: {e:#?}");
     }
 }
+
+#[test]
+fn route_limits_parse_and_refuse_the_proxys_own_headers() {
+    let with = |extra: &str| {
+        THREE.replacen(
+            "upstream = \"api\"\n",
+            &format!("upstream = \"api\"\n{extra}\n"),
+            1,
+        )
+    };
+    let c = parse(
+        "t.toml",
+        &with("max_body = \"1KiB\"\nread_timeout = \"2s\"\nrequest_headers = { set = { \"x-team\" = \"a\" }, remove = [\"x-debug\"] }"),
+        None,
+    )
+    .unwrap_or_else(|e| panic!("{e}"));
+    let limits = &c.routes[0].limits;
+    assert_eq!(limits.max_body, Some(1024));
+    assert_eq!(limits.read_timeout, Some(std::time::Duration::from_secs(2)));
+    assert_eq!(limits.request_headers.set[0].0.as_str(), "x-team");
+    assert_eq!(limits.request_headers.remove[0].as_str(), "x-debug");
+    for (extra, path) in [
+        ("max_body = \"lots\"", "routes[0].max_body"),
+        ("read_timeout = \"0s\"", "routes[0].read_timeout"),
+        (
+            "request_headers = { set = { \"host\" = \"evil.test\" } }",
+            "routes[0].request_headers.set",
+        ),
+        (
+            "response_headers = { remove = [\"x-edge-region\"] }",
+            "routes[0].response_headers.remove",
+        ),
+        (
+            "request_headers = { set = { \"x-a\" = \"line\\nbreak\" } }",
+            "routes[0].request_headers.set.x-a",
+        ),
+    ] {
+        let e = errors(&with(extra));
+        assert_eq!(e[0].key_path, path, "{extra}: {e:#?}");
+    }
+}

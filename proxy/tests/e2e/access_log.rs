@@ -254,3 +254,56 @@ async fn the_access_log_has_what_operators_expect_and_no_query_by_default() {
     .await;
     assert!(logged.is_some(), "{}", edge.log_text());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_access_log_file_of_its_own_is_reopened_on_sigusr1() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("access.log");
+    let tail: &'static str =
+        Box::leak(format!("[log]\naccess_path = \"{}\"", path.display()).into_boxed_str());
+    let t = Tweaks {
+        tail,
+        ..Tweaks::default()
+    };
+    let (_origin, edge) = solo_edge(&t).await;
+    let c = client();
+    let read = |p: &std::path::Path| std::fs::read_to_string(p).unwrap_or_default();
+    assert_eq!(try_get(&c, &edge.url("/before-rotation")).await.status, 200);
+    let written = eventually(Duration::from_secs(10), || async {
+        read(&path).contains("/before-rotation")
+    })
+    .await;
+    assert!(
+        written.is_some(),
+        "no access line in the file; stderr:\n{}",
+        edge.log_text()
+    );
+    assert!(
+        !edge.log_text().contains("/before-rotation"),
+        "the access line also went to stderr"
+    );
+    assert!(
+        edge.log_text().contains("edge-router starting"),
+        "operations stay on stderr"
+    );
+
+    // logrotate: rename, then SIGUSR1.
+    let rotated = dir.path().join("access.log.1");
+    std::fs::rename(&path, &rotated).expect("rename");
+    edge.signal("USR1");
+    let reopened = eventually(Duration::from_secs(10), || async {
+        try_get(&c, &edge.url("/after-rotation")).await;
+        read(&path).contains("/after-rotation")
+    })
+    .await;
+    assert!(
+        reopened.is_some(),
+        "the new file never got a line; stderr:\n{}",
+        edge.log_text()
+    );
+    assert!(
+        !read(&rotated).contains("/after-rotation"),
+        "kept writing to the rotated file"
+    );
+    assert!(read(&rotated).contains("/before-rotation"));
+}

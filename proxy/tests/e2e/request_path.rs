@@ -255,3 +255,55 @@ async fn via_names_this_region_and_loops_are_refused() {
     let text = metrics(&client(), &s.edge).await;
     assert_eq!(metric_total(&text, "edge_loops_total"), 1.0, "{text}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_routes_body_limit_timeouts_and_header_rules_apply() {
+    let t = Tweaks {
+        route_extra: "max_body = \"16\"\nread_timeout = \"300ms\"\nrequest_headers = { set = { \"x-added\" = \"by-route\" }, remove = [\"x-drop\"] }\nresponse_headers = { set = { \"x-frame-options\" = \"DENY\" }, remove = [\"x-origin-name\"] }",
+        ..Tweaks::default()
+    };
+    let (_origin, edge) = solo_edge(&t).await;
+    let c = client();
+    // Declared larger than max_body: 413 before the upstream is asked.
+    let big = c
+        .post(edge.url("/upload"))
+        .body(vec![b'x'; 100])
+        .send()
+        .await
+        .expect("POST");
+    assert_eq!(big.status(), 413);
+    // Streamed (chunked) past it: refused too.
+    let chunked = format!(
+        "POST /upload HTTP/1.1\r\nHost: a.test\r\nTransfer-Encoding: chunked\r\n\r\n64\r\n{}\r\n0\r\n\r\n",
+        "x".repeat(100)
+    );
+    assert_eq!(raw_request(edge.port, &chunked).await.status, 413);
+    let small = c
+        .post(edge.url("/upload?echo=1"))
+        .header("x-drop", "secret")
+        .body("0123456789")
+        .send()
+        .await
+        .expect("POST");
+    assert_eq!(small.status(), 200);
+    assert_eq!(
+        small
+            .headers()
+            .get("x-frame-options")
+            .and_then(|v| v.to_str().ok()),
+        Some("DENY")
+    );
+    assert!(
+        small.headers().get("x-origin-name").is_none(),
+        "removed from the response"
+    );
+    let echoed = small.text().await.expect("body");
+    assert!(echoed.contains("\"x-added\":\"by-route\""), "{echoed}");
+    assert!(
+        !echoed.contains("x-drop"),
+        "removed from the request: {echoed}"
+    );
+    // The route's read timeout, not the upstream's 30 s.
+    let slow = try_get(&c, &edge.url("/slow?delay=2s")).await;
+    assert_eq!(slow.status, 504, "{}", slow.body);
+}
