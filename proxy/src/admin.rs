@@ -278,6 +278,16 @@ impl ServeHttp for AdminApp {
                 let body = serde_json::to_vec_pretty(&doc).unwrap_or_default();
                 respond(StatusCode::OK, "application/json", body)
             }
+            (Method::GET, "/config") => match &self.reload {
+                // The file as loaded: secrets are never in it (they come
+                // from the environment), so nothing needs redacting.
+                Some((handle, info)) => {
+                    let mut doc = info.load().json();
+                    doc["text"] = handle.text().into();
+                    json(StatusCode::OK, doc)
+                }
+                None => text(StatusCode::NOT_FOUND, "no config file"),
+            },
             (Method::POST, "/purge") => self.purge(session).await,
             (Method::POST, "/reload") => self.reload().await,
             (Method::POST, p @ ("/backends/disable" | "/backends/enable")) => {
@@ -337,7 +347,7 @@ impl ServeHttp for AdminApp {
             }
             (
                 _,
-                "/metrics" | "/status" | "/drain" | "/purge" | "/reload" | "/backends/disable"
+                "/metrics" | "/status" | "/config" | "/drain" | "/purge" | "/reload" | "/backends/disable"
                 | "/backends/enable",
             ) => {
                 text(StatusCode::METHOD_NOT_ALLOWED, "method not allowed")

@@ -85,6 +85,8 @@ pub struct Metrics {
     pub tls_cert_expiry: IntGaugeVec,
     /// Reloads of TLS certificate directories, by result (ok, error).
     pub tls_reloads: IntCounterVec,
+    /// 1 while a peer region reports routes that differ from ours.
+    pub peer_routes_differ: IntGaugeVec,
     /// Request body bytes read from clients, by route.
     pub request_bytes: IntCounterVec,
     /// Response body bytes sent to clients, by route.
@@ -252,6 +254,11 @@ impl Metrics {
                 "edge_tls_reloads_total",
                 "Reloads of TLS certificate directories after their files changed, by result (ok, error: the old certificates keep serving).",
                 &["result"],
+            )?,
+            peer_routes_differ: gauge(
+                "edge_peer_routes_differ",
+                "1 while a peer region's routes (its reported routes hash) differ from this region's: a request failed over there may be routed differently.",
+                &["peer"],
             )?,
             request_bytes: counter(
                 "edge_request_body_bytes_total",

@@ -71,11 +71,17 @@ impl ConfigInfo {
 
 type Reply = oneshot::Sender<Result<ConfigInfo, String>>;
 
-/// Asks the reloader to reload (the admin listener's `POST /reload`).
+/// Asks the reloader to reload (the admin listener's `POST /reload`), and
+/// shows the text serving (`GET /config`).
 #[derive(Clone)]
-pub struct ReloadHandle(mpsc::Sender<Reply>);
+pub struct ReloadHandle(mpsc::Sender<Reply>, Arc<ArcSwap<String>>);
 
 impl ReloadHandle {
+    /// The config text serving now.
+    pub fn text(&self) -> String {
+        self.1.load().as_ref().clone()
+    }
+
     /// Reload now; the new config's info, or why the old one stays.
     pub async fn reload(&self) -> Result<ConfigInfo, String> {
         let (tx, rx) = oneshot::channel();
@@ -119,6 +125,7 @@ pub struct Reloader {
     fixed: Fixed,
     requests: Mutex<Option<mpsc::Receiver<Reply>>>,
     handle: ReloadHandle,
+    text: Arc<ArcSwap<String>>,
     info: Arc<ArcSwap<ConfigInfo>>,
 }
 
@@ -133,13 +140,15 @@ impl Reloader {
         let (tx, rx) = mpsc::channel(4);
         let info = ConfigInfo::of(&source, 0, config.warnings.clone());
         publish_info(&fixed, None, &info);
+        let text = Arc::new(ArcSwap::from_pointee(source.text.clone()));
         Reloader {
             source: Mutex::new(source),
             config: Mutex::new(config),
             current,
             fixed,
             requests: Mutex::new(Some(rx)),
-            handle: ReloadHandle(tx),
+            handle: ReloadHandle(tx, text.clone()),
+            text,
             info: Arc::new(ArcSwap::from_pointee(info)),
         }
     }
@@ -202,6 +211,7 @@ impl Reloader {
         *prober = next;
         let info = ConfigInfo::of(&source, self.info.load().reloads + 1, new.warnings.clone());
         *self.config.lock() = new;
+        self.text.store(Arc::new(source.text.clone()));
         *self.source.lock() = source;
         let old_info = self.info.swap(Arc::new(info.clone()));
         publish_info(&self.fixed, Some(&old_info), &info);

@@ -21,6 +21,9 @@ pub struct RegionReport {
     pub status: String,
     /// Per upstream: local backends healthy / total.
     pub upstreams: HashMap<String, UpstreamCount>,
+    /// The reporting region's [`Topology::routes_hash`](super::Topology) (empty from older releases).
+    #[serde(default)]
+    pub routes_hash: String,
 }
 
 /// Healthy and total local backends of one upstream.
@@ -53,6 +56,7 @@ impl RegionReport {
                     )
                 })
                 .collect(),
+            routes_hash: topo.routes_hash.clone(),
         }
     }
 }

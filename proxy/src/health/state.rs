@@ -33,6 +33,8 @@ pub(super) struct PeerHealth {
     pub(super) active: Hysteresis,
     pub(super) rtt: Option<Duration>,
     pub(super) reported: HashMap<String, UpstreamCount>,
+    /// The peer's routes digest, when it reports one.
+    pub(super) routes_hash: Option<String>,
 }
 
 /// Shared, mutable health of one proxy.
@@ -140,6 +142,7 @@ impl HealthState {
                 Arc::new(Mutex::new(PeerHealth {
                     active: Hysteresis::new_healthy(),
                     rtt: None,
+                    routes_hash: None,
                     // Until a peer reports, assume the configured backends are there.
                     reported: topo
                         .upstreams
@@ -340,6 +343,18 @@ impl HealthState {
                     .peer_rtt
                     .with_label_values(&[name.as_str()])
                     .set(p.rtt.unwrap_or_default().as_secs_f64());
+                let theirs = Some(report.routes_hash).filter(|h| !h.is_empty());
+                if theirs != p.routes_hash {
+                    let differs = theirs.as_ref().is_some_and(|h| *h != self.topo.routes_hash);
+                    if differs {
+                        tracing::warn!(peer = %name, ours = %self.topo.routes_hash, theirs = ?theirs, "a peer region's routes differ from ours: requests failed over to it may be routed differently (edge_peer_routes_differ)");
+                    }
+                    self.metrics
+                        .peer_routes_differ
+                        .with_label_values(&[name.as_str()])
+                        .set(i64::from(differs));
+                    p.routes_hash = theirs;
+                }
                 let changed = p.reported != report.upstreams;
                 p.reported = report.upstreams;
                 flipped.or(changed.then_some(true))

@@ -64,11 +64,14 @@ impl HealthState {
                     "healthy": p.active.is_healthy() && r.peer.is_some(),
                     "rtt_ms": p.rtt.map(|d| d.as_secs_f64() * 1000.0),
                     "order": r.order,
+                    "routes_hash": p.routes_hash,
+                    "routes_match": p.routes_hash.as_ref().map(|h| *h == topo.routes_hash),
                 })
             })
             .collect();
         serde_json::json!({
             "region": topo.local_name(),
+            "routes_hash": topo.routes_hash,
             "serviceable": snap.serviceable,
             "upstreams": upstreams,
             "peers": peers,

@@ -64,6 +64,24 @@ pub struct Topology {
     pub route_policies: Vec<RoutePolicy>,
     /// RTTs closer than this are ties, so jitter does not flap the choice.
     pub rtt_tolerance: Duration,
+    /// A digest of the routes (and the upstreams' names they use): every
+    /// region should have the same, so peers compare theirs.
+    pub routes_hash: String,
+}
+
+/// SHA-256 of the routes as validated, first 16 hex digits.
+pub fn routes_hash(config: &Config) -> String {
+    use sha2::{Digest, Sha256};
+    let mut h = Sha256::new();
+    for r in &config.routes {
+        h.update(format!("{r:?}").as_bytes());
+        h.update(config.upstreams[r.upstream].name.as_bytes());
+        h.update([0]);
+    }
+    h.finalize()[..8]
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
 }
 
 impl Topology {
@@ -113,6 +131,7 @@ impl Topology {
             upstreams,
             route_policies,
             rtt_tolerance: config.server.rtt_tolerance,
+            routes_hash: routes_hash(config),
         }
     }
 

@@ -267,3 +267,73 @@ async fn a_reload_keeps_a_dead_backend_down_and_needs_the_token() {
         "a failed reload showed the dead backend healthy: {dead_gauge}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn regions_whose_routes_differ_say_so_until_a_reload_aligns_them() {
+    let (a, b) = (
+        origin("us-east-1", "a").await,
+        origin("eu-west-1", "b").await,
+    );
+    let regions = vec![
+        RegionSpec::new("us-east-1", vec![a.addr()]),
+        RegionSpec::new("eu-west-1", vec![b.addr()]),
+    ];
+    let same = Tweaks::default();
+    let other = Tweaks {
+        route_extra: "max_body = \"1KiB\"",
+        ..Tweaks::default()
+    };
+    let east = start_region(&regions, 0, &same).await;
+    let west = start_region(&regions, 1, &other).await;
+    let c = client();
+    let differs = |edge: &Edge, peer: &'static str| {
+        let c = c.clone();
+        let url = edge.admin_url("/metrics");
+        async move {
+            let text = c.get(url).send().await.ok()?.text().await.ok()?;
+            text.lines()
+                .find(|l| {
+                    l.starts_with("edge_peer_routes_differ{")
+                        && l.contains(&format!("peer=\"{peer}\""))
+                })
+                .and_then(|l| l.rsplit(' ').next()?.parse::<i64>().ok())
+        }
+    };
+    let seen = eventually(HANG, || async {
+        differs(&east, "eu-west-1").await == Some(1)
+    })
+    .await;
+    assert!(
+        seen.is_some(),
+        "us-east-1 never noticed; log:\n{}",
+        east.log_text()
+    );
+    assert!(east.log_text().contains("routes differ from ours"));
+    let status = status_json(&c, &east).await;
+    let peer = &status["peers"][0];
+    assert_eq!(peer["routes_match"], false, "{status}");
+
+    // The config as loaded, from the admin listener.
+    let shown: serde_json::Value = c
+        .get(west.admin_url("/config"))
+        .send()
+        .await
+        .expect("GET /config")
+        .json()
+        .await
+        .expect("JSON");
+    assert!(
+        shown["text"].as_str().unwrap_or("").contains("max_body"),
+        "{shown}"
+    );
+
+    // eu-west-1 takes us-east-1's routes: the difference goes away.
+    std::fs::write(west.config_path(), config_for(&regions, 1, &same)).expect("write");
+    let (status, body) = post_reload(&west).await;
+    assert_eq!(status, 200, "{body}");
+    let aligned = eventually(HANG, || async {
+        differs(&east, "eu-west-1").await == Some(0)
+    })
+    .await;
+    assert!(aligned.is_some(), "the difference never cleared");
+}
