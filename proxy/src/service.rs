@@ -312,6 +312,9 @@ impl Region {
         body: Bytes,
     ) -> Result<()> {
         let mut resp = ResponseHeader::build(status, Some(6))?;
+        // The route's rules first: what follows is ours, and stays (an error
+        // must not become cacheable).
+        self.apply_response_headers(ctx, &mut resp)?;
         resp.insert_header(http::header::CONTENT_TYPE, content_type)?;
         resp.insert_header(http::header::CONTENT_LENGTH, body.len().to_string())?;
         resp.insert_header(http::header::CACHE_CONTROL, "no-store")?;
@@ -319,7 +322,6 @@ impl Region {
             // Health and replication change within seconds: say when to try again.
             resp.insert_header(http::header::RETRY_AFTER, "1")?;
         }
-        self.apply_response_headers(ctx, &mut resp)?;
         resp.insert_header("x-edge-region", self.region_name(self.local()))?;
         resp.insert_header("x-request-id", ctx.request_id.as_str())?;
         if self.debug_headers {
@@ -1183,7 +1185,12 @@ impl ProxyHttp for Region {
                 .sign(self.region_name(self.local()), unix_ms(), signed);
             upstream_request.insert_header(HOP_HEADER, value)?;
         }
-        if let Some(route) = self.route(ctx) {
+        // A retry replays the body through request_body_filter: count it afresh.
+        ctx.body_seen = 0;
+        // Towards a peer region the rules are its own to apply (it trusts
+        // the forwarding headers we send).
+        let to_peer = ctx.target_region.is_some_and(|r| r != self.local());
+        if let Some(route) = self.route(ctx).filter(|_| !to_peer) {
             let rules = &route.limits.request_headers;
             for name in &rules.remove {
                 upstream_request.remove_header(name);
@@ -1338,11 +1345,15 @@ impl ProxyHttp for Region {
 
     async fn request_body_filter(
         &self,
-        _session: &mut Session,
+        session: &mut Session,
         body: &mut Option<Bytes>,
         _end_of_stream: bool,
         ctx: &mut RequestCtx,
     ) -> Result<()> {
+        // An upgraded connection (WebSocket) is a stream, not a body.
+        if session.was_upgraded() {
+            return Ok(());
+        }
         if let (Some(max), Some(chunk)) = (ctx.max_body, body.as_ref()) {
             ctx.body_seen += chunk.len() as u64;
             if ctx.body_seen > max {

@@ -47,10 +47,20 @@ impl WarnLimiter {
     }
 }
 
-/// Log lines dropped so far because the queue was full.
+/// Log lines dropped so far: a queue was full, or the access-log file
+/// could not be written (a full disk).
 pub fn dropped_lines() -> u64 {
-    DROPPED.get().map(|c| c.dropped_lines() as u64).unwrap_or(0)
+    let queue = |c: &OnceLock<ErrorCounter>| c.get().map(|c| c.dropped_lines() as u64).unwrap_or(0);
+    queue(&DROPPED)
+        + queue(&ACCESS_DROPPED)
+        + WRITE_ERRORS.load(std::sync::atomic::Ordering::Relaxed)
 }
+
+/// The access-log file's queue drops.
+static ACCESS_DROPPED: OnceLock<ErrorCounter> = OnceLock::new();
+
+/// Writes to the access-log file that failed (the writer thread drops them).
+static WRITE_ERRORS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
 
 /// Output format of log lines.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -101,7 +111,7 @@ pub fn init(format: LogFormat, log: LogConfig) -> Result<LogGuard, String> {
     let directives = std::env::var("EDGE_LOG")
         .ok()
         .or_else(|| std::env::var("RUST_LOG").ok())
-        .filter(|f| EnvFilter::try_new(f).is_ok())
+        .filter(|f| !f.trim().is_empty() && EnvFilter::try_new(f).is_ok())
         .unwrap_or_else(|| "info".to_string());
     // With a file of its own, the access log leaves stderr to operations.
     let filter = match &log.access_path {
@@ -140,6 +150,7 @@ pub fn init(format: LogFormat, log: LogConfig) -> Result<LogGuard, String> {
             .buffered_lines_limit(log.queue_lines)
             .thread_name("edge-access-log-writer")
             .finish(std::io::BufWriter::with_capacity(64 * 1024, file));
+        let _ = ACCESS_DROPPED.set(access.error_counter());
         let only_access = tracing_subscriber::filter::Targets::new()
             .with_target(ACCESS_TARGET, tracing::Level::INFO);
         layers.push(Box::new(layer(access, false).with_filter(only_access)));
@@ -187,9 +198,12 @@ impl ReopeningFile {
     }
 
     fn open_file(path: &std::path::Path) -> std::io::Result<std::fs::File> {
+        use std::os::unix::fs::OpenOptionsExt;
+        // Client addresses, paths and user agents: not for every local user.
         std::fs::OpenOptions::new()
             .create(true)
             .append(true)
+            .mode(0o640)
             .open(path)
     }
 }
@@ -206,7 +220,9 @@ impl std::io::Write for ReopeningFile {
                 ),
             }
         }
-        self.file.write(buf)
+        self.file.write(buf).inspect_err(|_| {
+            WRITE_ERRORS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        })
     }
 
     fn flush(&mut self) -> std::io::Result<()> {

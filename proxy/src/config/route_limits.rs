@@ -4,7 +4,8 @@
 //! `proxy_read_timeout` in a `location`), and headers set on or removed
 //! from the request to the upstream and the response to the client
 //! (`proxy_set_header` / `add_header` / `proxy_hide_header`; Envoy's
-//! `request_headers_to_add` / `_to_remove`).
+//! `request_headers_to_add` / `_to_remove`). A `set` replaces every value
+//! of the header (`set-cookie` included), as `proxy_set_header` does.
 
 use std::time::Duration;
 
@@ -19,10 +20,18 @@ const PROTECTED: &[&str] = &[
     "content-length",
     "transfer-encoding",
     "connection",
+    "keep-alive",
+    "proxy-connection",
     "upgrade",
     "te",
     "trailer",
+    "expect",
     "via",
+    "forwarded",
+    "x-forwarded-for",
+    "x-forwarded-proto",
+    "x-forwarded-host",
+    "x-request-id",
 ];
 
 /// Headers to remove, then to set, in order.

@@ -343,18 +343,24 @@ impl HealthState {
                     .peer_rtt
                     .with_label_values(&[name.as_str()])
                     .set(p.rtt.unwrap_or_default().as_secs_f64());
+                // Compared on every report: our own routes change with a
+                // reload too.
                 let theirs = Some(report.routes_hash).filter(|h| !h.is_empty());
-                if theirs != p.routes_hash {
-                    let differs = theirs.as_ref().is_some_and(|h| *h != self.topo.routes_hash);
-                    if differs {
-                        tracing::warn!(peer = %name, ours = %self.topo.routes_hash, theirs = ?theirs, "a peer region's routes differ from ours: requests failed over to it may be routed differently (edge_peer_routes_differ)");
-                    }
+                let differs = theirs.as_ref().is_some_and(|h| *h != self.topo.routes_hash);
+                let was = p
+                    .routes_hash
+                    .as_ref()
+                    .is_some_and(|h| *h != self.topo.routes_hash);
+                if differs && (!was || theirs != p.routes_hash) {
+                    tracing::warn!(peer = %name, ours = %self.topo.routes_hash, theirs = ?theirs, "a peer region's routes differ from ours: requests failed over to it may be routed differently (edge_peer_routes_differ)");
+                }
+                if self.publishing.load(std::sync::atomic::Ordering::SeqCst) {
                     self.metrics
                         .peer_routes_differ
                         .with_label_values(&[name.as_str()])
                         .set(i64::from(differs));
-                    p.routes_hash = theirs;
                 }
+                p.routes_hash = theirs;
                 let changed = p.reported != report.upstreams;
                 p.reported = report.upstreams;
                 flipped.or(changed.then_some(true))

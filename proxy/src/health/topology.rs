@@ -69,14 +69,51 @@ pub struct Topology {
     pub routes_hash: String,
 }
 
-/// SHA-256 of the routes as validated, first 16 hex digits.
+/// SHA-256 of the routes, first 16 hex digits: what decides where a
+/// request goes, written with names (not positions, which differ between
+/// regions' files) and without header values (the hash is public on the
+/// health path, and a value may be a credential).
 pub fn routes_hash(config: &Config) -> String {
     use sha2::{Digest, Sha256};
     let mut h = Sha256::new();
+    h.update(b"routes-v1\n");
     for r in &config.routes {
-        h.update(format!("{r:?}").as_bytes());
-        h.update(config.upstreams[r.upstream].name.as_bytes());
-        h.update([0]);
+        let u = &config.upstreams[r.upstream];
+        let mut allowed: Vec<&str> = config
+            .regions
+            .iter()
+            .enumerate()
+            .filter(|(i, _)| r.allowed.contains(*i))
+            .map(|(_, reg)| reg.name.as_str())
+            .collect();
+        allowed.sort_unstable();
+        let names = |rules: &crate::config::route_limits::HeaderRules| {
+            let mut v: Vec<String> = rules
+                .remove
+                .iter()
+                .map(|n| format!("-{n}"))
+                .chain(rules.set.iter().map(|(n, _)| format!("+{n}")))
+                .collect();
+            v.sort();
+            v.join(",")
+        };
+        let line = format!(
+            "{}|{:?}|{}|{}|{:?}|{:?}|{}|{:?}|{:?}|{:?}|{:?}|{}|{}\n",
+            r.name,
+            r.host,
+            r.path_prefix,
+            u.name,
+            u.primary_region,
+            r.policy,
+            allowed.join(","),
+            r.cache,
+            r.limits.max_body,
+            r.limits.connect_timeout,
+            r.limits.read_timeout,
+            names(&r.limits.request_headers),
+            names(&r.limits.response_headers),
+        );
+        h.update(line.as_bytes());
     }
     h.finalize()[..8]
         .iter()

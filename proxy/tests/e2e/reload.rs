@@ -314,8 +314,19 @@ async fn regions_whose_routes_differ_say_so_until_a_reload_aligns_them() {
     assert_eq!(peer["routes_match"], false, "{status}");
 
     // The config as loaded, from the admin listener.
+    let unauthorized = c
+        .get(west.admin_url("/config"))
+        .send()
+        .await
+        .expect("GET /config");
+    assert_eq!(
+        unauthorized.status(),
+        401,
+        "the file may hold header values: token only"
+    );
     let shown: serde_json::Value = c
         .get(west.admin_url("/config"))
+        .bearer_auth(ADMIN_TOKEN)
         .send()
         .await
         .expect("GET /config")
