@@ -283,6 +283,17 @@ pub fn build_region(
             .then(|| config.server.tls.first().map(|t| t.listen.port()))
             .flatten(),
         log_query: config.log.access_query,
+        rate_limiters: config
+            .routes
+            .iter()
+            .map(|r| {
+                r.limits
+                    .rate_limit
+                    .as_ref()
+                    .and_then(crate::rate_limit::RouteRateLimiter::new)
+                    .map(Arc::new)
+            })
+            .collect(),
     })
 }
 

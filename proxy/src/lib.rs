@@ -26,6 +26,7 @@ pub mod keys;
 pub mod lifecycle;
 pub mod metrics;
 pub mod path;
+pub mod rate_limit;
 pub mod reload;
 pub mod retry;
 pub mod routing;

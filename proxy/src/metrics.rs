@@ -85,6 +85,8 @@ pub struct Metrics {
     pub tls_cert_expiry: IntGaugeVec,
     /// Reloads of TLS certificate directories, by result (ok, error).
     pub tls_reloads: IntCounterVec,
+    /// Requests refused by a route's rate limit.
+    pub rate_limited: IntCounterVec,
     /// 1 while a peer region reports routes that differ from ours.
     pub peer_routes_differ: IntGaugeVec,
     /// Request body bytes read from clients, by route.
@@ -254,6 +256,11 @@ impl Metrics {
                 "edge_tls_reloads_total",
                 "Reloads of TLS certificate directories after their files changed, by result (ok, error: the old certificates keep serving).",
                 &["result"],
+            )?,
+            rate_limited: counter(
+                "edge_rate_limited_total",
+                "Requests answered 429 by a route's rate limit, by route.",
+                &["route"],
             )?,
             peer_routes_differ: gauge(
                 "edge_peer_routes_differ",

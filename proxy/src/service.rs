@@ -109,6 +109,8 @@ pub struct Region {
     pub redirect_https: Option<u16>,
     /// `log.access_query`: the access log shows query strings.
     pub log_query: bool,
+    /// Per route (config order): its rate limiter, if it has one.
+    pub rate_limiters: Vec<Option<Arc<crate::rate_limit::RouteRateLimiter>>>,
 }
 
 /// Headers through which clients or proxies tell an origin about the URL;
@@ -147,6 +149,8 @@ pub struct RequestCtx {
     max_body: Option<u64>,
     /// Request body bytes seen so far.
     body_seen: u64,
+    /// Seconds a rate-limited client should wait.
+    retry_after: Option<u64>,
     start: Instant,
     request_id: String,
     route: Option<usize>,
@@ -321,6 +325,9 @@ impl Region {
         if status == 503 {
             // Health and replication change within seconds: say when to try again.
             resp.insert_header(http::header::RETRY_AFTER, "1")?;
+        }
+        if let (429, Some(secs)) = (status, ctx.retry_after) {
+            resp.insert_header(http::header::RETRY_AFTER, secs.to_string())?;
         }
         resp.insert_header("x-edge-region", self.region_name(self.local()))?;
         resp.insert_header("x-request-id", ctx.request_id.as_str())?;
@@ -675,6 +682,7 @@ impl ProxyHttp for Region {
             upstream_status: None,
             max_body: None,
             body_seen: 0,
+            retry_after: None,
             start: Instant::now(),
             request_id: String::new(),
             route: None,
@@ -941,6 +949,47 @@ impl ProxyHttp for Region {
                     "no region can serve this request now",
                 )
                 .await;
+        }
+        // A hop was limited in the region the client reached; here every
+        // forwarded request would share the peer's address.
+        let limiter = ctx
+            .route
+            .filter(|_| ctx.hop_from.is_none())
+            .and_then(|r| self.rate_limiters.get(r).cloned().flatten());
+        if let Some(limiter) = limiter {
+            let client = client_ip(session)
+                .map(|ip| ip.to_string())
+                .unwrap_or_default();
+            let key = match &limiter.by {
+                crate::config::route_limits::RateKey::Client => client,
+                crate::config::route_limits::RateKey::Header(h) => {
+                    match session
+                        .req_header()
+                        .headers
+                        .get(h)
+                        .and_then(|v| v.to_str().ok())
+                    {
+                        Some(v) => format!("h:{v}"),
+                        None => client,
+                    }
+                }
+            };
+            if let Err(wait) = limiter.check(&key) {
+                self.metrics
+                    .rate_limited
+                    .with_label_values(&[self.route_label(ctx)])
+                    .inc();
+                ctx.retry_after = Some(wait.as_secs() + u64::from(wait.subsec_nanos() > 0));
+                return self
+                    .refuse(
+                        session,
+                        ctx,
+                        429,
+                        "rate-limited",
+                        "too many requests: see Retry-After",
+                    )
+                    .await;
+            }
         }
         if let Some(max) = self.route(ctx).and_then(|r| r.limits.max_body) {
             let declared = session

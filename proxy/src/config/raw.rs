@@ -450,6 +450,25 @@ pub struct RawRoute {
     /// Headers removed from, then set on, the response to the client.
     #[serde(default)]
     pub response_headers: RawHeaderRules,
+    /// Local rate limiting (429 with `Retry-After`).
+    pub rate_limit: Option<RawRateLimit>,
+}
+
+/// `routes[].rate_limit`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawRateLimit {
+    /// `"10/s"`, `"600/m"`, `"1000/h"`.
+    pub rate: String,
+    /// Requests at once (default: the rate's count).
+    pub burst: Option<u32>,
+    /// `client` (default) or `header:NAME`.
+    #[serde(default = "default_rate_by")]
+    pub by: String,
+}
+
+fn default_rate_by() -> String {
+    "client".to_string()
 }
 
 /// `request_headers` / `response_headers` of a route.

@@ -63,6 +63,8 @@ pub struct RouteLimits {
     pub request_headers: HeaderRules,
     /// Towards the client.
     pub response_headers: HeaderRules,
+    /// Local rate limit.
+    pub rate_limit: Option<RateLimit>,
 }
 
 /// Validate route `i`'s limits and header rules.
@@ -105,6 +107,7 @@ pub(super) fn route_limits(
         read_timeout: raw.read_timeout,
         request_headers: header_rules(loc, &at("request_headers"), &raw.request_headers, errors),
         response_headers: header_rules(loc, &at("response_headers"), &raw.response_headers, errors),
+        rate_limit: rate_limit(loc, i, raw, errors),
     }
 }
 
@@ -155,4 +158,95 @@ fn header_rules(
         }
     }
     rules
+}
+
+/// Whose requests share a rate-limit bucket.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RateKey {
+    /// The client's address (the connection's; Global Accelerator keeps it).
+    Client,
+    /// A request header's value (an API key); requests without it are keyed
+    /// by the client's address.
+    Header(HeaderName),
+}
+
+/// A route's local rate limit: a token bucket per key, one token every
+/// `period`, at most `burst` saved (nginx's `limit_req zone=… rate=…
+/// burst=… nodelay`; Envoy's local rate limit filter).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RateLimit {
+    /// One request's worth of tokens comes back this often.
+    pub period: Duration,
+    /// Requests a key may make at once.
+    pub burst: u32,
+    /// The bucket key.
+    pub by: RateKey,
+}
+
+/// Validate route `i`'s `rate_limit`.
+pub(super) fn rate_limit(
+    loc: &Locator<'_>,
+    i: usize,
+    raw: &RawRoute,
+    errors: &mut Vec<ConfigError>,
+) -> Option<RateLimit> {
+    let r = raw.rate_limit.as_ref()?;
+    let at = |k: &str| {
+        vec![
+            Seg::from("routes"),
+            Seg::from(i),
+            Seg::from("rate_limit"),
+            Seg::from(k),
+        ]
+    };
+    let before = errors.len();
+    let (count, unit) = r.rate.split_once('/').unwrap_or((r.rate.as_str(), ""));
+    let per = match unit.trim() {
+        "s" => Some(Duration::from_secs(1)),
+        "m" => Some(Duration::from_secs(60)),
+        "h" => Some(Duration::from_secs(3600)),
+        _ => None,
+    };
+    let count = count.trim().parse::<u32>().ok().filter(|n| *n > 0);
+    let period = match (count, per) {
+        (Some(n), Some(per)) => Some(per / n),
+        _ => {
+            errors.push(loc.at_path(
+                &at("rate"),
+                format!(
+                    "`{}` is not a rate like \"10/s\", \"600/m\" or \"1000/h\"",
+                    r.rate
+                ),
+            ));
+            None
+        }
+    };
+    let burst = r.burst.or(count).unwrap_or(1);
+    if burst == 0 {
+        errors.push(loc.at_path(&at("burst"), "must be at least 1"));
+    }
+    let by = match r.by.as_str() {
+        "client" => Some(RateKey::Client),
+        other => match other
+            .strip_prefix("header:")
+            .map(|h| HeaderName::from_bytes(h.as_bytes()))
+        {
+            Some(Ok(h)) => Some(RateKey::Header(h)),
+            _ => {
+                errors.push(loc.at_path(
+                    &at("by"),
+                    format!("`{other}` is not `client` or `header:NAME`"),
+                ));
+                None
+            }
+        },
+    };
+    if errors.len() > before || period.is_some_and(|p| p.is_zero()) {
+        return None;
+    }
+    Some(RateLimit {
+        period: period?,
+        burst,
+        by: by?,
+    })
 }

@@ -557,6 +557,17 @@ fn route_limits_parse_and_refuse_the_proxys_own_headers() {
     assert_eq!(limits.read_timeout, Some(std::time::Duration::from_secs(2)));
     assert_eq!(limits.request_headers.set[0].0.as_str(), "x-team");
     assert_eq!(limits.request_headers.remove[0].as_str(), "x-debug");
+    let c = parse(
+        "t.toml",
+        &with("rate_limit = { rate = \"600/m\", burst = 20 }"),
+        None,
+    )
+    .unwrap_or_else(|e| panic!("{e}"));
+    let rl = c.routes[0].limits.rate_limit.clone().expect("rate limit");
+    assert_eq!(
+        (rl.period, rl.burst),
+        (std::time::Duration::from_millis(100), 20)
+    );
     for (extra, path) in [
         ("max_body = \"lots\"", "routes[0].max_body"),
         ("read_timeout = \"0s\"", "routes[0].read_timeout"),
@@ -571,6 +582,18 @@ fn route_limits_parse_and_refuse_the_proxys_own_headers() {
         (
             "request_headers = { set = { \"x-a\" = \"line\\nbreak\" } }",
             "routes[0].request_headers.set.x-a",
+        ),
+        (
+            "rate_limit = { rate = \"ten/s\" }",
+            "routes[0].rate_limit.rate",
+        ),
+        (
+            "rate_limit = { rate = \"5/s\", by = \"cookie\" }",
+            "routes[0].rate_limit.by",
+        ),
+        (
+            "rate_limit = { rate = \"5/s\", burst = 0 }",
+            "routes[0].rate_limit.burst",
         ),
     ] {
         let e = errors(&with(extra));

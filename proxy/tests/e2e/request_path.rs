@@ -307,3 +307,45 @@ async fn a_routes_body_limit_timeouts_and_header_rules_apply() {
     let slow = try_get(&c, &edge.url("/slow?delay=2s")).await;
     assert_eq!(slow.status, 504, "{}", slow.body);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_routes_rate_limit_answers_429_with_retry_after_per_key() {
+    // Three a minute: the fourth within the minute is over, however slow the machine.
+    let t = Tweaks {
+        route_extra: "rate_limit = { rate = \"3/m\", by = \"header:x-api-key\" }",
+        ..Tweaks::default()
+    };
+    let (_origin, edge) = solo_edge(&t).await;
+    let c = client();
+    let get = |key: &'static str| {
+        let c = c.clone();
+        let url = edge.url("/limited");
+        async move {
+            c.get(url)
+                .header("x-api-key", key)
+                .send()
+                .await
+                .expect("GET")
+        }
+    };
+    for i in 0..3 {
+        assert_eq!(
+            get("alice").await.status(),
+            200,
+            "request {i} within the burst"
+        );
+    }
+    let over = get("alice").await;
+    assert_eq!(over.status(), 429);
+    let wait: u64 = over
+        .headers()
+        .get("retry-after")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse().ok())
+        .expect("a Retry-After in seconds");
+    assert!((1..=60).contains(&wait), "Retry-After {wait}");
+    // Another key has its own bucket.
+    assert_eq!(get("bob").await.status(), 200);
+    let m = metrics(&c, &edge).await;
+    assert_eq!(metric_total(&m, "edge_rate_limited_total"), 1.0, "{m}");
+}
