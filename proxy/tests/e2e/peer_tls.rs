@@ -246,14 +246,7 @@ async fn a_report_from_a_server_without_the_regions_certificate_is_never_read() 
     // An impostor for eu-west-1: a TLS server with a certificate of another
     // CA, answering a perfect health report.
     let impostor = Pki::new(&["eu-west-1"]);
-    let cert = impostor.certs("eu-west-1");
-    let chain: Vec<CertificateDer<'static>> =
-        CertificateDer::pem_file_iter(cert.join("default.crt"))
-            .expect("cert")
-            .collect::<Result<_, _>>()
-            .expect("cert");
-    let key =
-        rustls::pki_types::PrivateKeyDer::from_pem_file(cert.join("default.key")).expect("key");
+    let (chain, key) = pem_pair(&impostor.certs("eu-west-1"), "default");
     let config = rustls::ServerConfig::builder_with_provider(Arc::new(
         rustls::crypto::ring::default_provider(),
     ))
@@ -380,14 +373,7 @@ async fn recording_peer(
     region: &str,
     close: bool,
 ) -> (u16, Arc<std::sync::Mutex<Vec<SeenRequest>>>) {
-    let certs = pki.certs(region);
-    let chain: Vec<CertificateDer<'static>> =
-        CertificateDer::pem_file_iter(certs.join("default.crt"))
-            .expect("cert")
-            .collect::<Result<_, _>>()
-            .expect("cert");
-    let key =
-        rustls::pki_types::PrivateKeyDer::from_pem_file(certs.join("default.key")).expect("key");
+    let (chain, key) = pem_pair(&pki.certs(region), "default");
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let mut roots = rustls::RootCertStore::empty();
     for c in CertificateDer::pem_file_iter(pki.ca()).expect("CA") {

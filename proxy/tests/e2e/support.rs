@@ -653,3 +653,33 @@ fn decode_chunked(mut data: &[u8]) -> Option<Vec<u8>> {
         data = &data[size + 2..];
     }
 }
+
+/// `[server]` lines for a TLS listener on 127.0.0.1:`port` with the pairs
+/// in `certs` (for `Tweaks::server_extra`, which wants a static string).
+pub fn tls_listener_toml(port: u16, certs: &std::path::Path) -> &'static str {
+    Box::leak(
+        format!(
+            "\n[[server.tls]]\nlisten = \"127.0.0.1:{port}\"\ncerts = \"{}\"\n",
+            certs.display()
+        )
+        .into_boxed_str(),
+    )
+}
+
+/// The certificate chain and key of a PEM pair `NAME.crt` / `NAME.key` in `dir`.
+pub fn pem_pair(
+    dir: &std::path::Path,
+    name: &str,
+) -> (
+    Vec<rustls::pki_types::CertificateDer<'static>>,
+    rustls::pki_types::PrivateKeyDer<'static>,
+) {
+    use rustls::pki_types::pem::PemObject;
+    let chain = rustls::pki_types::CertificateDer::pem_file_iter(dir.join(format!("{name}.crt")))
+        .expect("cert")
+        .collect::<Result<_, _>>()
+        .expect("cert");
+    let key = rustls::pki_types::PrivateKeyDer::from_pem_file(dir.join(format!("{name}.key")))
+        .expect("key");
+    (chain, key)
+}

@@ -177,13 +177,7 @@ fn pair(dir: &Path, name: &str, names: &[&str]) -> CertificateDer<'static> {
 /// An edge with a plain and a TLS listener whose certificates are in `certs`.
 async fn tls_edge(certs: &Path) -> (edge_loadtest::origin::Origin, Edge, u16) {
     let tls_port = free_port();
-    let extra: &'static str = Box::leak(
-        format!(
-            "\n[[server.tls]]\nlisten = \"127.0.0.1:{tls_port}\"\ncerts = \"{}\"\n",
-            certs.display()
-        )
-        .into_boxed_str(),
-    );
+    let extra = tls_listener_toml(tls_port, certs);
     let t = Tweaks {
         server_extra: extra,
         ..Tweaks::default()
@@ -401,8 +395,8 @@ async fn plain_http_is_redirected_to_the_tls_listener_but_health_is_not() {
     let tls_port = free_port();
     let extra: &'static str = Box::leak(
         format!(
-            "redirect_https = true\n[[server.tls]]\nlisten = \"127.0.0.1:{tls_port}\"\ncerts = \"{}\"\n",
-            dir.path().display()
+            "redirect_https = true{}",
+            tls_listener_toml(tls_port, dir.path())
         )
         .into_boxed_str(),
     );
@@ -433,13 +427,7 @@ async fn the_consistency_cookie_is_secure_over_https_only() {
     let dir = tempfile::tempdir().expect("tempdir");
     let files = edge_certs::dev::write_dev(dir.path()).expect("dev CA");
     let tls_port = free_port();
-    let extra: &'static str = Box::leak(
-        format!(
-            "\n[[server.tls]]\nlisten = \"127.0.0.1:{tls_port}\"\ncerts = \"{}\"\n",
-            dir.path().display()
-        )
-        .into_boxed_str(),
-    );
+    let extra = tls_listener_toml(tls_port, dir.path());
     let t = Tweaks {
         server_extra: extra,
         policy: "read-your-writes",

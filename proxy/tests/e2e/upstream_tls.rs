@@ -185,13 +185,7 @@ async fn tls_server_requiring(cert: &Path, key: &Path, client_ca: Option<&Path>)
 /// TLS listener (the dev CA in `certs`) as well as its plain one.
 async fn edge_with(backend: SocketAddr, upstream_extra: &'static str, certs: &Path) -> (Edge, u16) {
     let tls_port = free_port();
-    let extra: &'static str = Box::leak(
-        format!(
-            "\n[[server.tls]]\nlisten = \"127.0.0.1:{tls_port}\"\ncerts = \"{}\"\n",
-            certs.display()
-        )
-        .into_boxed_str(),
-    );
+    let extra = tls_listener_toml(tls_port, certs);
     let t = Tweaks {
         server_extra: extra,
         upstream_extra,
@@ -291,11 +285,7 @@ async fn grpc_unary_and_server_streaming_calls_keep_their_trailers() {
         .connect(ServerName::try_from("localhost").expect("name"), tcp)
         .await
         .expect("handshake");
-    let (mut sender, conn) =
-        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(tls))
-            .await
-            .expect("h2");
-    tokio::spawn(conn);
+    let mut sender = h2_sender(tls).await;
 
     for (method, expected) in [
         ("Unary", vec!["hello".to_string()]),
@@ -363,6 +353,19 @@ async fn a_backend_requiring_a_client_certificate_gets_the_configured_one() {
     );
 }
 
+/// An HTTP/2 client on `io` (TLS with ALPN h2, or cleartext with prior knowledge).
+async fn h2_sender<T>(io: T) -> hyper::client::conn::http2::SendRequest<Full<Bytes>>
+where
+    T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let (sender, conn) =
+        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(io))
+            .await
+            .expect("HTTP/2 handshake");
+    tokio::spawn(conn);
+    sender
+}
+
 /// One gRPC call on an HTTP/2 connection; its reply messages and `grpc-status`.
 async fn grpc_call(
     sender: &mut hyper::client::conn::http2::SendRequest<Full<Bytes>>,
@@ -410,11 +413,7 @@ async fn server_h2c_serves_http2_with_prior_knowledge_and_http1_alike_on_a_plain
     let tcp = TcpStream::connect(("127.0.0.1", edge.port))
         .await
         .expect("connect");
-    let (mut sender, conn) =
-        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(tcp))
-            .await
-            .expect("h2c handshake");
-    tokio::spawn(conn);
+    let mut sender = h2_sender(tcp).await;
     let base = format!("http://127.0.0.1:{}", edge.port);
     let (status, got, grpc) = grpc_call(&mut sender, &base, "Unary").await;
     assert_eq!(
