@@ -271,6 +271,8 @@ impl ServeHttp for AdminApp {
                     doc["config"] = info.load().json();
                 }
                 doc["draining"] = self.lifecycle.is_draining().into();
+                // Which process answers (it changes with a graceful upgrade).
+                doc["pid"] = std::process::id().into();
                 doc["tables"] = self.lag.status_json(&self.table);
                 doc["tls"] = self.tls_json();
                 doc["cache"] = match &self.cache {

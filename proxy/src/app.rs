@@ -2,6 +2,7 @@
 //! service, the admin service and the health prober, added to a Pingora
 //! server. `run` uses it once; `demo` once per simulated region.
 
+use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -63,19 +64,40 @@ pub struct Secrets {
 /// closes the listeners and waits its grace period for requests in flight:
 /// that is `shutdown_timeout` (the lifecycle's watcher exits earlier once
 /// none is left).
-pub fn server_conf(shutdown_timeout: Duration) -> ServerConf {
+/// `upgrade_sock` is where a successor takes the listening sockets; without
+/// one Pingora's default (a fixed name in /tmp, open to every user) is
+/// never used: nothing is sent or received.
+pub fn server_conf(shutdown_timeout: Duration, upgrade_sock: Option<&Path>) -> ServerConf {
     ServerConf {
         grace_period_seconds: Some(shutdown_timeout.as_secs_f64().ceil() as u64),
         graceful_shutdown_timeout_seconds: Some(1),
+        upgrade_sock: upgrade_sock
+            .map(|p| p.display().to_string())
+            .unwrap_or_default(),
+        // The successor (`--upgrade`) waits this many seconds for the sockets.
+        upgrade_sock_connect_accept_max_retries: Some(30),
         ..ServerConf::default()
     }
 }
 
-/// A Pingora server with our settings.
-pub fn new_server(shutdown_timeout: Duration) -> anyhow::Result<Server> {
-    let mut server = Server::new_with_opt_and_conf(None, server_conf(shutdown_timeout));
-    server.bootstrap();
-    Ok(server)
+/// A Pingora server with our settings. `upgrade`: take the listening
+/// sockets from the process serving on `upgrade_sock` instead of binding
+/// them. Call [`Server::bootstrap`] once every service is added: with
+/// `upgrade` it is where the sockets are taken, so anything that can still
+/// fail must have been done by then.
+pub fn new_server(
+    shutdown_timeout: Duration,
+    upgrade_sock: Option<&Path>,
+    upgrade: bool,
+) -> anyhow::Result<Server> {
+    let opt = pingora::server::configuration::Opt {
+        upgrade,
+        ..Default::default()
+    };
+    Ok(Server::new_with_opt_and_conf(
+        Some(opt),
+        server_conf(shutdown_timeout, upgrade_sock),
+    ))
 }
 
 /// Create the label sets we know of at start with value 0, so dashboards
@@ -306,7 +328,7 @@ pub fn add_region(
     secrets: Secrets,
     table: Option<SharedTable>,
     source: ConfigSource,
-) -> anyhow::Result<Arc<Lifecycle>> {
+) -> anyhow::Result<(Arc<Lifecycle>, Arc<Metrics>)> {
     let region = config.server.region.clone();
     let metrics = Arc::new(Metrics::new(&region).context("registering metrics")?);
     let lifecycle = Arc::new(Lifecycle::new(metrics.clone()));
@@ -524,11 +546,11 @@ pub fn add_region(
             shards: config.tables.heartbeat_shards,
         },
         lag,
-        metrics,
+        metrics.clone(),
     );
     server.add_service(background_service(
         &format!("heartbeats {region}"),
         heartbeats,
     ));
-    Ok(lifecycle)
+    Ok((lifecycle, metrics))
 }

@@ -286,7 +286,10 @@ impl EdgeApp {
                     // preconnected socket just closes (nginx does the same).
                     Ok(Err(_)) | Err(_) => return Head::Close,
                 },
-                _ = shutdown.changed() => return Head::Close,
+                // An idle keep-alive connection closes on shutdown; a new one
+                // was accepted to be answered (its request may be on the way
+                // as the listener closes, during a graceful upgrade too).
+                _ = shutdown.changed(), if idle.is_some() => return Head::Close,
                 _ = self.reclaim.notified(), if idle.is_some() => return Head::Close,
             }
         };

@@ -6,6 +6,13 @@
 //! second SIGTERM or a SIGINT stops at once. `POST /drain` on the admin
 //! listener drains without exiting (take a region out of rotation); `DELETE
 //! /drain` undoes that, but never a drain that SIGTERM started.
+//!
+//! With `server.upgrade_sock`, SIGUSR2 starts a successor (see `upgrade`)
+//! and SIGQUIT hands the listening sockets to one already waiting
+//! (Pingora's `--upgrade`); this process then answers with `Connection:
+//! close`, keeps its health path at 200 (the sockets serve on), stops
+//! accepting after Pingora's five seconds and exits once nothing is in
+//! flight. Without it, SIGQUIT stops as SIGTERM does.
 
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -16,11 +23,14 @@ use pingora::server::{ShutdownSignal, ShutdownSignalWatch};
 use tokio::signal::unix::{signal, SignalKind};
 
 use crate::metrics::Metrics;
+use crate::upgrade::Upgrade;
 
 /// Whether one proxy is draining, and how many requests it is serving.
 pub struct Lifecycle {
     draining: AtomicBool,
     terminating: AtomicBool,
+    /// A successor has the listening sockets: responses close their connections.
+    handing_over: AtomicBool,
     in_flight: AtomicUsize,
     /// Requests received but not yet (or no longer) in Pingora's hands.
     pending: AtomicUsize,
@@ -55,6 +65,7 @@ impl Lifecycle {
         Lifecycle {
             draining: AtomicBool::new(false),
             terminating: AtomicBool::new(false),
+            handing_over: AtomicBool::new(false),
             in_flight: AtomicUsize::new(0),
             pending: AtomicUsize::new(0),
             transitions: parking_lot::Mutex::new(()),
@@ -65,6 +76,17 @@ impl Lifecycle {
     /// True while draining.
     pub fn is_draining(&self) -> bool {
         self.draining.load(Ordering::Relaxed)
+    }
+
+    /// True when responses should close their connections: draining, or
+    /// handing over to a successor (whose health path is what the
+    /// accelerator should see, so ours stays 200 then).
+    pub fn closes_connections(&self) -> bool {
+        self.is_draining() || self.handing_over.load(Ordering::Relaxed)
+    }
+
+    fn hand_over(&self) {
+        self.handing_over.store(true, Ordering::SeqCst);
     }
 
     /// Start draining (the admin API's `POST /drain`).
@@ -120,6 +142,7 @@ pub struct DrainThenStop {
     lifecycles: Vec<Arc<Lifecycle>>,
     drain_period: Duration,
     shutdown_timeout: Duration,
+    upgrade: Option<(Upgrade, Arc<Metrics>)>,
 }
 
 impl DrainThenStop {
@@ -134,9 +157,36 @@ impl DrainThenStop {
             lifecycles,
             drain_period,
             shutdown_timeout,
+            upgrade: None,
         }
     }
+
+    /// SIGUSR2 starts a successor and SIGQUIT hands over to one, through `upgrade`.
+    pub fn with_upgrade(mut self, upgrade: Upgrade, metrics: Arc<Metrics>) -> Self {
+        self.upgrade = Some((upgrade, metrics));
+        self
+    }
+
+    /// Responses close their connections, and the process exits once
+    /// Pingora has stopped accepting and nothing is in flight.
+    fn hand_over(&self) -> ShutdownSignal {
+        for l in &self.lifecycles {
+            l.hand_over();
+        }
+        // Pingora keeps accepting for its CLOSE_TIMEOUT (5 s) after sending
+        // the sockets; only then can "nothing in flight" mean done.
+        spawn_exit_when_idle(
+            self.lifecycles.clone(),
+            PINGORA_CLOSE_TIMEOUT + Duration::from_millis(200),
+            PINGORA_CLOSE_TIMEOUT + self.shutdown_timeout,
+        );
+        ShutdownSignal::GracefulUpgrade
+    }
 }
+
+/// Pingora's wait between sending the listening sockets and closing its own
+/// (`CLOSE_TIMEOUT` in pingora-core's `server`, not configurable).
+const PINGORA_CLOSE_TIMEOUT: Duration = Duration::from_secs(5);
 
 #[async_trait]
 impl ShutdownSignalWatch for DrainThenStop {
@@ -151,11 +201,51 @@ impl ShutdownSignalWatch for DrainThenStop {
                 return std::future::pending().await;
             }
         };
-        tokio::select! {
-            _ = term.recv() => {}
-            _ = int.recv() => {
-                tracing::info!("SIGINT: stopping now");
-                return ShutdownSignal::FastShutdown;
+        let mut quit = match signal(SignalKind::quit()) {
+            Ok(q) => Some(q),
+            Err(e) => {
+                tracing::error!(error = %e, "cannot handle SIGQUIT; it will end the process at once");
+                None
+            }
+        };
+        let mut requests = crate::signals::subscribe();
+        loop {
+            tokio::select! {
+                _ = term.recv() => break,
+                _ = int.recv() => {
+                    tracing::info!("SIGINT: stopping now");
+                    return ShutdownSignal::FastShutdown;
+                }
+                Some(()) = async { quit.as_mut()?.recv().await } => match &self.upgrade {
+                    Some((u, _)) => {
+                        tracing::info!(sock = %u.sock().display(), "SIGQUIT: handing the listening sockets to the process waiting for them, then finishing requests in flight");
+                        return self.hand_over();
+                    }
+                    None => {
+                        tracing::info!("SIGQUIT without server.upgrade_sock: stopping as on SIGTERM");
+                        break;
+                    }
+                },
+                r = requests.recv() => {
+                    if !matches!(r, Ok(crate::signals::Request::Upgrade)) {
+                        continue;
+                    }
+                    let Some((u, metrics)) = &self.upgrade else {
+                        tracing::warn!("SIGUSR2 ignored: a graceful upgrade needs server.upgrade_sock");
+                        continue;
+                    };
+                    match u.start_successor().await {
+                        Ok(pid) => {
+                            metrics.upgrades.with_label_values(&["ok"]).inc();
+                            tracing::info!(pid, "graceful upgrade: handing the listening sockets to the new process, then finishing requests in flight");
+                            return self.hand_over();
+                        }
+                        Err(e) => {
+                            metrics.upgrades.with_label_values(&["error"]).inc();
+                            tracing::error!(error = %e, "graceful upgrade failed: this process keeps serving");
+                        }
+                    }
+                }
             }
         }
         for l in &self.lifecycles {
@@ -179,7 +269,12 @@ impl ShutdownSignalWatch for DrainThenStop {
             shutdown_timeout = ?self.shutdown_timeout,
             "drain period over: listeners close; waiting for requests in flight"
         );
-        spawn_exit_when_idle(self.lifecycles.clone(), self.shutdown_timeout);
+        // Let Pingora close the listeners and wake idle keep-alive connections first.
+        spawn_exit_when_idle(
+            self.lifecycles.clone(),
+            Duration::from_millis(100),
+            self.shutdown_timeout,
+        );
         ShutdownSignal::GracefulTerminate
     }
 }
@@ -188,7 +283,7 @@ impl ShutdownSignalWatch for DrainThenStop {
 /// graceful stop; this thread ends the process as soon as no request is in
 /// flight, or at once on another SIGTERM or SIGINT, since Pingora no longer
 /// listens for signals then.
-fn spawn_exit_when_idle(lifecycles: Vec<Arc<Lifecycle>>, limit: Duration) {
+fn spawn_exit_when_idle(lifecycles: Vec<Arc<Lifecycle>>, first: Duration, limit: Duration) {
     let spawned = std::thread::Builder::new()
         .name("edge-shutdown".to_string())
         .spawn(move || {
@@ -210,8 +305,11 @@ fn spawn_exit_when_idle(lifecycles: Vec<Arc<Lifecycle>>, limit: Duration) {
                     return None;
                 };
                 let start = Instant::now();
-                // Let Pingora close the listeners and wake idle keep-alive connections first.
-                tokio::time::sleep(Duration::from_millis(100)).await;
+                tokio::select! {
+                    _ = tokio::time::sleep(first) => {}
+                    _ = term.recv() => { tracing::info!("signal during shutdown: exiting now"); return Some(1); }
+                    _ = int.recv() => { tracing::info!("signal during shutdown: exiting now"); return Some(1); }
+                }
                 loop {
                     let left: usize = lifecycles.iter().map(|l| l.in_flight()).sum();
                     if left == 0 {

@@ -48,6 +48,11 @@ enum Command {
         /// Config file (TOML).
         #[arg(short, long)]
         config: PathBuf,
+        /// Take the listening sockets from the edge-router serving on
+        /// `server.upgrade_sock` (graceful upgrade; send it SIGQUIT once
+        /// this one has started). SIGUSR2 to the running one does both.
+        #[arg(long)]
+        upgrade: bool,
     },
     /// Validate a config file: prints `ok`, or every error as file:line:col: key.path: message (exit 2).
     Check {
@@ -200,7 +205,7 @@ fn main() -> ExitCode {
             }
             Err(code) => code,
         },
-        Command::Run { config } => {
+        Command::Run { config, upgrade } => {
             install_signals();
             let config_path = config;
             let (config, text) = match load_text_or_report(&config_path) {
@@ -222,7 +227,7 @@ fn main() -> ExitCode {
                 path: Some(config_path),
                 region_override: region_override(),
             };
-            match run(config, source) {
+            match run(config, source, upgrade) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
                     eprintln!("edge-router: {e:#}");
@@ -317,7 +322,11 @@ fn load_secrets(config: &config::Config) -> Result<app::Secrets, String> {
     })
 }
 
-fn run(config: config::Config, source: app::ConfigSource) -> anyhow::Result<()> {
+fn run(config: config::Config, source: app::ConfigSource, upgrade: bool) -> anyhow::Result<()> {
+    let upgrade_sock = config.server.upgrade_sock.clone();
+    if upgrade && upgrade_sock.is_none() {
+        anyhow::bail!("--upgrade needs server.upgrade_sock: the path where the running edge-router hands over its listening sockets");
+    }
     let secrets = load_secrets(&config).map_err(|e| anyhow::anyhow!(e))?;
     if secrets.hop_key.len() < MIN_SECRET_BYTES {
         tracing::warn!(env = %config.server.hop_secret_env, "the secret is shorter than {MIN_SECRET_BYTES} bytes: accepted only while hop_format = \"v1\" (a rolling upgrade); rotate to a longer one next");
@@ -328,20 +337,34 @@ fn run(config: config::Config, source: app::ConfigSource) -> anyhow::Result<()> 
     if secrets.admin_token.is_none() {
         tracing::warn!(env = %config.admin.token_env, "no admin token set: admin mutations (POST /drain) are refused");
     }
-    let mut server = app::new_server(config.server.shutdown_timeout)?;
-    let lifecycle = app::add_region(&mut server, &config, secrets, None, source)?;
+    let mut server = app::new_server(
+        config.server.shutdown_timeout,
+        upgrade_sock.as_deref(),
+        upgrade,
+    )?;
+    let (lifecycle, metrics) = app::add_region(&mut server, &config, secrets, None, source)?;
+    if let Some(sock) = upgrade_sock.as_ref().filter(|_| upgrade) {
+        tracing::info!(sock = %sock.display(), "graceful upgrade: waiting for the running edge-router's listening sockets");
+    }
+    // With --upgrade, this takes the sockets: everything that can fail is done.
+    server.bootstrap();
     tracing::info!(
         region = %config.server.region,
         listen = ?config.server.listen,
         admin = %config.admin.listen,
+        pid = std::process::id(),
         "edge-router starting"
     );
+    let mut stop = DrainThenStop::new(
+        vec![lifecycle],
+        config.server.drain_period,
+        config.server.shutdown_timeout,
+    );
+    if let Some(sock) = upgrade_sock {
+        stop = stop.with_upgrade(edge_router::upgrade::Upgrade::new(sock), metrics);
+    }
     server.run(RunArgs {
-        shutdown_signal: Box::new(DrainThenStop::new(
-            vec![lifecycle],
-            config.server.drain_period,
-            config.server.shutdown_timeout,
-        )),
+        shutdown_signal: Box::new(stop),
     });
     Ok(())
 }

@@ -97,6 +97,8 @@ pub struct Metrics {
     pub config_reloads: IntCounterVec,
     /// 1 for the config serving, labelled with its hash and load time.
     pub config_info: IntGaugeVec,
+    /// Graceful upgrades this process tried, by result.
+    pub upgrades: IntCounterVec,
 }
 
 impl Metrics {
@@ -280,6 +282,11 @@ impl Metrics {
             config_reloads: counter(
                 "edge_config_reloads_total",
                 "Config reloads (SIGHUP, POST /reload) by result: ok, or error (the previous config keeps serving; the log says why).",
+                &["result"],
+            )?,
+            upgrades: counter(
+                "edge_upgrades_total",
+                "Graceful upgrades (SIGUSR2) this process started, by result: ok (a new process took the listening sockets), or error (this one keeps serving; the log says why).",
                 &["result"],
             )?,
             config_info: gauge(

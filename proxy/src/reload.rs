@@ -241,7 +241,7 @@ fn prepare(
     let restart = needs_restart(old, &new);
     if !restart.is_empty() {
         return Err(format!(
-            "{} changed: these take a restart (or a graceful upgrade), nothing was applied",
+            "{} changed: these take a restart or a graceful upgrade (SIGUSR2), nothing was applied",
             restart.join(", ")
         ));
     }
@@ -276,12 +276,13 @@ fn publish_info(fixed: &Fixed, previous: Option<&ConfigInfo>, now: &ConfigInfo) 
 
 /// The sections of `old` and `new` that differ where a reload cannot apply
 /// the difference: everything but the routes, the upstreams and
-/// `server.trusted_proxies` / `debug_headers`.
+/// `server.trusted_proxies` / `debug_headers` / `dns_refresh`.
 fn needs_restart(old: &Config, new: &Config) -> Vec<&'static str> {
     let server = |c: &Config| {
         let mut s = c.server.clone();
         s.trusted_proxies.clear();
         s.debug_headers = false;
+        s.dns_refresh = std::time::Duration::ZERO;
         format!("{s:?}")
     };
     // A peer's address as written, not as DNS answered it today.
@@ -334,6 +335,8 @@ fn needs_restart(old: &Config, new: &Config) -> Vec<&'static str> {
 impl BackgroundService for Reloader {
     async fn start(&self, mut shutdown: ShutdownWatch) {
         let mut prober = RunningProber::start(&self.current.load());
+        // Background services start with the listeners: serving from here on.
+        crate::sd_notify::ready();
         let mut signals = crate::signals::subscribe();
         let mut requests = self.requests.lock().take();
         loop {

@@ -336,7 +336,7 @@ impl Region {
                 resp.insert_header("x-edge-decision", text.as_ref())?;
             }
         }
-        if self.lifecycle.is_draining() {
+        if self.lifecycle.closes_connections() {
             session.set_keepalive(None);
         }
         let head_only = session.req_header().method == Method::HEAD;
@@ -712,8 +712,9 @@ impl ProxyHttp for Region {
     }
 
     async fn request_filter(&self, session: &mut Session, ctx: &mut RequestCtx) -> Result<bool> {
-        if self.lifecycle.is_draining() {
-            // Clients reconnect, and the accelerator sends them to another region.
+        if self.lifecycle.closes_connections() {
+            // Clients reconnect: the accelerator sends them to another
+            // region, or (a graceful upgrade) the new process accepts them.
             session.set_keepalive(None);
         }
         // A client that stops reading must not hold a response (and its

@@ -4,9 +4,13 @@
 //! `systemctl reload`'s SIGHUP would take a region down. They are handled
 //! from the start of `run` and `demo`, before any listener exists:
 //!
-//! - SIGHUP: reload (what can be reloaded: TLS certificates),
+//! - SIGHUP: reload the config file and the TLS certificates,
 //! - SIGUSR1: reopen log files (logrotate),
-//! - SIGUSR2, SIGALRM: logged and ignored.
+//! - SIGUSR2: graceful upgrade, as nginx's: start a new process of the
+//!   binary now at this one's path, hand it the listening sockets and
+//!   finish what is in flight (see `upgrade`); without
+//!   `server.upgrade_sock` it is logged and ignored,
+//! - SIGALRM: logged and ignored.
 
 use std::sync::OnceLock;
 
@@ -20,6 +24,8 @@ pub enum Request {
     Reload,
     /// SIGUSR1.
     ReopenLogs,
+    /// SIGUSR2.
+    Upgrade,
 }
 
 fn channel() -> &'static broadcast::Sender<Request> {
@@ -73,10 +79,7 @@ pub fn install() -> std::io::Result<()> {
                             crate::telemetry::request_reopen();
                             Request::ReopenLogs
                         }
-                        Some(()) = usr2.recv() => {
-                            tracing::info!("SIGUSR2 ignored (SIGHUP reloads, SIGUSR1 reopens logs)");
-                            continue;
-                        }
+                        Some(()) = usr2.recv() => Request::Upgrade,
                         Some(()) = alrm.recv() => {
                             tracing::info!("SIGALRM ignored");
                             continue;

@@ -163,6 +163,10 @@ pub struct ServerConfig {
     pub redirect_https: bool,
     /// HTTP/2 with prior knowledge (h2c) is accepted on the plain listeners.
     pub h2c: bool,
+    /// Where a successor takes the listening sockets (None: no graceful upgrade).
+    pub upgrade_sock: Option<std::path::PathBuf>,
+    /// Names in backends and peers are resolved again this often (zero: never).
+    pub dns_refresh: Duration,
 }
 
 /// The material for mutual TLS between regions.
@@ -1053,9 +1057,14 @@ fn validate_server(
             ("send_timeout", raw.send_timeout, false),
             ("drain_period", raw.drain_period, true),
             ("rtt_tolerance", raw.rtt_tolerance, true),
+            ("dns_refresh", raw.dns_refresh, true),
         ],
         errors,
     );
+    let upgrade_sock = raw.upgrade_sock.map(std::path::PathBuf::from);
+    if let Some(msg) = upgrade_sock.as_deref().and_then(upgrade_sock_error) {
+        errors.push(loc.at_path(&p("upgrade_sock"), msg));
+    }
     let region = region_override
         .filter(|r| !r.is_empty())
         .map(str::to_string)
@@ -1097,6 +1106,40 @@ fn validate_server(
         h2c: raw.h2c,
         tls,
         peer_tls,
+        upgrade_sock,
+        dns_refresh: raw.dns_refresh,
+    }
+}
+
+/// What makes `path` unfit for the upgrade socket. Pingora creates it
+/// readable and writable by everyone, so its directory must keep other users
+/// out: whoever connects first hands the new process its listening sockets.
+fn upgrade_sock_error(p: &std::path::Path) -> Option<String> {
+    use std::os::unix::fs::PermissionsExt;
+    let path = p.display();
+    if !p.is_absolute() {
+        return Some(format!("`{path}` must be an absolute path"));
+    }
+    // sun_path holds 108 bytes, the terminating NUL included.
+    let len = p.as_os_str().len();
+    if len > 107 {
+        return Some(format!(
+            "`{path}` is {len} bytes; a Unix socket path holds at most 107"
+        ));
+    }
+    let dir = p.parent()?;
+    match std::fs::metadata(dir) {
+        Err(e) => Some(format!(
+            "directory {} of the upgrade socket: {e} (systemd: RuntimeDirectory=)",
+            dir.display()
+        )),
+        Ok(m) if !m.is_dir() => Some(format!("{} is not a directory", dir.display())),
+        Ok(m) if m.permissions().mode() & 0o007 != 0 => Some(format!(
+            "directory {} is open to other users (mode {:o}): one of them could hand the new process sockets of their own; use a directory with mode 0700 or 0750 (systemd: RuntimeDirectoryMode=0700)",
+            dir.display(),
+            m.permissions().mode() & 0o7777
+        )),
+        Ok(_) => None,
     }
 }
 

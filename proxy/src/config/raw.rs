@@ -76,6 +76,12 @@ pub struct RawServer {
     pub peer_cert: Option<String>,
     /// Its key.
     pub peer_key: Option<String>,
+    /// Unix socket through which a new process (`run --upgrade`, SIGUSR2)
+    /// takes the listening sockets from this one (graceful upgrade).
+    pub upgrade_sock: Option<String>,
+    /// How often names in backends and peers are resolved again (0s: never).
+    #[serde(default = "default_dns_refresh", with = "humantime_serde")]
+    pub dns_refresh: Duration,
 }
 
 /// `[[server.tls]]`
@@ -91,6 +97,9 @@ pub struct RawTls {
     pub h2: bool,
 }
 
+fn default_dns_refresh() -> Duration {
+    Duration::from_secs(30)
+}
 fn default_send_timeout() -> Duration {
     Duration::from_secs(60)
 }

@@ -600,3 +600,33 @@ fn route_limits_parse_and_refuse_the_proxys_own_headers() {
         assert_eq!(e[0].key_path, path, "{extra}: {e:#?}");
     }
 }
+
+#[test]
+fn the_upgrade_socket_must_be_absolute_and_in_a_directory_other_users_cannot_enter() {
+    use std::os::unix::fs::PermissionsExt;
+    let with = |path: &str| {
+        THREE.replace(
+            "[server]\n",
+            &format!("[server]\nupgrade_sock = \"{path}\"\n"),
+        )
+    };
+    let dir = tempfile::tempdir().expect("tempdir");
+    let sock = dir.path().join("upgrade.sock");
+    let mode = |m: u32| {
+        std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(m)).expect("chmod")
+    };
+    mode(0o700);
+    let ok = parse("t.toml", &with(&sock.display().to_string()), None).expect("valid");
+    assert_eq!(ok.server.upgrade_sock.as_deref(), Some(sock.as_path()));
+    mode(0o755);
+    let e = errors(&with(&sock.display().to_string()));
+    assert_eq!(e[0].key_path, "server.upgrade_sock");
+    assert!(e[0].message.contains("open to other users"), "{}", e[0]);
+    let e = errors(&with("run/upgrade.sock"));
+    assert!(e[0].message.contains("absolute"), "{}", e[0]);
+    let e = errors(&with("/nonexistent-edge-dir/upgrade.sock"));
+    assert!(e[0].message.contains("RuntimeDirectory"), "{}", e[0]);
+    let long = format!("/{}/u.sock", "d".repeat(120));
+    let e = errors(&with(&long));
+    assert!(e[0].message.contains("at most 107"), "{}", e[0]);
+}

@@ -779,7 +779,7 @@ pub fn run(args: DemoArgs) -> anyhow::Result<()> {
         }
     }
     start_background(&plan, &global, &admin_token, links)?;
-    let mut server = app::new_server(Duration::from_secs(5))?;
+    let mut server = app::new_server(Duration::from_secs(5), None, false)?;
     let mut lifecycles = Vec::new();
     for (i, r) in plan.regions.iter().enumerate() {
         let port_to = |j: usize| link_ports.get(&(i, j)).copied().unwrap_or(0);
@@ -797,14 +797,10 @@ pub fn run(args: DemoArgs) -> anyhow::Result<()> {
             region_override: None,
             text,
         };
-        lifecycles.push(app::add_region(
-            &mut server,
-            &cfg,
-            secrets,
-            Some(table),
-            source,
-        )?);
+        let (lifecycle, _) = app::add_region(&mut server, &cfg, secrets, Some(table), source)?;
+        lifecycles.push(lifecycle);
     }
+    server.bootstrap();
     print_table(&plan, &admin_token, args.replication_delay);
     if let Some(dir) = &certs {
         print_tls(&plan, dir);

@@ -174,7 +174,7 @@ async fn only_term_int_and_quit_end_the_process() {
     for (sig, logged) in [
         ("HUP", "Reload"),
         ("USR1", "ReopenLogs"),
-        ("USR2", "SIGUSR2 ignored"),
+        ("USR2", "graceful upgrade needs server.upgrade_sock"),
         ("ALRM", "SIGALRM ignored"),
     ] {
         edge.signal(sig);
