@@ -99,6 +99,8 @@ pub struct Metrics {
     pub config_info: IntGaugeVec,
     /// Graceful upgrades this process tried, by result.
     pub upgrades: IntCounterVec,
+    /// Lookups of backend and peer names every `dns_refresh`, by name and result.
+    pub dns_refreshes: IntCounterVec,
 }
 
 impl Metrics {
@@ -283,6 +285,11 @@ impl Metrics {
                 "edge_config_reloads_total",
                 "Config reloads (SIGHUP, POST /reload) by result: ok, or error (the previous config keeps serving; the log says why).",
                 &["result"],
+            )?,
+            dns_refreshes: counter(
+                "edge_dns_refreshes_total",
+                "Lookups of backend and peer names every server.dns_refresh, by name and result: unchanged, changed (the backends follow the new addresses), error (the last addresses are kept).",
+                &["name", "result"],
             )?,
             upgrades: counter(
                 "edge_upgrades_total",

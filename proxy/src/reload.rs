@@ -22,6 +22,7 @@ use sha2::{Digest, Sha256};
 use tokio::sync::{mpsc, oneshot, watch};
 
 use crate::app::{build_region, ConfigSource, Fixed};
+use crate::config::dns::{KeepLastGood, SystemDns};
 use crate::config::{self, Config};
 use crate::health::prober::Prober;
 use crate::service::Region;
@@ -153,6 +154,16 @@ impl Reloader {
         }
     }
 
+    /// Until the next lookup of the names (`server.dns_refresh`; zero: a year, i.e. never).
+    fn dns_refresh(&self) -> std::time::Duration {
+        let every = self.config.lock().server.dns_refresh;
+        if every.is_zero() {
+            std::time::Duration::from_secs(365 * 86_400)
+        } else {
+            every
+        }
+    }
+
     /// For the admin listener.
     pub fn handle(&self) -> ReloadHandle {
         self.handle.clone()
@@ -201,21 +212,94 @@ impl Reloader {
             tokio::task::spawn_blocking(move || prepare(source, &old, &fixed, &previous))
                 .await
                 .map_err(|e| format!("the reload task failed: {e}"))??;
+        let info = ConfigInfo::of(&source, self.info.load().reloads + 1, new.warnings.clone());
+        self.install(new, region, prober);
+        self.text.store(Arc::new(source.text.clone()));
+        *self.source.lock() = source;
+        let old_info = self.info.swap(Arc::new(info.clone()));
+        publish_info(&self.fixed, Some(&old_info), &info);
+        Ok(info)
+    }
+}
+
+impl Reloader {
+    /// Serve `region` (built from `config`) from now on, with its prober.
+    fn install(&self, config: Config, region: Region, prober: &mut RunningProber) {
         let previous = self.current.load_full();
         // The new prober starts before the swap, the old one stops after.
         let next = RunningProber::start(&region);
         let region = Arc::new(region);
         self.current.store(region.clone());
         region.health.go_live(&previous.health);
-        self.fixed.prime(&new, &region);
+        self.fixed.prime(&config, &region);
         *prober = next;
-        let info = ConfigInfo::of(&source, self.info.load().reloads + 1, new.warnings.clone());
-        *self.config.lock() = new;
-        self.text.store(Arc::new(source.text.clone()));
-        *self.source.lock() = source;
-        let old_info = self.info.swap(Arc::new(info.clone()));
-        publish_info(&self.fixed, Some(&old_info), &info);
-        Ok(info)
+        *self.config.lock() = config;
+    }
+
+    /// Look the names in backends and peers up again; when an answer
+    /// changed, serve the same config with the new addresses. A failed
+    /// lookup keeps the name's last addresses.
+    async fn refresh_dns(&self, prober: &mut RunningProber) {
+        let names = self.config.lock().names.clone();
+        if names.is_empty() {
+            return;
+        }
+        let source = self.source.lock().clone();
+        let fixed = self.fixed.clone();
+        let previous = self.current.load_full();
+        let last = names.clone();
+        let outcome = tokio::task::spawn_blocking(move || {
+            let dns = KeepLastGood::new(&SystemDns, &last);
+            let file = source
+                .path
+                .as_ref()
+                .map_or_else(|| "config".to_string(), |p| p.display().to_string());
+            let parsed =
+                config::parse_with(&file, &source.text, source.region_override.as_deref(), &dns);
+            let failures = dns.failures();
+            let new = parsed.map_err(|e| e.to_string())?;
+            if new.names == last {
+                return Ok((None, failures));
+            }
+            let region =
+                build_region(&new, &fixed, Some(&previous.health)).map_err(|e| format!("{e:#}"))?;
+            Ok::<_, String>((Some((new, region)), failures))
+        })
+        .await
+        .map_err(|e| format!("the lookup task failed: {e}"))
+        .and_then(|r| r);
+        let metrics = &self.fixed.metrics;
+        let (changed, failures) = match outcome {
+            Ok(o) => o,
+            Err(why) => {
+                tracing::warn!(error = %why, "DNS refresh: the backends and peers stay as they are");
+                return;
+            }
+        };
+        let failed: std::collections::HashSet<&str> =
+            failures.iter().map(|(n, _)| n.as_str()).collect();
+        for (name, why) in &failures {
+            tracing::warn!(name = %name, error = %why, "DNS lookup failed: keeping the addresses it had");
+        }
+        let after = changed.as_ref().map(|(c, _)| &c.names);
+        for (name, before) in &names {
+            let now = after.and_then(|a| a.get(name));
+            let result = if failed.contains(name.as_str()) {
+                "error"
+            } else if now.is_some_and(|n| n != before) {
+                tracing::info!(name = %name, before = ?before, after = ?now, "DNS answer changed: the backends follow it");
+                "changed"
+            } else {
+                "unchanged"
+            };
+            metrics
+                .dns_refreshes
+                .with_label_values(&[name.as_str(), result])
+                .inc();
+        }
+        if let Some((new, region)) = changed {
+            self.install(new, region, prober);
+        }
     }
 }
 
@@ -339,6 +423,7 @@ impl BackgroundService for Reloader {
         crate::sd_notify::ready();
         let mut signals = crate::signals::subscribe();
         let mut requests = self.requests.lock().take();
+        let mut next_lookup = tokio::time::Instant::now() + self.dns_refresh();
         loop {
             let request = async {
                 match requests.as_mut() {
@@ -348,10 +433,16 @@ impl BackgroundService for Reloader {
             };
             tokio::select! {
                 _ = shutdown.changed() => return,
+                _ = tokio::time::sleep_until(next_lookup) => {
+                    self.refresh_dns(&mut prober).await;
+                    // Read each time: a reload may change it.
+                    next_lookup = tokio::time::Instant::now() + self.dns_refresh();
+                }
                 s = signals.recv() => match s {
                     Ok(crate::signals::Request::Reload)
                     | Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {
                         let _ = self.reload(&mut prober, false).await;
+                        next_lookup = tokio::time::Instant::now() + self.dns_refresh();
                     }
                     Ok(_) => {}
                     Err(tokio::sync::broadcast::error::RecvError::Closed) => {
@@ -360,6 +451,7 @@ impl BackgroundService for Reloader {
                 },
                 Some(reply) = request => {
                     let _ = reply.send(self.reload(&mut prober, true).await);
+                    next_lookup = tokio::time::Instant::now() + self.dns_refresh();
                 }
             }
         }

@@ -5,11 +5,12 @@
 
 mod cache;
 pub mod diag;
+pub mod dns;
 pub mod raw;
 pub mod route_limits;
 
 use std::collections::{BTreeMap, HashSet};
-use std::net::{IpAddr, SocketAddr, ToSocketAddrs};
+use std::net::{IpAddr, SocketAddr};
 use std::path::Path;
 use std::time::Duration;
 
@@ -52,6 +53,8 @@ pub struct Config {
     pub cache: CacheConfig,
     /// Valid settings that probably do not do what was meant (printed by `check`, logged by `run`).
     pub warnings: Vec<String>,
+    /// Every name in backends and peers, with the addresses it resolved to.
+    pub names: dns::Answers,
 }
 
 /// Which replicated table backs this proxy.
@@ -371,6 +374,17 @@ pub fn parse(
     text: &str,
     region_override: Option<&str>,
 ) -> Result<Config, ConfigErrors> {
+    parse_with(file, text, region_override, &dns::SystemDns)
+}
+
+/// [`parse`], looking names up with `resolver`.
+pub fn parse_with(
+    file: &str,
+    text: &str,
+    region_override: Option<&str>,
+    resolver: &dyn dns::Resolve,
+) -> Result<Config, ConfigErrors> {
+    let dns = dns::Recorder::new(resolver);
     let loc = Locator::new(file, text);
     let root = match DeTable::parse(text) {
         Ok(root) => root,
@@ -378,9 +392,12 @@ pub fn parse(
     };
     let mut errors = Vec::new();
     let sections = read_sections(&loc, root, &mut errors);
-    let config = validate(&loc, sections, region_override, &mut errors);
+    let config = validate(&loc, sections, region_override, &dns, &mut errors);
     match config {
-        Some(c) if errors.is_empty() => Ok(c),
+        Some(mut c) if errors.is_empty() => {
+            c.names = dns.answers();
+            Ok(c)
+        }
         _ => {
             errors.sort_by_key(|e| (e.line, e.column));
             errors.dedup();
@@ -534,6 +551,7 @@ fn validate(
     loc: &Locator<'_>,
     s: Sections,
     region_override: Option<&str>,
+    dns: &dns::Recorder<'_>,
     errors: &mut Vec<ConfigError>,
 ) -> Option<Config> {
     let raw_server = match s.server {
@@ -564,7 +582,7 @@ fn validate(
             ),
         ));
     }
-    let regions = validate_regions(loc, &server.region, s.regions, errors);
+    let regions = validate_regions(loc, &server.region, s.regions, dns, errors);
     if regions.len() > 64 {
         errors.push(loc.at_offset(
             0,
@@ -611,7 +629,7 @@ fn validate(
     let upstreams: Vec<UpstreamConfig> = s
         .upstreams
         .into_iter()
-        .filter_map(|(name, u)| validate_upstream(loc, &region_names, name, u, errors))
+        .filter_map(|(name, u)| validate_upstream(loc, &region_names, name, u, dns, errors))
         .collect();
     let mut routes = Vec::new();
     let mut seen = HashSet::new();
@@ -700,6 +718,7 @@ fn validate(
         consistency,
         cache,
         warnings,
+        names: dns::Answers::new(),
     })
 }
 
@@ -1158,6 +1177,7 @@ fn validate_regions(
     loc: &Locator<'_>,
     local: &str,
     raw: Vec<(String, RawRegion)>,
+    dns: &dns::Recorder<'_>,
     errors: &mut Vec<ConfigError>,
 ) -> Vec<RegionConfig> {
     if raw.is_empty() {
@@ -1189,7 +1209,7 @@ fn validate_regions(
             check_durations(loc, &path, &[("rtt", rtt, true)], errors);
         }
         let peer = match &r.peer {
-            Some(url) => match parse_peer(url) {
+            Some(url) => match parse_peer(url, dns) {
                 Ok(p) => Some(p),
                 Err(msg) => {
                     let mut pp = path.to_vec();
@@ -1218,7 +1238,10 @@ fn validate_regions(
     regions
 }
 
-fn parse_peer(url: &str) -> Result<PeerAddr, String> {
+/// A peer's URL; a name that resolves to several addresses is reached at
+/// the first (the accelerator's or load balancer's static addresses are
+/// equivalent).
+fn parse_peer(url: &str, dns: &dns::Recorder<'_>) -> Result<PeerAddr, String> {
     let (rest, tls) = if let Some(rest) = url.strip_prefix("http://") {
         (rest, false)
     } else if let Some(rest) = url.strip_prefix("https://") {
@@ -1232,7 +1255,7 @@ fn parse_peer(url: &str) -> Result<PeerAddr, String> {
     if authority.is_empty() || authority.contains('/') {
         return Err(format!("`{url}` must be http://host:port with no path"));
     }
-    let addr = resolve(authority)?;
+    let addr = dns.resolve(authority)?[0];
     let host = match authority.rsplit_once(':') {
         Some((h, _)) => h.trim_start_matches('[').trim_end_matches(']'),
         None => authority,
@@ -1243,18 +1266,6 @@ fn parse_peer(url: &str) -> Result<PeerAddr, String> {
         tls,
         host: host.to_string(),
     })
-}
-
-fn resolve(authority: &str) -> Result<SocketAddr, String> {
-    port_error(authority)?;
-    if let Ok(a) = authority.parse::<SocketAddr>() {
-        return Ok(a);
-    }
-    authority
-        .to_socket_addrs()
-        .map_err(|e| format!("cannot resolve `{authority}`: {e}"))?
-        .next()
-        .ok_or_else(|| format!("`{authority}` resolves to no address"))
 }
 
 /// What is wrong with the port of `host:port`, if anything.
@@ -1287,6 +1298,7 @@ fn validate_upstream(
     regions: &HashSet<&str>,
     name: String,
     raw: RawUpstream,
+    dns: &dns::Recorder<'_>,
     errors: &mut Vec<ConfigError>,
 ) -> Option<UpstreamConfig> {
     let base = [Seg::from("upstreams"), Seg::Key(name.clone())];
@@ -1321,8 +1333,9 @@ fn validate_upstream(
         }
         let mut resolved = Vec::new();
         for (i, a) in addrs.iter().enumerate() {
-            match resolve(a) {
-                Ok(sa) => resolved.push(sa),
+            // Every address of a name is a backend (Envoy's STRICT_DNS).
+            match dns.resolve(a) {
+                Ok(sa) => resolved.extend(sa),
                 Err(msg) => {
                     let mut p = rp.clone();
                     p.push(Seg::Index(i));
@@ -1330,6 +1343,7 @@ fn validate_upstream(
                 }
             }
         }
+        dns::dedup_keeping_order(&mut resolved);
         backends.insert(region.clone(), resolved);
     }
     if raw.backends.values().all(|v| v.is_empty()) {

@@ -9,6 +9,7 @@ mod cache;
 mod cache_regions;
 mod check_cli;
 mod consistency;
+mod dns;
 mod drain;
 #[cfg(feature = "dynamodb")]
 mod dynamodb;

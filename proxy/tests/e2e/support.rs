@@ -179,11 +179,30 @@ impl Edge {
     /// [`Edge::start`] with extra environment variables, which override the
     /// harness's (e.g. another `EDGE_HOP_SECRET` than [`HOP_SECRET`]).
     pub async fn start_with_env(config: &str, port: u16, admin: u16, env: &[(&str, &str)]) -> Edge {
+        Edge::start_wrapped(&[], config, port, admin, env).await
+    }
+
+    /// [`Edge::start_with_env`], with the binary run by `wrapper` (a
+    /// command that execs its last arguments, e.g. `unshare … sh -c …`).
+    pub async fn start_wrapped(
+        wrapper: &[&str],
+        config: &str,
+        port: u16,
+        admin: u16,
+        env: &[(&str, &str)],
+    ) -> Edge {
         let dir = tempfile::tempdir().expect("tempdir");
         let path = dir.path().join("edge.toml");
         std::fs::write(&path, config).expect("write config");
         let log = dir.path().join("edge.log");
-        let mut command = Command::new(edge_binary());
+        let mut command = match wrapper.split_first() {
+            Some((program, args)) => {
+                let mut c = Command::new(program);
+                c.args(args).arg(edge_binary());
+                c
+            }
+            None => Command::new(edge_binary()),
+        };
         command
             .args(["run", "-c"])
             .arg(&path)
