@@ -15,7 +15,7 @@ pub type Answers = BTreeMap<String, Vec<SocketAddr>>;
 
 /// A way to look names up.
 pub trait Resolve {
-    /// Every address of `authority` (`host:port`), in the resolver's order.
+    /// Every address of `authority` (`host:port`), sorted.
     fn lookup(&self, authority: &str) -> Result<Vec<SocketAddr>, String>;
 }
 
@@ -28,7 +28,9 @@ impl Resolve for SystemDns {
             .to_socket_addrs()
             .map_err(|e| format!("cannot resolve `{authority}`: {e}"))?
             .collect();
-        dedup_keeping_order(&mut addrs);
+        // In order, so that round-robin DNS rotating its answer is not a change.
+        addrs.sort_unstable();
+        addrs.dedup();
         if addrs.is_empty() {
             return Err(format!("`{authority}` resolves to no address"));
         }
