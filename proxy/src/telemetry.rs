@@ -199,11 +199,14 @@ impl ReopeningFile {
 
     fn open_file(path: &std::path::Path) -> std::io::Result<std::fs::File> {
         use std::os::unix::fs::OpenOptionsExt;
-        // Client addresses, paths and user agents: not for every local user.
+        // Client addresses, paths and user agents: not for every local
+        // user. Never through a symlink: whoever can write in the log
+        // directory must not make this process append to another file.
         std::fs::OpenOptions::new()
             .create(true)
             .append(true)
             .mode(0o640)
+            .custom_flags(libc::O_NOFOLLOW)
             .open(path)
     }
 }
@@ -267,5 +270,17 @@ mod tests {
         assert!(!w.allow());
         let every_time = WarnLimiter::new(Duration::ZERO);
         assert!(every_time.allow() && every_time.allow());
+    }
+
+    #[test]
+    fn the_access_log_is_never_opened_through_a_symlink() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let target = dir.path().join("elsewhere");
+        std::fs::write(&target, "").expect("write");
+        let link = dir.path().join("access.log");
+        std::os::unix::fs::symlink(&target, &link).expect("symlink");
+        assert!(super::ReopeningFile::open(link).is_err());
+        let plain = dir.path().join("plain.log");
+        assert!(super::ReopeningFile::open(plain).is_ok());
     }
 }
