@@ -196,7 +196,14 @@ PIDS+=($!)
 EDGE_PID=$!
 EDGE_B_PID=""
 if [ -n "${EDGE_BIN_B:-}" ]; then
-  EDGE_B_BASE=$(with_cache_route "$EDGE_BIN_B" "$WORK/edge-base.toml")
+  # The same config as the build under test when B accepts it (an A/B must
+  # differ only in the binary); an older build gets the base config.
+  if "$EDGE_BIN_B" check -c "$WORK/edge.toml" >/dev/null 2>&1; then
+    EDGE_B_BASE=$(with_cache_route "$EDGE_BIN_B" "$WORK/edge.toml")
+  else
+    echo "bench: $EDGE_BIN_B refuses the read-your-writes config; it runs the base one" >&2
+    EDGE_B_BASE=$(with_cache_route "$EDGE_BIN_B" "$WORK/edge-base.toml")
+  fi
   sed -e "s/127.0.0.1:$E_PORT/127.0.0.1:$EB_PORT/" -e "s/127.0.0.1:$A_PORT/127.0.0.1:$AB_PORT/" "$EDGE_B_BASE" > "$WORK/edge-b.toml"
   env ${EDGE_ENV:-} EDGE_LOG=info taskset -c "$PROXY_CORE" "$EDGE_BIN_B" run -c "$WORK/edge-b.toml" 2>"$WORK/edge-b.log" &
   PIDS+=($!)
