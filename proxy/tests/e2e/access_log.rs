@@ -145,6 +145,9 @@ async fn requests_refused_before_the_proxy_are_logged_and_counted() {
         "a".repeat(70 * 1024)
     );
     assert_eq!(raw_request(edge.port, &big).await.status, 431);
+    // An HTTP/2 client (the h2c preface) on a listener without `server.h2c`.
+    let h2c = raw_request(edge.port, "PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n").await;
+    assert_eq!(h2c.status, 400, "h2c refused: {h2c:?}");
     // And one the proxy answers, for comparison.
     assert_eq!(try_get(&c, &edge.url("/fine")).await.status, 200);
 
@@ -156,7 +159,11 @@ async fn requests_refused_before_the_proxy_are_logged_and_counted() {
             .sum::<f64>()
     };
     let m = metrics(&c, &edge).await;
-    assert_eq!(counted(&m, "bad-request"), 5.0, "{m}");
+    assert_eq!(
+        counted(&m, "bad-request") + counted(&m, "header_invalid"),
+        6.0,
+        "the five double Hosts and the h2c preface: {m}"
+    );
     assert_eq!(counted(&m, "header_too_large"), 1.0, "{m}");
     assert_eq!(counted(&m, "connect-refused"), 1.0, "{m}");
     let logged = eventually(Duration::from_secs(10), || async {
