@@ -104,7 +104,8 @@ pub fn new_server(
 /// and alerts see `edge_failovers_total` and friends before the first event.
 fn prime_metrics(metrics: &Metrics, config: &Config, topo: &Topology) {
     let local = topo.local_name();
-    for route in &config.routes {
+    // A route with `return` is never retried nor failed over.
+    for route in config.routes.iter().filter(|r| r.upstream.is_some()) {
         for kind in ["backend", "region"] {
             metrics
                 .retries
@@ -188,6 +189,8 @@ pub struct Fixed {
     pub lag: Arc<LagState>,
     /// The HTTP cache, when a route had `cache = true` at start.
     pub cache: Option<Arc<EdgeCache>>,
+    /// Pingora's compression module is in the chain: a route had `compress` at start.
+    pub compression: bool,
     /// Verifies purges from peers.
     pub purge_signer: Arc<PurgeSigner>,
     /// How peer regions are reached.
@@ -403,6 +406,7 @@ pub fn add_region(
         lifecycle: lifecycle.clone(),
         lag: lag.clone(),
         cache: cache.clone(),
+        compression: config.routes.iter().any(|r| r.compress.is_some()),
         purge_signer,
         peer_transport: peer_transport.clone(),
         retry_budgets: Default::default(),
@@ -413,7 +417,10 @@ pub fn add_region(
     let conf = server.configuration.clone();
     let mut http = match &config.server.peer_tls {
         None => {
-            let mut http = pingora::proxy::HttpProxy::new(EdgeProxy::new(current.clone()), conf);
+            let mut http = pingora::proxy::HttpProxy::new(
+                EdgeProxy::new(current.clone(), fixed.compression),
+                conf,
+            );
             http.handle_init_modules();
             http
         }
@@ -426,11 +433,16 @@ pub fn add_region(
                 pingora::connectors::ConnectorOptions::from_server_conf(&conf),
             )
             .map_err(|e| anyhow::anyhow!("mutual TLS between regions: {e}"))?;
-            let mut built =
-                pingora::proxy::ProxyServiceBuilder::new(&conf, EdgeProxy::new(current.clone()))
-                    .client_options(options)
-                    .build();
-            let mut http = pingora::proxy::HttpProxy::new(EdgeProxy::new(current.clone()), conf);
+            let mut built = pingora::proxy::ProxyServiceBuilder::new(
+                &conf,
+                EdgeProxy::new(current.clone(), fixed.compression),
+            )
+            .client_options(options)
+            .build();
+            let mut http = pingora::proxy::HttpProxy::new(
+                EdgeProxy::new(current.clone(), fixed.compression),
+                conf,
+            );
             std::mem::swap(
                 built
                     .app_logic_mut()

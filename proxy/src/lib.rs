@@ -3,7 +3,8 @@
 //! One module per concern: [`config`] (two-stage, located errors), [`routing`]
 //! (host and path to route), [`health`] (active checks, outlier ejection, the
 //! snapshot `edge_policies::decide` reads), [`service`] (the thin Pingora
-//! `ProxyHttp`), [`hop`] (signed forwarding between regions), [`forwarding`]
+//! `ProxyHttp`), [`static_response`] (a route's `return`), [`compression`]
+//! (a route's `compress`), [`hop`] (signed forwarding between regions), [`forwarding`]
 //! (header rules), [`keys`] (a key per purpose from one secret), [`token`]
 //! (consistency tokens), [`tables`] (the replicated table and heartbeat lag),
 //! [`admin`], [`metrics`], [`lifecycle`] (drain and signals), [`telemetry`],
@@ -15,6 +16,7 @@ pub mod app;
 pub mod backend_transport;
 pub mod cache;
 pub mod clock;
+pub mod compression;
 pub mod config;
 pub mod demo;
 pub mod downstream;
@@ -34,6 +36,7 @@ pub mod sd_notify;
 pub mod service;
 pub mod signals;
 pub mod snapshot;
+pub mod static_response;
 pub mod tables;
 pub mod telemetry;
 pub mod tls;

@@ -335,6 +335,15 @@ fn prepare(
                 .to_string(),
         );
     }
+    if !fixed.compression && new.routes.iter().any(|r| r.compress.is_some()) {
+        // Pingora fixes its module chain when the service starts, and the
+        // module is left out without a compressing route (it costs every
+        // request): only a restart can add it.
+        return Err(
+            "a route turns `compress` on, and this process started without the compression module (no route compressed then): restart to enable it"
+                .to_string(),
+        );
+    }
     let region = build_region(&new, fixed, Some(&previous.health)).map_err(|e| format!("{e:#}"))?;
     Ok((
         new,

@@ -59,11 +59,13 @@ mod tests {
             name: name.to_string(),
             host,
             path_prefix: prefix.to_string(),
-            upstream: 0,
+            upstream: Some(0),
             policy: Policy::LocalFirst,
             allowed: edge_policies::RegionSet::ALL,
             cache: None,
             limits: Default::default(),
+            static_response: None,
+            compress: None,
         }
     }
 

@@ -2,7 +2,8 @@
 //! validates the Host, normalises the path, refuses loops, reads the
 //! consistency token and makes the request's one decision
 //! (`edge_policies::decide` over the composed health and lag snapshot),
-//! kept in the context; `upstream_peer` only maps that decision to a peer.
+//! kept in the context, or answers itself for a route with `return`;
+//! `upstream_peer` only maps that decision to a peer.
 //! A failed attempt goes into the attempt history and a retry asks `decide`
 //! again with it. The other hooks apply header rules, issue tokens, record
 //! outcomes and write one access-log event. Once a response has started, a
@@ -37,6 +38,8 @@ use crate::cache::rules::{self as cache_rules, RequestDirectives};
 use crate::cache::signing::PurgeSigner;
 use crate::cache::{self, CacheCtx, EdgeCache, NOT_LOCAL};
 use crate::clock::unix_ms;
+use crate::compression;
+use crate::config::route_return::StaticResponse;
 use crate::config::RouteConfig;
 use crate::forwarding::{self, acceptable_request_id, new_request_id};
 use crate::health::outlier::Outcome;
@@ -49,6 +52,7 @@ use crate::path::{normalize_path, PathRules};
 use crate::retry::{is_unsafe, Failure, RetryBudget, Retryable};
 use crate::routing::RouteTable;
 use crate::snapshot::Snapshots;
+use crate::static_response;
 use crate::telemetry::WarnLimiter;
 use crate::token::{self, TokenCheck, TokenSigner, TOKEN_COOKIE, TOKEN_HEADER};
 
@@ -315,6 +319,8 @@ impl Region {
         content_type: &str,
         body: Bytes,
     ) -> Result<()> {
+        // Ours are short, and keep their Content-Length.
+        compression::disable(session);
         let mut resp = ResponseHeader::build(status, Some(6))?;
         // The route's rules first: what follows is ours, and stays (an error
         // must not become cacheable).
@@ -368,6 +374,30 @@ impl Region {
             Bytes::from(format!("{msg}\n")),
         )
         .await?;
+        Ok(true)
+    }
+
+    /// Answer from the route's `return` (a redirect, or a fixed page): the
+    /// route's response header rules apply, then what the answer says.
+    async fn serve_static(
+        &self,
+        session: &mut Session,
+        ctx: &mut RequestCtx,
+        spec: &StaticResponse,
+        host: &str,
+    ) -> Result<bool> {
+        ctx.local_reply = Some("return");
+        // The URI is the path as matched by now (with the query as sent).
+        let request_uri = path_and_query(session.req_header()).to_string();
+        let mut resp = ResponseHeader::build(spec.status, Some(8))?;
+        self.apply_response_headers(ctx, &mut resp)?;
+        static_response::fill(&mut resp, spec, host, &request_uri)?;
+        resp.insert_header("x-edge-region", self.region_name(self.local()))?;
+        resp.insert_header("x-request-id", ctx.request_id.as_str())?;
+        if self.lifecycle.is_draining() || static_response::request_has_body(session) {
+            session.set_keepalive(None);
+        }
+        static_response::write(session, resp, &spec.body).await?;
         Ok(true)
     }
 
@@ -475,8 +505,9 @@ impl Region {
     }
 
     /// Ask the policy where the request goes, from the composed snapshot
-    /// (health, replication lag, clock) and the request's attempt history.
-    fn decide_now(&self, route: &RouteConfig, ctx: &RequestCtx) -> Decision {
+    /// (health, replication lag, clock) and the request's attempt history;
+    /// `upstream` is the route's.
+    fn decide_now(&self, route: &RouteConfig, upstream: usize, ctx: &RequestCtx) -> Decision {
         let snap = self.snapshots.load();
         let facts = RequestFacts {
             policy: route.policy,
@@ -488,19 +519,20 @@ impl Region {
             retry_scope: ctx.retry_scope,
             peers_check_tokens: self.peers_check_tokens,
         };
-        decide(snap.view(route.upstream), &snap.lag_view(), &facts)
+        decide(snap.view(upstream), &snap.lag_view(), &facts)
     }
 
     /// Store a decision and, when a header or the log will show it, its text.
     fn set_decision(&self, ctx: &mut RequestCtx, d: Decision) {
         ctx.decision = Some(d);
-        ctx.decision_text = self.route(ctx).map(|route| match d.reason.detail {
-            // No detail: the static label, no snapshot load, no allocation.
-            edge_policies::Detail::None => Cow::Borrowed(d.reason.kind.as_str()),
-            _ => d
-                .reason
-                .describe(&self.health.snapshot().views[route.upstream]),
-        });
+        ctx.decision_text =
+            self.route(ctx)
+                .and_then(|route| route.upstream)
+                .map(|upstream| match d.reason.detail {
+                    // No detail: the static label, no snapshot load, no allocation.
+                    edge_policies::Detail::None => Cow::Borrowed(d.reason.kind.as_str()),
+                    _ => d.reason.describe(&self.health.snapshot().views[upstream]),
+                });
     }
 
     /// Read the client's consistency token (header first, then cookie). An
@@ -554,10 +586,10 @@ impl Region {
     /// Book-keeping after an attempt failed before a response: passive
     /// outlier detection and the attempt history.
     fn record_failed_attempt(&self, ctx: &mut RequestCtx, kind: &str, failure: AttemptFailure) {
-        let Some(route) = self.route(ctx) else {
+        let Some(ui) = self.route(ctx).and_then(|r| r.upstream) else {
             return;
         };
-        let upstream = &self.health.topo.upstreams[route.upstream];
+        let upstream = &self.health.topo.upstreams[ui];
         let region = ctx.target_region.unwrap_or(self.local());
         self.metrics
             .upstream_errors
@@ -568,8 +600,7 @@ impl Region {
             ])
             .inc();
         if let Some(b) = ctx.backend {
-            self.health
-                .observe_outcome(route.upstream, b, Outcome::GatewayFailure);
+            self.health.observe_outcome(ui, b, Outcome::GatewayFailure);
         }
         ctx.attempts.push(Attempt {
             region,
@@ -582,7 +613,7 @@ impl Region {
     /// another attempt and `decide`, given the attempt history, names a
     /// target; the new decision replaces the old one.
     fn maybe_retry(&self, session: &Session, ctx: &mut RequestCtx, e: &mut Error, f: Failure) {
-        let Some(route) = self.route(ctx) else {
+        let Some((route, upstream)) = self.route(ctx).and_then(|r| Some((r, r.upstream?))) else {
             e.set_retry(false);
             return;
         };
@@ -594,7 +625,7 @@ impl Region {
         } else {
             RetryScope::SameRegion
         };
-        let next = allowed.then(|| self.decide_now(route, ctx));
+        let next = allowed.then(|| self.decide_now(route, upstream, ctx));
         let Some(next) = next.filter(|d| d.target != Target::Unavailable) else {
             e.set_retry(false);
             return;
@@ -604,9 +635,7 @@ impl Region {
         let granted = ctx.retries_held > 0
             || match ctx.budget_upstream {
                 Some(u) => {
-                    let cfg = &self.health.topo.upstreams[route.upstream]
-                        .config
-                        .retry_budget;
+                    let cfg = &self.health.topo.upstreams[upstream].config.retry_budget;
                     let ok = self.retry_budgets[u].try_retry(cfg);
                     if !ok {
                         self.metrics
@@ -643,6 +672,17 @@ impl Region {
     }
 }
 
+/// The upstream of a proxied route: a route with `return` is answered in
+/// `request_filter` and never reaches the hooks that need one.
+fn upstream_of(route: &RouteConfig) -> Result<usize> {
+    route.upstream.ok_or_else(|| {
+        Error::explain(
+            ErrorType::InternalError,
+            "a route with `return` has no upstream",
+        )
+    })
+}
+
 /// Remove `Set-Cookie: edge_ct=…` lines a backend sent, keeping the others.
 fn strip_token_cookies(resp: &mut ResponseHeader) -> Result<()> {
     let ours = |c: &http::HeaderValue| token::sets_cookie(c.as_bytes(), TOKEN_COOKIE);
@@ -673,7 +713,9 @@ impl ProxyHttp for Region {
     type CTX = RequestCtx;
 
     /// No downstream modules: Pingora's default adds a (disabled) response
-    /// compression module whose per-request cost we do not want to pay.
+    /// compression module whose per-request cost we do not want to pay. (The
+    /// proxy Pingora runs is [`EdgeProxy`], which adds it when a route
+    /// compresses.)
     fn init_downstream_modules(&self, _modules: &mut pingora::modules::http::HttpModules) {}
 
     fn new_ctx(&self) -> RequestCtx {
@@ -831,6 +873,10 @@ impl ProxyHttp for Region {
             }
         }
         ctx.route = self.routes.find(&host_name, &path);
+        // A route with `return` answers itself: kept for then, with the host
+        // its `location` may name (the request's borrow ends before).
+        let answers_itself = self.route(ctx).is_some_and(|r| r.static_response.is_some());
+        let static_host = answers_itself.then(|| host_name.to_string());
         // The scheme the client used: a trusted proxy's (or a peer's) word
         // when it gives one, else this listener's; the same rule as
         // x-forwarded-proto towards the origin. It keys the cache and marks
@@ -861,6 +907,7 @@ impl ProxyHttp for Region {
         // it as read-your-writes and forwarded the token to be checked here.
         let mut unverified_on_hop = false;
         if !ctx.write
+            && !answers_itself
             && (ctx.hop_from.is_some()
                 || self
                     .route(ctx)
@@ -992,6 +1039,13 @@ impl ProxyHttp for Region {
                     .await;
             }
         }
+        // After the rate limit, which applies to it too: one answer, no decision.
+        if let (Some(spec), Some(host)) = (
+            self.route(ctx).and_then(|r| r.static_response.as_ref()),
+            static_host.as_deref(),
+        ) {
+            return self.serve_static(session, ctx, spec, host).await;
+        }
         if let Some(max) = self.route(ctx).and_then(|r| r.limits.max_body) {
             let declared = session
                 .req_header()
@@ -1028,7 +1082,7 @@ impl ProxyHttp for Region {
         // The request's one decision, before any cache lookup: a read the
         // policy sends elsewhere must not be answered from local state.
         if let Some(route) = self.route(ctx) {
-            let d = self.decide_now(route, ctx);
+            let d = self.decide_now(route, upstream_of(route)?, ctx);
             self.set_decision(ctx, d);
             if d.target == Target::Unavailable {
                 // The reason is in the log, the metric and (debug) x-edge-decision.
@@ -1044,6 +1098,9 @@ impl ProxyHttp for Region {
                 return Ok(true);
             }
         }
+        if let Some(settings) = self.route(ctx).and_then(|r| r.compress.as_ref()) {
+            compression::enable(session, settings)?;
+        }
         Ok(false)
     }
 
@@ -1056,11 +1113,12 @@ impl ProxyHttp for Region {
             Error::explain(ErrorType::InternalError, "upstream_peer without a route")
         })?;
         let route = &self.routes.routes()[route_index];
+        let ui = upstream_of(route)?;
         let topo = &self.health.topo;
-        let upstream = &topo.upstreams[route.upstream];
+        let upstream = &topo.upstreams[ui];
         if ctx.budget_upstream.is_none() {
-            self.retry_budgets[route.upstream].start_request();
-            ctx.budget_upstream = Some(route.upstream);
+            self.retry_budgets[ui].start_request();
+            ctx.budget_upstream = Some(ui);
         }
         let snap = self.health.snapshot();
         // Each pass either returns or adds an attempt that excludes a region,
@@ -1113,11 +1171,11 @@ impl ProxyHttp for Region {
                 ));
             }
             let tried = self.tried_local(ctx);
-            match self.health.pick_local(&snap, route.upstream, &tried, panic) {
+            match self.health.pick_local(&snap, ui, &tried, panic) {
                 Some(b) => {
                     ctx.backend = Some(b);
                     let addr = upstream.backends[b].addr;
-                    return Ok(self.backend_transports[route.upstream].peer(
+                    return Ok(self.backend_transports[ui].peer(
                         addr,
                         route
                             .limits
@@ -1135,7 +1193,7 @@ impl ProxyHttp for Region {
                         backend: None,
                         failure: AttemptFailure::NoBackend,
                     });
-                    let next = self.decide_now(route, ctx);
+                    let next = self.decide_now(route, ui, ctx);
                     self.set_decision(ctx, next);
                 }
             }
@@ -1263,8 +1321,8 @@ impl ProxyHttp for Region {
         ctx.upstream_time = ctx.upstream_start.map(|t| t.elapsed());
         let status = upstream_response.status.as_u16();
         ctx.upstream_status = Some(status);
-        if let (Some(route), Some(b)) = (ctx.route, ctx.backend) {
-            let upstream = self.routes.routes()[route].upstream;
+        let upstream = ctx.route.and_then(|r| self.routes.routes()[r].upstream);
+        if let (Some(upstream), Some(b)) = (upstream, ctx.backend) {
             self.health
                 .observe_outcome(upstream, b, Outcome::from_status(status));
             if status >= 500 {
@@ -1332,6 +1390,11 @@ impl ProxyHttp for Region {
         ctx: &mut RequestCtx,
     ) -> Result<()> {
         self.apply_response_headers(ctx, resp)?;
+        if let Some(settings) = self.route(ctx).and_then(|r| r.compress.as_ref()) {
+            // After the rules (a rule may set Cache-Control: no-transform),
+            // before the module, which sees the response next.
+            compression::on_response(session, settings, resp)?;
+        }
         resp.insert_header("x-edge-region", self.region_name(self.local()))?;
         if ctx.cache.route.is_some() {
             // Tags are for purging here, not for clients (as Fastly and Cloudflare do).
@@ -1766,15 +1829,13 @@ impl ProxyHttp for Region {
         } else {
             req.uri.path()
         };
-        let backend = match (ctx.route, ctx.backend) {
-            (Some(r), Some(b)) => {
-                let upstream = self.routes.routes()[r].upstream;
-                Some(
-                    self.health.topo.upstreams[upstream].backends[b]
-                        .label
-                        .as_str(),
-                )
-            }
+        let upstream = ctx.route.and_then(|r| self.routes.routes()[r].upstream);
+        let backend = match (upstream, ctx.backend) {
+            (Some(upstream), Some(b)) => Some(
+                self.health.topo.upstreams[upstream].backends[b]
+                    .label
+                    .as_str(),
+            ),
             // Another region's edge-router.
             _ => ctx
                 .target_region
@@ -1823,12 +1884,18 @@ impl ProxyHttp for Region {
 /// in-flight requests finish on the setup they began with.
 pub struct EdgeProxy {
     current: Arc<arc_swap::ArcSwap<Region>>,
+    /// Pingora's compression module is in the chain (a route compressed at start).
+    compression: bool,
 }
 
 impl EdgeProxy {
-    /// A proxy serving whatever `current` holds.
-    pub fn new(current: Arc<arc_swap::ArcSwap<Region>>) -> EdgeProxy {
-        EdgeProxy { current }
+    /// A proxy serving whatever `current` holds; `compression`: with
+    /// Pingora's compression module, which only a start can add.
+    pub fn new(current: Arc<arc_swap::ArcSwap<Region>>, compression: bool) -> EdgeProxy {
+        EdgeProxy {
+            current,
+            compression,
+        }
     }
 
     /// The request's region setup (`new_ctx` sets it; the current one otherwise).
@@ -1843,7 +1910,14 @@ impl EdgeProxy {
 impl ProxyHttp for EdgeProxy {
     type CTX = RequestCtx;
 
-    fn init_downstream_modules(&self, _modules: &mut pingora::modules::http::HttpModules) {}
+    /// Pingora's default adds its compression module (switched off) to
+    /// every proxy; it costs each request even then (measured: 5–8 % CPU),
+    /// so it is added only when a route compressed at start.
+    fn init_downstream_modules(&self, modules: &mut pingora::modules::http::HttpModules) {
+        if self.compression {
+            compression::add_module(modules);
+        }
+    }
 
     fn new_ctx(&self) -> RequestCtx {
         crate::downstream::note_reached();

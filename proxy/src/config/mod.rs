@@ -7,7 +7,9 @@ mod cache;
 pub mod diag;
 pub mod dns;
 pub mod raw;
+pub mod route_compress;
 pub mod route_limits;
+pub mod route_return;
 
 use std::collections::{BTreeMap, HashSet};
 use std::net::{IpAddr, SocketAddr};
@@ -341,9 +343,11 @@ pub struct RouteConfig {
     pub host: HostMatch,
     /// Path prefix.
     pub path_prefix: String,
-    /// Index into `Config::upstreams`.
-    pub upstream: usize,
-    /// Consistency policy with its parameters.
+    /// Index into `Config::upstreams`; `None` for a route that answers
+    /// itself (`static_response`).
+    pub upstream: Option<usize>,
+    /// Consistency policy with its parameters (inert, `local-first`, on a
+    /// route that answers itself: nothing is decided for it).
     pub policy: Policy,
     /// Data residency: regions (indexes into `Config::regions`) that may serve the route.
     pub allowed: RegionSet,
@@ -351,6 +355,10 @@ pub struct RouteConfig {
     pub cache: Option<RouteCache>,
     /// Body limit, timeouts and header rules.
     pub limits: route_limits::RouteLimits,
+    /// `return`: the route's fixed answer, instead of an upstream.
+    pub static_response: Option<route_return::StaticResponse>,
+    /// `compress`: gzip and brotli for clients that accept them (`None`: off).
+    pub compress: Option<route_compress::Compression>,
 }
 
 /// Read and validate a config file. `region_override` is `EDGE_REGION`.
@@ -1556,18 +1564,50 @@ fn validate_route(
             None
         }
     };
-    let upstream = upstreams.iter().position(|u| u.name == raw.upstream);
+    let name = |raw: &RawRoute| {
+        raw.name
+            .clone()
+            .unwrap_or_else(|| format!("{}{}", raw.host, raw.path_prefix))
+    };
+    if let Some(ret) = &raw.respond {
+        // No upstream: only the keys about the answer itself apply.
+        let static_response = route_return::route_return(loc, i, &raw, ret, errors);
+        let limits = route_limits::route_limits(loc, i, &raw, errors);
+        if errors.len() > before {
+            return None;
+        }
+        return Some(RouteConfig {
+            name: name(&raw),
+            host: host?,
+            path_prefix: path_prefix?,
+            upstream: None,
+            policy: Policy::LocalFirst,
+            allowed: RegionSet::ALL,
+            cache: None,
+            limits,
+            static_response,
+            compress: None,
+        });
+    }
+    let Some(upstream_name) = raw.upstream.as_deref() else {
+        errors.push(loc.at_path(
+            &[Seg::from("routes"), Seg::from(i)],
+            "a route needs `upstream` (or `return`, to answer every request itself)",
+        ));
+        return None;
+    };
+    let upstream = upstreams.iter().position(|u| u.name == upstream_name);
     // An upstream that is defined but has a mistake of its own was reported
     // there; the route is only checked no further.
-    let defined_but_broken = upstream.is_none() && upstream_names.contains(&raw.upstream);
+    let defined_but_broken =
+        upstream.is_none() && upstream_names.iter().any(|n| n == upstream_name);
     if upstream.is_none() && !defined_but_broken {
         let mut names: Vec<&str> = upstream_names.iter().map(String::as_str).collect();
         names.sort_unstable();
         errors.push(loc.at_path(
             &at("upstream"),
             format!(
-                "unknown upstream `{}` (defined: {})",
-                raw.upstream,
+                "unknown upstream `{upstream_name}` (defined: {})",
                 names.join(", ")
             ),
         ));
@@ -1613,7 +1653,7 @@ fn validate_route(
         if p == local_region && upstreams[u].backends.get(p).is_none_or(|b| b.is_empty()) {
             errors.push(loc.at_path(
                 &at("policy"),
-                format!("policy `{}` sends requests to the primary region `{p}` (this region), which has no backends for upstream `{}`", raw.policy, upstreams[u].name),
+                format!("policy `{}` sends requests to the primary region `{p}` (this region), which has no backends for upstream `{}`", raw.policy.as_deref().unwrap_or(DEFAULT_POLICY), upstreams[u].name),
             ));
         }
     }
@@ -1622,19 +1662,23 @@ fn validate_route(
     }
     let cache = cache::route_cache(loc, i, &raw, errors);
     let limits = route_limits::route_limits(loc, i, &raw, errors);
+    let compress = route_compress::route_compress(loc, i, &raw, errors);
     Some(RouteConfig {
-        name: raw
-            .name
-            .unwrap_or_else(|| format!("{}{}", raw.host, raw.path_prefix)),
+        name: name(&raw),
         host: host?,
         path_prefix: path_prefix?,
-        upstream: upstream?,
+        upstream: Some(upstream?),
         policy: policy?,
         allowed,
         cache,
         limits,
+        static_response: None,
+        compress,
     })
 }
+
+/// The policy of a route that names none.
+const DEFAULT_POLICY: &str = "local-first";
 
 /// The route's policy with its keys; a key that its policy does not read
 /// is an error, so a config cannot look stricter than it is.
@@ -1646,7 +1690,12 @@ fn route_policy(
     errors: &mut Vec<ConfigError>,
 ) -> Option<Policy> {
     let at = |k: &str| vec![Seg::from("routes"), Seg::from(i), Seg::from(k)];
-    let name = match raw.policy.parse::<PolicyName>() {
+    let name = match raw
+        .policy
+        .as_deref()
+        .unwrap_or(DEFAULT_POLICY)
+        .parse::<PolicyName>()
+    {
         Ok(p) => p,
         Err(e) => {
             errors.push(loc.at_path(&at("policy"), e.to_string()));
@@ -1720,7 +1769,7 @@ fn route_policy(
                 } else {
                     ""
                 },
-                raw.upstream
+                raw.upstream.as_deref().unwrap_or_default()
             ),
         ));
     }

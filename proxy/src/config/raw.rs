@@ -422,11 +422,15 @@ pub struct RawRoute {
     /// Longest matching prefix wins.
     #[serde(default = "default_path_prefix")]
     pub path_prefix: String,
-    /// Name of an `[upstreams.NAME]`.
-    pub upstream: String,
-    /// `local`, `local-first`, `primary`, `read-your-writes` or `bounded-staleness`.
-    #[serde(default = "default_policy")]
-    pub policy: String,
+    /// Name of an `[upstreams.NAME]` (required, unless the route has `return`).
+    pub upstream: Option<String>,
+    /// `local`, `local-first` (the default), `primary`, `read-your-writes` or `bounded-staleness`.
+    pub policy: Option<String>,
+    /// Answer every request itself instead of an upstream (nginx's `return`).
+    #[serde(rename = "return")]
+    pub respond: Option<RawReturn>,
+    /// Compress responses for clients that accept it (nginx's `gzip`).
+    pub compress: Option<RawCompress>,
     /// `primary` (and writes to the primary): `fail` or `nearest` when the primary cannot serve.
     pub on_primary_down: Option<String>,
     /// `read-your-writes`: where writes go, `local` or `primary`.
@@ -461,6 +465,68 @@ pub struct RawRoute {
     pub response_headers: RawHeaderRules,
     /// Local rate limiting (429 with `Retry-After`).
     pub rate_limit: Option<RawRateLimit>,
+}
+
+/// `routes[].return`: a fixed answer (nginx's `return`).
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawReturn {
+    /// The status, 200 to 599 (read wide so that a bad one gets our message).
+    pub status: i64,
+    /// Where a redirect (301, 302, 303, 307, 308) sends the client; may hold
+    /// `$request_uri` and `$host`.
+    pub location: Option<String>,
+    /// The body of a non-redirect answer.
+    pub body: Option<String>,
+    /// Its `Content-Type` (default `text/plain; charset=utf-8`).
+    pub content_type: Option<String>,
+}
+
+/// `routes[].compress`: `true` / `false`, or a table of settings.
+#[derive(Debug)]
+pub enum RawCompress {
+    /// `compress = true` (defaults) or `false` (off).
+    Switch(bool),
+    /// `compress = { level = 6, types = [...] }`.
+    Settings(RawCompressSettings),
+}
+
+/// The table form of `routes[].compress` (nginx's `gzip_comp_level`, `gzip_types`).
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawCompressSettings {
+    /// gzip level, 1 to 9 (read wide so that a bad one gets our message).
+    pub level: Option<i64>,
+    /// brotli quality, 1 to 11.
+    pub brotli_level: Option<i64>,
+    /// Media types compressed: `type/subtype` or `type/*`.
+    pub types: Option<Vec<String>>,
+}
+
+impl<'de> Deserialize<'de> for RawCompress {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        // A boolean or a table: written out (not `untagged`) so that a
+        // mistake inside the table keeps serde's own message (an unknown
+        // key, a wrong type) instead of "did not match any variant".
+        struct Either;
+        impl<'de> serde::de::Visitor<'de> for Either {
+            type Value = RawCompress;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("`true`, `false` or a table like { level = 6, types = [\"text/*\"] }")
+            }
+            fn visit_bool<E: serde::de::Error>(self, v: bool) -> Result<RawCompress, E> {
+                Ok(RawCompress::Switch(v))
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                map: A,
+            ) -> Result<RawCompress, A::Error> {
+                RawCompressSettings::deserialize(serde::de::value::MapAccessDeserializer::new(map))
+                    .map(RawCompress::Settings)
+            }
+        }
+        d.deserialize_any(Either)
+    }
 }
 
 /// `routes[].rate_limit`.
@@ -651,7 +717,4 @@ fn default_clock_margin() -> Duration {
 
 fn default_path_prefix() -> String {
     "/".to_string()
-}
-fn default_policy() -> String {
-    "local-first".to_string()
 }

@@ -630,3 +630,243 @@ fn the_upgrade_socket_must_be_absolute_and_in_a_directory_other_users_cannot_ent
     let e = errors(&with(&long));
     assert!(e[0].message.contains("at most 107"), "{}", e[0]);
 }
+
+/// THREE with the first route's lines replaced by `route` (host `*.example.com`).
+fn with_first_route(route: &str) -> String {
+    THREE.replacen(
+        "host = \"*.example.com\"\nupstream = \"api\"\npolicy = \"local\"\n",
+        &format!("host = \"*.example.com\"\n{route}\n"),
+        1,
+    )
+}
+
+#[test]
+fn return_routes_answer_with_a_redirect_or_a_page() {
+    let c = parse(
+        "t.toml",
+        &with_first_route(
+            "return = { status = 301, location = \"https://new.example.com$request_uri\" }",
+        ),
+        None,
+    )
+    .unwrap_or_else(|e| panic!("{e}"));
+    let r = &c.routes[0];
+    assert_eq!(r.upstream, None);
+    assert_eq!(r.compress, None);
+    let s = r.static_response.as_ref().expect("a fixed answer");
+    assert_eq!(s.status, 301);
+    let location = s.location.as_ref().expect("a location");
+    assert_eq!(
+        location.expand("a.example.com", "/p?q=1"),
+        "https://new.example.com/p?q=1"
+    );
+    assert!(s.body.is_empty() && s.content_type.is_none());
+    // The other route still proxies.
+    assert_eq!(c.routes[1].upstream, Some(0));
+
+    let c = parse(
+        "t.toml",
+        &with_first_route(
+            "return = { status = 503, body = \"down for maintenance\\n\" }\nrate_limit = { rate = \"5/s\" }\nresponse_headers = { set = { \"retry-after\" = \"600\" } }",
+        ),
+        None,
+    )
+    .unwrap_or_else(|e| panic!("{e}"));
+    let s = c.routes[0]
+        .static_response
+        .as_ref()
+        .expect("a fixed answer");
+    assert_eq!(s.status, 503);
+    assert_eq!(&s.body[..], b"down for maintenance\n");
+    assert_eq!(
+        s.content_type.as_ref().map(|v| v.as_bytes()),
+        Some(&b"text/plain; charset=utf-8"[..])
+    );
+    assert!(c.routes[0].limits.rate_limit.is_some());
+}
+
+#[test]
+fn return_status_must_be_a_final_answer_or_a_redirect() {
+    for status in ["99", "199", "600", "304", "300", "70000", "-301"] {
+        let e = errors(&with_first_route(&format!(
+            "return = {{ status = {status} }}"
+        )));
+        assert_eq!(e[0].key_path, "routes[0].return.status", "{status}: {e:#?}");
+        assert!(e[0].message.contains("200 to 599"), "{e:#?}");
+    }
+}
+
+#[test]
+fn a_redirect_needs_a_location_and_nothing_else_takes_one() {
+    let e = errors(&with_first_route("return = { status = 302 }"));
+    assert_eq!(e[0].key_path, "routes[0].return", "{e:#?}");
+    assert!(e[0].message.contains("needs `location`"), "{e:#?}");
+    for (route, path) in [
+        (
+            "return = { status = 200, location = \"/x\" }",
+            "routes[0].return.location",
+        ),
+        (
+            "return = { status = 301, location = \"/x\", body = \"moved\" }",
+            "routes[0].return.body",
+        ),
+        (
+            "return = { status = 204, body = \"x\" }",
+            "routes[0].return.body",
+        ),
+        (
+            "return = { status = 200, content_type = \"text/html\" }",
+            "routes[0].return.content_type",
+        ),
+        (
+            "return = { status = 200, body = \"x\", content_type = \"html\" }",
+            "routes[0].return.content_type",
+        ),
+        (
+            "return = { status = 200, body = \"x\", colour = \"red\" }",
+            "routes[0].return.colour",
+        ),
+    ] {
+        let e = errors(&with_first_route(route));
+        assert_eq!(e[0].key_path, path, "{route}: {e:#?}");
+    }
+}
+
+#[test]
+fn a_location_knows_request_uri_and_host_only() {
+    let e = errors(&with_first_route(
+        "return = { status = 301, location = \"https://x.test$uri\" }",
+    ));
+    assert_eq!(e[0].key_path, "routes[0].return.location", "{e:#?}");
+    assert!(e[0].message.contains("unknown variable `$uri`"), "{e:#?}");
+    // A path that a variable could turn into `//host` (another site).
+    let e = errors(&with_first_route(
+        "return = { status = 301, location = \"$request_uri\" }",
+    ));
+    assert_eq!(e[0].key_path, "routes[0].return.location", "{e:#?}");
+    // Errors point at the key's line.
+    let text = with_first_route("return = { status = 301, location = \"/$x\" }");
+    let e = errors(&text);
+    let line = text
+        .lines()
+        .position(|l| l.starts_with("return"))
+        .expect("the return line")
+        + 1;
+    assert_eq!(e[0].line, line, "{e:#?}");
+}
+
+#[test]
+fn a_return_route_refuses_what_needs_an_upstream() {
+    let ret = "return = { status = 503, body = \"down\" }";
+    for (extra, path) in [
+        ("upstream = \"api\"", "routes[0].upstream"),
+        ("policy = \"local\"", "routes[0].policy"),
+        ("cache = true", "routes[0].cache"),
+        (
+            "allowed_regions = [\"us-east-1\"]",
+            "routes[0].allowed_regions",
+        ),
+        ("max_body = \"1KiB\"", "routes[0].max_body"),
+        ("read_timeout = \"1s\"", "routes[0].read_timeout"),
+        (
+            "request_headers = { set = { \"x-a\" = \"b\" } }",
+            "routes[0].request_headers",
+        ),
+        ("compress = true", "routes[0].compress"),
+    ] {
+        let e = errors(&with_first_route(&format!("{ret}\n{extra}")));
+        assert_eq!(e[0].key_path, path, "{extra}: {e:#?}");
+        assert!(e[0].message.contains("does not apply"), "{e:#?}");
+    }
+    // Without `return`, a route needs an upstream.
+    let e = errors(&with_first_route("policy = \"local\""));
+    assert_eq!(e[0].key_path, "routes[0]", "{e:#?}");
+    assert!(e[0].message.contains("needs `upstream`"), "{e:#?}");
+}
+
+#[test]
+fn compress_takes_a_switch_or_levels_and_types() {
+    let c = parse(
+        "t.toml",
+        &with_first_route("upstream = \"api\"\ncompress = true"),
+        None,
+    )
+    .unwrap_or_else(|e| panic!("{e}"));
+    let z = c.routes[0].compress.clone().expect("compression on");
+    assert_eq!((z.gzip_level, z.brotli_level), (6, 4));
+    assert!(z.compresses("text/html; charset=utf-8"));
+    assert!(z.compresses("application/json"));
+    assert!(!z.compresses("application/octet-stream"));
+    let c = parse(
+        "t.toml",
+        &with_first_route(
+            "upstream = \"api\"\ncompress = { level = 9, brotli_level = 11, types = [\"application/json\"] }",
+        ),
+        None,
+    )
+    .unwrap_or_else(|e| panic!("{e}"));
+    let z = c.routes[0].compress.clone().expect("compression on");
+    assert_eq!((z.gzip_level, z.brotli_level), (9, 11));
+    assert!(!z.compresses("text/html"));
+    let c = parse(
+        "t.toml",
+        &with_first_route("upstream = \"api\"\ncompress = false"),
+        None,
+    )
+    .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(c.routes[0].compress, None);
+}
+
+#[test]
+fn compress_levels_and_types_are_checked() {
+    for (extra, path) in [
+        ("compress = { level = 0 }", "routes[0].compress.level"),
+        ("compress = { level = 10 }", "routes[0].compress.level"),
+        (
+            "compress = { brotli_level = 12 }",
+            "routes[0].compress.brotli_level",
+        ),
+        ("compress = { types = [] }", "routes[0].compress.types"),
+        (
+            "compress = { types = [\"text/html\", \"image/png\"] }",
+            "routes[0].compress.types[1]",
+        ),
+        (
+            "compress = { types = [\"text html\"] }",
+            "routes[0].compress.types[0]",
+        ),
+        ("compress = { gzip = true }", "routes[0].compress.gzip"),
+        ("compress = \"yes\"", "routes[0].compress"),
+    ] {
+        let e = errors(&with_first_route(&format!("upstream = \"api\"\n{extra}")));
+        assert_eq!(e[0].key_path, path, "{extra}: {e:#?}");
+    }
+}
+
+#[test]
+fn the_routes_digest_covers_return_and_compress() {
+    let hash = |route: &str| {
+        let c = parse("t.toml", &with_first_route(route), None).unwrap_or_else(|e| panic!("{e}"));
+        crate::health::Topology::from_config(&c).routes_hash
+    };
+    let proxied = hash("upstream = \"api\"\npolicy = \"local\"");
+    // A setting left off hashes as before it existed (peers on the previous release agree).
+    assert_eq!(
+        proxied,
+        hash("upstream = \"api\"\npolicy = \"local\"\ncompress = false")
+    );
+    assert_ne!(
+        proxied,
+        hash("upstream = \"api\"\npolicy = \"local\"\ncompress = true")
+    );
+    let moved = hash("return = { status = 301, location = \"https://a.test$request_uri\" }");
+    assert_ne!(moved, proxied);
+    assert_ne!(
+        moved,
+        hash("return = { status = 301, location = \"https://b.test$request_uri\" }")
+    );
+    assert_ne!(
+        hash("return = { status = 503, body = \"down\" }"),
+        hash("return = { status = 503, body = \"down for good\" }")
+    );
+}

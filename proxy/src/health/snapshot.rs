@@ -133,6 +133,12 @@ fn serviceable(topo: &Topology, views: &[UpstreamView]) -> bool {
         now_ms: 0,
         margin_ms: 0,
     };
+    // Routes that answer themselves (`return`) need no backend: a file of
+    // only those is always served; otherwise they do not hide that every
+    // proxied route is down, so the accelerator still moves clients away.
+    if topo.route_policies.is_empty() {
+        return true;
+    }
     topo.route_policies.iter().any(|route| {
         let facts = RequestFacts {
             policy: route.policy,

@@ -38,8 +38,8 @@ pub struct UpstreamTopology {
     pub(super) rr: AtomicUsize,
 }
 
-/// One route's upstream, policy and residency, to judge whether the region
-/// can serve.
+/// One proxied route's upstream, policy and residency, to judge whether the
+/// region can serve (a route that answers itself always can).
 #[derive(Debug, Clone, Copy)]
 pub struct RoutePolicy {
     /// Index into `Topology::upstreams`.
@@ -60,7 +60,8 @@ pub struct Topology {
     pub regions: Vec<RegionConfig>,
     /// Every upstream.
     pub upstreams: Vec<UpstreamTopology>,
-    /// Each route's upstream, policy and residency, to judge whether the region can serve.
+    /// Each proxied route's upstream, policy and residency, to judge
+    /// whether the region can serve (routes with `return` are not here).
     pub route_policies: Vec<RoutePolicy>,
     /// RTTs closer than this are ties, so jitter does not flap the choice.
     pub rtt_tolerance: Duration,
@@ -72,13 +73,18 @@ pub struct Topology {
 /// SHA-256 of the routes, first 16 hex digits: what decides where a
 /// request goes, written with names (not positions, which differ between
 /// regions' files) and without header values (the hash is public on the
-/// health path, and a value may be a credential).
+/// health path, and a value may be a credential). A setting newer than
+/// the format is written only when set, so a file without it hashes as it
+/// did (peers on the previous release agree during an upgrade).
 pub fn routes_hash(config: &Config) -> String {
     use sha2::{Digest, Sha256};
     let mut h = Sha256::new();
     h.update(b"routes-v1\n");
     for r in &config.routes {
-        let u = &config.upstreams[r.upstream];
+        let (upstream, primary) = match r.upstream.map(|u| &config.upstreams[u]) {
+            Some(u) => (u.name.as_str(), u.primary_region.as_deref()),
+            None => ("", None),
+        };
         let mut allowed: Vec<&str> = config
             .regions
             .iter()
@@ -97,13 +103,13 @@ pub fn routes_hash(config: &Config) -> String {
             v.sort();
             v.join(",")
         };
-        let line = format!(
-            "{}|{:?}|{}|{}|{:?}|{:?}|{}|{:?}|{:?}|{:?}|{:?}|{}|{}\n",
+        let mut line = format!(
+            "{}|{:?}|{}|{}|{:?}|{:?}|{}|{:?}|{:?}|{:?}|{:?}|{}|{}",
             r.name,
             r.host,
             r.path_prefix,
-            u.name,
-            u.primary_region,
+            upstream,
+            primary,
             r.policy,
             allowed.join(","),
             r.cache,
@@ -113,6 +119,23 @@ pub fn routes_hash(config: &Config) -> String {
             names(&r.limits.request_headers),
             names(&r.limits.response_headers),
         );
+        if let Some(s) = &r.static_response {
+            // The answer itself, body included: it is what clients get.
+            line.push_str(&format!(
+                "|return {} {:?} {:?} {:?}",
+                s.status,
+                s.location.as_ref().map(|l| l.template.as_str()),
+                s.content_type,
+                s.body
+            ));
+        }
+        if let Some(c) = &r.compress {
+            line.push_str(&format!(
+                "|compress {} {} {:?}",
+                c.gzip_level, c.brotli_level, c.types
+            ));
+        }
+        line.push('\n');
         h.update(line.as_bytes());
     }
     h.finalize()[..8]
@@ -156,10 +179,12 @@ impl Topology {
         let route_policies = config
             .routes
             .iter()
-            .map(|r| RoutePolicy {
-                upstream: r.upstream,
-                policy: r.policy,
-                allowed: r.allowed,
+            .filter_map(|r| {
+                Some(RoutePolicy {
+                    upstream: r.upstream?,
+                    policy: r.policy,
+                    allowed: r.allowed,
+                })
             })
             .collect();
         Topology {

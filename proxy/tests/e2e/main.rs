@@ -20,6 +20,7 @@ mod peer_tls;
 mod reload;
 mod request_path;
 mod retries;
+mod shaping;
 mod slow_clients;
 mod tls;
 mod upstream_abort;
