@@ -74,8 +74,6 @@ pub fn server_conf(shutdown_timeout: Duration, upgrade_sock: Option<&Path>) -> S
         upgrade_sock: upgrade_sock
             .map(|p| p.display().to_string())
             .unwrap_or_default(),
-        // The successor (`--upgrade`) waits this many seconds for the sockets.
-        upgrade_sock_connect_accept_max_retries: Some(30),
         ..ServerConf::default()
     }
 }

@@ -23,7 +23,7 @@ use pingora::server::{ShutdownSignal, ShutdownSignalWatch};
 use tokio::signal::unix::{signal, SignalKind};
 
 use crate::metrics::Metrics;
-use crate::upgrade::Upgrade;
+use crate::upgrade::{Successor, Upgrade, UpgradeError};
 
 /// Whether one proxy is draining, and how many requests it is serving.
 pub struct Lifecycle {
@@ -163,22 +163,52 @@ impl DrainThenStop {
 
     /// SIGUSR2 starts a successor and SIGQUIT hands over to one, through `upgrade`.
     pub fn with_upgrade(mut self, upgrade: Upgrade, metrics: Arc<Metrics>) -> Self {
+        // At zero from the start, so that a first failure is an increase.
+        for result in ["ok", "error"] {
+            metrics.upgrades.with_label_values(&[result]);
+        }
         self.upgrade = Some((upgrade, metrics));
         self
     }
 
-    /// Responses close their connections, and the process exits once
-    /// Pingora has stopped accepting and nothing is in flight.
-    fn hand_over(&self) -> ShutdownSignal {
+    /// Responses close their connections; once the successor has the
+    /// sockets and Pingora has stopped accepting, the process exits when
+    /// nothing is in flight: with status 0, or 1 if the sockets never
+    /// reached the successor (so that a supervisor starts a new process:
+    /// Pingora stops accepting either way).
+    fn hand_over(&self, successor: Option<Successor>) -> ShutdownSignal {
         for l in &self.lifecycles {
             l.hand_over();
         }
-        // Pingora keeps accepting for its CLOSE_TIMEOUT (5 s) after sending
-        // the sockets; only then can "nothing in flight" mean done.
+        let Some((upgrade, metrics)) = self.upgrade.clone() else {
+            return ShutdownSignal::GracefulTerminate;
+        };
+        let before = async move {
+            // Pingora's sender retries for a few seconds.
+            let code = match upgrade
+                .handed_over(successor.as_ref(), Duration::from_secs(20))
+                .await
+            {
+                Ok(()) => {
+                    metrics.upgrades.with_label_values(&["ok"]).inc();
+                    tracing::info!("graceful upgrade: the new process has the listening sockets; this one stops accepting in 5 s and exits once idle");
+                    0
+                }
+                Err(why) => {
+                    metrics.upgrades.with_label_values(&["error"]).inc();
+                    tracing::error!(error = %why, "graceful upgrade failed after the listening sockets were offered: this process stops accepting in 5 s (Pingora's hand-over cannot be undone) and exits with status 1 for its supervisor to restart it");
+                    1
+                }
+            };
+            // Pingora keeps accepting for its CLOSE_TIMEOUT after sending the
+            // sockets; only then can "nothing in flight" mean done.
+            tokio::time::sleep(PINGORA_CLOSE_TIMEOUT + Duration::from_millis(200)).await;
+            code
+        };
         spawn_exit_when_idle(
             self.lifecycles.clone(),
-            PINGORA_CLOSE_TIMEOUT + Duration::from_millis(200),
-            PINGORA_CLOSE_TIMEOUT + self.shutdown_timeout,
+            before,
+            Duration::from_secs(20) + PINGORA_CLOSE_TIMEOUT + self.shutdown_timeout,
         );
         ShutdownSignal::GracefulUpgrade
     }
@@ -209,6 +239,13 @@ impl ShutdownSignalWatch for DrainThenStop {
             }
         };
         let mut requests = crate::signals::subscribe();
+        // A successor being started: signals are still heard meanwhile (a
+        // SIGTERM drops it, which kills the new process).
+        let mut starting: Option<
+            std::pin::Pin<
+                Box<dyn std::future::Future<Output = Result<Successor, UpgradeError>> + Send + '_>,
+            >,
+        > = None;
         loop {
             tokio::select! {
                 _ = term.recv() => break,
@@ -217,12 +254,12 @@ impl ShutdownSignalWatch for DrainThenStop {
                     return ShutdownSignal::FastShutdown;
                 }
                 Some(()) = async { quit.as_mut()?.recv().await } => match &self.upgrade {
-                    Some((u, _)) => {
+                    Some((u, _)) if starting.is_none() && u.someone_waits() => {
                         tracing::info!(sock = %u.sock().display(), "SIGQUIT: handing the listening sockets to the process waiting for them, then finishing requests in flight");
-                        return self.hand_over();
+                        return self.hand_over(None);
                     }
-                    None => {
-                        tracing::info!("SIGQUIT without server.upgrade_sock: stopping as on SIGTERM");
+                    _ => {
+                        tracing::info!("SIGQUIT and no new process waits for the listening sockets: stopping as on SIGTERM");
                         break;
                     }
                 },
@@ -230,20 +267,29 @@ impl ShutdownSignalWatch for DrainThenStop {
                     if !matches!(r, Ok(crate::signals::Request::Upgrade)) {
                         continue;
                     }
-                    let Some((u, metrics)) = &self.upgrade else {
+                    let Some((u, _)) = &self.upgrade else {
                         tracing::warn!("SIGUSR2 ignored: a graceful upgrade needs server.upgrade_sock");
                         continue;
                     };
-                    match u.start_successor().await {
-                        Ok(pid) => {
-                            metrics.upgrades.with_label_values(&["ok"]).inc();
-                            tracing::info!(pid, "graceful upgrade: handing the listening sockets to the new process, then finishing requests in flight");
-                            return self.hand_over();
+                    if starting.is_some() {
+                        tracing::warn!("SIGUSR2 ignored: a graceful upgrade is already starting");
+                        continue;
+                    }
+                    starting = Some(Box::pin(u.start_successor()));
+                }
+                done = async { Some(starting.as_mut()?.await) }, if starting.is_some() => {
+                    starting = None;
+                    let Some((_, metrics)) = &self.upgrade else { continue };
+                    match done {
+                        Some(Ok(successor)) => {
+                            tracing::info!(pid = successor.pid, "graceful upgrade: handing the listening sockets to the new process, then finishing requests in flight");
+                            return self.hand_over(Some(successor));
                         }
-                        Err(e) => {
+                        Some(Err(e)) => {
                             metrics.upgrades.with_label_values(&["error"]).inc();
                             tracing::error!(error = %e, "graceful upgrade failed: this process keeps serving");
                         }
+                        None => {}
                     }
                 }
             }
@@ -272,7 +318,10 @@ impl ShutdownSignalWatch for DrainThenStop {
         // Let Pingora close the listeners and wake idle keep-alive connections first.
         spawn_exit_when_idle(
             self.lifecycles.clone(),
-            Duration::from_millis(100),
+            async {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                0
+            },
             self.shutdown_timeout,
         );
         ShutdownSignal::GracefulTerminate
@@ -283,7 +332,10 @@ impl ShutdownSignalWatch for DrainThenStop {
 /// graceful stop; this thread ends the process as soon as no request is in
 /// flight, or at once on another SIGTERM or SIGINT, since Pingora no longer
 /// listens for signals then.
-fn spawn_exit_when_idle(lifecycles: Vec<Arc<Lifecycle>>, first: Duration, limit: Duration) {
+fn spawn_exit_when_idle<F>(lifecycles: Vec<Arc<Lifecycle>>, before: F, limit: Duration)
+where
+    F: std::future::Future<Output = i32> + Send + 'static,
+{
     let spawned = std::thread::Builder::new()
         .name("edge-shutdown".to_string())
         .spawn(move || {
@@ -305,20 +357,20 @@ fn spawn_exit_when_idle(lifecycles: Vec<Arc<Lifecycle>>, first: Duration, limit:
                     return None;
                 };
                 let start = Instant::now();
-                tokio::select! {
-                    _ = tokio::time::sleep(first) => {}
+                let code = tokio::select! {
+                    code = before => code,
                     _ = term.recv() => { tracing::info!("signal during shutdown: exiting now"); return Some(1); }
                     _ = int.recv() => { tracing::info!("signal during shutdown: exiting now"); return Some(1); }
-                }
+                };
                 loop {
                     let left: usize = lifecycles.iter().map(|l| l.in_flight()).sum();
                     if left == 0 {
                         tracing::info!(waited = ?start.elapsed(), "no request in flight: exiting");
-                        return Some(0);
+                        return Some(code);
                     }
                     if start.elapsed() >= limit {
                         tracing::warn!(in_flight = left, "shutdown_timeout reached: exiting with requests in flight");
-                        return Some(0);
+                        return Some(code);
                     }
                     tokio::select! {
                         _ = tokio::time::sleep(Duration::from_millis(20)) => {}

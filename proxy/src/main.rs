@@ -327,6 +327,13 @@ fn run(config: config::Config, source: app::ConfigSource, upgrade: bool) -> anyh
     if upgrade && upgrade_sock.is_none() {
         anyhow::bail!("--upgrade needs server.upgrade_sock: the path where the running edge-router hands over its listening sockets");
     }
+    let listeners = config::own_listeners(&config.server, &config.admin);
+    if upgrade {
+        // Before taking any socket: the running process would stop accepting
+        // for a successor that then cannot bind its new listeners.
+        edge_router::upgrade::check_new_listeners(&listeners)
+            .map_err(|e| anyhow::anyhow!("graceful upgrade refused: {e}"))?;
+    }
     let secrets = load_secrets(&config).map_err(|e| anyhow::anyhow!(e))?;
     if secrets.hop_key.len() < MIN_SECRET_BYTES {
         tracing::warn!(env = %config.server.hop_secret_env, "the secret is shorter than {MIN_SECRET_BYTES} bytes: accepted only while hop_format = \"v1\" (a rolling upgrade); rotate to a longer one next");
@@ -361,7 +368,7 @@ fn run(config: config::Config, source: app::ConfigSource, upgrade: bool) -> anyh
         config.server.shutdown_timeout,
     );
     if let Some(sock) = upgrade_sock {
-        stop = stop.with_upgrade(edge_router::upgrade::Upgrade::new(sock), metrics);
+        stop = stop.with_upgrade(edge_router::upgrade::Upgrade::new(sock, listeners), metrics);
     }
     server.run(RunArgs {
         shutdown_signal: Box::new(stop),

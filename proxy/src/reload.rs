@@ -118,6 +118,9 @@ impl Drop for RunningProber {
     }
 }
 
+/// The longest one round of name lookups may hold the reloader.
+const DNS_ROUND_LIMIT: std::time::Duration = std::time::Duration::from_secs(30);
+
 /// The background service that runs the current setup's prober and reloads.
 pub struct Reloader {
     source: Mutex<ConfigSource>,
@@ -141,6 +144,7 @@ impl Reloader {
         let (tx, rx) = mpsc::channel(4);
         let info = ConfigInfo::of(&source, 0, config.warnings.clone());
         publish_info(&fixed, None, &info);
+        prime_dns(&fixed, &config);
         let text = Arc::new(ArcSwap::from_pointee(source.text.clone()));
         Reloader {
             source: Mutex::new(source),
@@ -232,6 +236,7 @@ impl Reloader {
         self.current.store(region.clone());
         region.health.go_live(&previous.health);
         self.fixed.prime(&config, &region);
+        prime_dns(&self.fixed, &config);
         *prober = next;
         *self.config.lock() = config;
     }
@@ -240,7 +245,10 @@ impl Reloader {
     /// changed, serve the same config with the new addresses. A failed
     /// lookup keeps the name's last addresses.
     async fn refresh_dns(&self, prober: &mut RunningProber) {
-        let names = self.config.lock().names.clone();
+        let (names, own) = {
+            let c = self.config.lock();
+            (c.names.clone(), config::own_listeners(&c.server, &c.admin))
+        };
         if names.is_empty() {
             return;
         }
@@ -248,8 +256,8 @@ impl Reloader {
         let fixed = self.fixed.clone();
         let previous = self.current.load_full();
         let last = names.clone();
-        let outcome = tokio::task::spawn_blocking(move || {
-            let dns = KeepLastGood::new(&SystemDns, &last);
+        let lookups = tokio::task::spawn_blocking(move || {
+            let dns = KeepLastGood::new(&SystemDns, &last, &own);
             let file = source
                 .path
                 .as_ref()
@@ -258,16 +266,23 @@ impl Reloader {
                 config::parse_with(&file, &source.text, source.region_override.as_deref(), &dns);
             let failures = dns.failures();
             let new = parsed.map_err(|e| e.to_string())?;
-            if new.names == last {
+            if config::dns::same(&new.names, &last) {
                 return Ok((None, failures));
             }
             let region =
                 build_region(&new, &fixed, Some(&previous.health)).map_err(|e| format!("{e:#}"))?;
             Ok::<_, String>((Some((new, region)), failures))
-        })
-        .await
-        .map_err(|e| format!("the lookup task failed: {e}"))
-        .and_then(|r| r);
+        });
+        // getaddrinfo cannot be cancelled; a resolver that hangs must not
+        // hold reloads (the thread finishes on its own).
+        let outcome = match tokio::time::timeout(DNS_ROUND_LIMIT, lookups).await {
+            Err(_) => Err(format!(
+                "the lookups took over {DNS_ROUND_LIMIT:?}; trying again at the next refresh"
+            )),
+            Ok(joined) => joined
+                .map_err(|e| format!("the lookup task failed: {e}"))
+                .and_then(|r| r),
+        };
         let metrics = &self.fixed.metrics;
         let (changed, failures) = match outcome {
             Ok(o) => o,
@@ -284,9 +299,15 @@ impl Reloader {
         let after = changed.as_ref().map(|(c, _)| &c.names);
         for (name, before) in &names {
             let now = after.and_then(|a| a.get(name));
+            let moved = now.is_some_and(|n| {
+                let one = |v: &Vec<std::net::SocketAddr>| {
+                    config::dns::Answers::from([(name.clone(), v.clone())])
+                };
+                !config::dns::same(&one(n), &one(before))
+            });
             let result = if failed.contains(name.as_str()) {
                 "error"
-            } else if now.is_some_and(|n| n != before) {
+            } else if moved {
                 tracing::info!(name = %name, before = ?before, after = ?now, "DNS answer changed: the backends follow it");
                 "changed"
             } else {
@@ -316,12 +337,20 @@ fn prepare(
     };
     let text =
         std::fs::read_to_string(&path).map_err(|e| format!("reading {}: {e}", path.display()))?;
-    let new = config::parse(
+    // A name that does not resolve now keeps its last answer: a DNS outage
+    // must not block a change to the routes.
+    let own = config::own_listeners(&old.server, &old.admin);
+    let dns = KeepLastGood::new(&SystemDns, &old.names, &own);
+    let new = config::parse_with(
         &path.display().to_string(),
         &text,
         source.region_override.as_deref(),
+        &dns,
     )
     .map_err(|e| e.to_string())?;
+    for (name, why) in dns.failures() {
+        tracing::warn!(name = %name, error = %why, "reload: DNS lookup failed: keeping the addresses it had");
+    }
     let restart = needs_restart(old, &new);
     if !restart.is_empty() {
         return Err(format!(
@@ -354,6 +383,19 @@ fn prepare(
             text,
         },
     ))
+}
+
+/// `edge_dns_refreshes_total` at zero for every name, so that a first
+/// failure is an increase an alert sees.
+fn prime_dns(fixed: &Fixed, config: &Config) {
+    for name in config.names.keys() {
+        for result in ["unchanged", "changed", "error"] {
+            fixed
+                .metrics
+                .dns_refreshes
+                .with_label_values(&[name.as_str(), result]);
+        }
+    }
 }
 
 /// `edge_config_info{hash,loaded_at}` for the config serving, and not the previous one.

@@ -9,13 +9,26 @@
 //! taking anything, and this process keeps serving.
 //!
 //! The successor reads the config file again, so a graceful upgrade also
-//! applies what a reload cannot: listeners, the region, the tables.
+//! applies what a reload cannot: listeners, the region, the tables. It
+//! inherits this process's environment, secrets included.
+//!
+//! What can still go wrong once the sockets are offered (the successor
+//! dying before it takes them) cannot be undone: Pingora stops accepting
+//! five seconds later either way. [`Upgrade::handed_over`] tells, and the
+//! old process then exits with status 1 so a supervisor starts a new one.
 
 use std::ffi::OsString;
+use std::net::SocketAddr;
 use std::os::unix::fs::FileTypeExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
+
+/// Tells a successor which listening addresses it will inherit, so that it
+/// can check, before taking anything, that it can bind the others.
+const INHERITS_ENV: &str = "EDGE_UPGRADE_INHERITS";
 
 /// How long a successor may take to load its config, its certificates and
 /// its tables before it waits for the sockets.
@@ -47,12 +60,41 @@ pub enum UpgradeError {
 #[derive(Debug, Clone)]
 pub struct Upgrade {
     sock: PathBuf,
+    listeners: Vec<SocketAddr>,
+}
+
+/// A successor that waits for the sockets.
+#[derive(Debug, Clone)]
+pub struct Successor {
+    /// Its process id.
+    pub pid: u32,
+    exited: Arc<AtomicBool>,
+}
+
+impl Successor {
+    fn alive(&self) -> bool {
+        !self.exited.load(Ordering::SeqCst)
+    }
+}
+
+/// Kills the successor unless it got as far as waiting for the sockets (a
+/// SIGTERM while it starts, a timeout).
+struct Starting(Option<Child>);
+
+impl Drop for Starting {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.0.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
 }
 
 impl Upgrade {
-    /// Upgrades through the Unix socket at `sock` (`server.upgrade_sock`).
-    pub fn new(sock: PathBuf) -> Upgrade {
-        Upgrade { sock }
+    /// Upgrades through the Unix socket at `sock` (`server.upgrade_sock`);
+    /// `listeners` are the addresses this process listens on.
+    pub fn new(sock: PathBuf, listeners: Vec<SocketAddr>) -> Upgrade {
+        Upgrade { sock, listeners }
     }
 
     /// The socket's path.
@@ -60,8 +102,17 @@ impl Upgrade {
         &self.sock
     }
 
-    /// Start the successor and return its pid once it waits for the sockets.
-    pub async fn start_successor(&self) -> Result<u32, UpgradeError> {
+    /// True when a process waits on the socket for the listening sockets.
+    pub fn someone_waits(&self) -> bool {
+        is_socket(&self.sock)
+    }
+
+    /// Start the successor; it is returned once it waits for the sockets.
+    pub async fn start_successor(&self) -> Result<Successor, UpgradeError> {
+        // The directory may have changed since the config was checked.
+        if let Some(why) = crate::config::upgrade_sock_error(&self.sock) {
+            return Err(UpgradeError::Prepare(why));
+        }
         // A socket left from an earlier upgrade would look like a waiting successor.
         match std::fs::remove_file(&self.sock) {
             Ok(()) => {}
@@ -74,19 +125,28 @@ impl Upgrade {
             }
         }
         let exe = own_binary().map_err(UpgradeError::Prepare)?;
-        let mut child = Command::new(&exe)
+        let inherits: Vec<String> = self.listeners.iter().map(|a| a.to_string()).collect();
+        let child = Command::new(&exe)
             .args(successor_args(std::env::args_os().skip(1)))
+            .env(INHERITS_ENV, inherits.join(","))
             .spawn()
             .map_err(|source| UpgradeError::Spawn {
                 exe: exe.display().to_string(),
                 source,
             })?;
         let pid = child.id();
+        let mut starting = Starting(Some(child));
         tracing::info!(pid, exe = %exe.display(), "graceful upgrade: new process started; waiting until it asks for the listening sockets");
         let started = Instant::now();
         loop {
+            let Some(child) = starting.0.as_mut() else {
+                return Err(UpgradeError::Prepare("lost the new process".into()));
+            };
             match child.try_wait() {
-                Ok(Some(status)) => return Err(UpgradeError::Exited(status)),
+                Ok(Some(status)) => {
+                    starting.0 = None;
+                    return Err(UpgradeError::Exited(status));
+                }
                 Ok(None) => {}
                 Err(e) => {
                     return Err(UpgradeError::Prepare(format!(
@@ -95,17 +155,66 @@ impl Upgrade {
                 }
             }
             if is_socket(&self.sock) {
-                reap(child);
-                return Ok(pid);
+                let exited = Arc::new(AtomicBool::new(false));
+                if let Some(child) = starting.0.take() {
+                    reap(child, exited.clone());
+                }
+                return Ok(Successor { pid, exited });
             }
             if started.elapsed() >= START_LIMIT {
-                let _ = child.kill();
-                let _ = child.wait();
                 return Err(UpgradeError::TimedOut(START_LIMIT));
             }
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
     }
+
+    /// Whether the sockets reached the successor: it removes the socket
+    /// once it has them (Pingora's `get_fds_from`), and it is still alive.
+    /// Waits up to `limit` for that.
+    pub async fn handed_over(
+        &self,
+        successor: Option<&Successor>,
+        limit: Duration,
+    ) -> Result<(), String> {
+        let start = Instant::now();
+        loop {
+            if successor.is_some_and(|s| !s.alive()) {
+                return Err("the new process exited before it took the listening sockets".into());
+            }
+            if !is_socket(&self.sock) {
+                return match successor {
+                    Some(s) if !s.alive() => Err("the new process exited".into()),
+                    _ => Ok(()),
+                };
+            }
+            if start.elapsed() >= limit {
+                return Err(format!(
+                    "nothing took the listening sockets from {} within {limit:?}",
+                    self.sock.display()
+                ));
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+}
+
+/// In a successor (`run --upgrade`): every listener it will not inherit
+/// must be free, or it must not take any socket (the old process would
+/// stop accepting for a successor that cannot serve). Without word from
+/// the old process (`--upgrade` by hand), nothing is checked.
+pub fn check_new_listeners(listeners: &[SocketAddr]) -> Result<(), String> {
+    let Ok(inherits) = std::env::var(INHERITS_ENV) else {
+        return Ok(());
+    };
+    let inherited: Vec<&str> = inherits.split(',').collect();
+    for l in listeners {
+        if inherited.contains(&l.to_string().as_str()) {
+            continue;
+        }
+        std::net::TcpListener::bind(l)
+            .map_err(|e| format!("listener {l} (not the running process's): cannot bind: {e}"))?;
+    }
+    Ok(())
 }
 
 /// Our arguments with `--upgrade` (the `run` subcommand's flag) added once.
@@ -134,11 +243,15 @@ fn is_socket(path: &Path) -> bool {
 }
 
 /// Wait for the successor on a thread of its own, so that it does not stay
-/// a zombie should it exit while this process still runs.
-fn reap(mut child: Child) {
+/// a zombie should it exit while this process still runs, and note when it
+/// exits.
+fn reap(mut child: Child, exited: Arc<AtomicBool>) {
     let _ = std::thread::Builder::new()
         .name("edge-successor".into())
-        .spawn(move || child.wait());
+        .spawn(move || {
+            let _ = child.wait();
+            exited.store(true, Ordering::SeqCst);
+        });
 }
 
 #[cfg(test)]

@@ -3,6 +3,13 @@
 //! names again every `server.dns_refresh`, and a lookup that fails then
 //! keeps the addresses the name had (a DNS outage must not empty an
 //! upstream). Addresses written as IP literals are never looked up.
+//!
+//! Whoever controls a zone controls these answers, every refresh, with no
+//! operator watching; so an answer is refused (at start: a config error;
+//! later: treated as a failed lookup) when it has more than
+//! [`MAX_ADDRESSES`], an unspecified or multicast address, one of this
+//! proxy's own listeners, or newly a loopback or link-local address (the
+//! cloud metadata service is link-local).
 
 use std::cell::RefCell;
 use std::collections::BTreeMap;
@@ -13,9 +20,75 @@ use parking_lot::Mutex;
 /// Names (`host:port` as written) and the addresses they resolved to.
 pub type Answers = BTreeMap<String, Vec<SocketAddr>>;
 
+/// The most addresses one name may bring (each is a probed backend).
+pub const MAX_ADDRESSES: usize = 64;
+
+/// Why `addrs`, the answer for `authority`, must not be used. `last` is the
+/// name's previous answer (None at start), `own` this proxy's listeners.
+pub fn refused(
+    authority: &str,
+    addrs: &[SocketAddr],
+    last: Option<&[SocketAddr]>,
+    own: &[SocketAddr],
+) -> Option<String> {
+    if addrs.len() > MAX_ADDRESSES {
+        return Some(format!(
+            "`{authority}` resolves to {} addresses, more than {MAX_ADDRESSES}",
+            addrs.len()
+        ));
+    }
+    if let Some(a) = addrs
+        .iter()
+        .find(|a| a.ip().is_unspecified() || a.ip().is_multicast())
+    {
+        return Some(format!(
+            "`{authority}` resolves to {a}, which is not a backend's address"
+        ));
+    }
+    let ours = |a: &SocketAddr| {
+        own.iter().any(|l| {
+            l == a || (l.port() == a.port() && l.ip().is_unspecified() && a.ip().is_loopback())
+        })
+    };
+    if let Some(a) = addrs.iter().find(|a| ours(a)) {
+        return Some(format!(
+            "`{authority}` resolves to {a}, one of this proxy's own listeners"
+        ));
+    }
+    let inward = |a: &SocketAddr| a.ip().is_loopback() || is_link_local(a);
+    if let Some(last) = last.filter(|l| !l.iter().any(inward)) {
+        if let Some(a) = addrs.iter().find(|a| inward(a)) {
+            return Some(format!(
+                "`{authority}` now resolves to {a} (loopback or link-local), which its earlier answer {last:?} did not"
+            ));
+        }
+    }
+    None
+}
+
+fn is_link_local(a: &SocketAddr) -> bool {
+    match a.ip() {
+        std::net::IpAddr::V4(v4) => v4.is_link_local(),
+        std::net::IpAddr::V6(v6) => (v6.segments()[0] & 0xffc0) == 0xfe80,
+    }
+}
+
+/// Whether two answers hold the same addresses (DNS may rotate their order).
+pub fn same(a: &Answers, b: &Answers) -> bool {
+    let sorted = |v: &Vec<SocketAddr>| {
+        let mut v = v.clone();
+        v.sort_unstable();
+        v
+    };
+    a.len() == b.len()
+        && a.iter()
+            .zip(b)
+            .all(|((ka, va), (kb, vb))| ka == kb && sorted(va) == sorted(vb))
+}
+
 /// A way to look names up.
 pub trait Resolve {
-    /// Every address of `authority` (`host:port`), sorted.
+    /// Every address of `authority` (`host:port`), in the resolver's order.
     fn lookup(&self, authority: &str) -> Result<Vec<SocketAddr>, String>;
 }
 
@@ -28,9 +101,7 @@ impl Resolve for SystemDns {
             .to_socket_addrs()
             .map_err(|e| format!("cannot resolve `{authority}`: {e}"))?
             .collect();
-        // In order, so that round-robin DNS rotating its answer is not a change.
-        addrs.sort_unstable();
-        addrs.dedup();
+        dedup_keeping_order(&mut addrs);
         if addrs.is_empty() {
             return Err(format!("`{authority}` resolves to no address"));
         }
@@ -43,15 +114,21 @@ impl Resolve for SystemDns {
 pub struct KeepLastGood<'a> {
     inner: &'a dyn Resolve,
     last: &'a Answers,
+    own: &'a [SocketAddr],
     failures: Mutex<Vec<(String, String)>>,
 }
 
 impl<'a> KeepLastGood<'a> {
-    /// Asks `inner`, and falls back on `last`.
-    pub fn new(inner: &'a dyn Resolve, last: &'a Answers) -> KeepLastGood<'a> {
+    /// Asks `inner`, and falls back on `last`; `own` are this proxy's listeners.
+    pub fn new(
+        inner: &'a dyn Resolve,
+        last: &'a Answers,
+        own: &'a [SocketAddr],
+    ) -> KeepLastGood<'a> {
         KeepLastGood {
             inner,
             last,
+            own,
             failures: Mutex::new(Vec::new()),
         }
     }
@@ -64,9 +141,16 @@ impl<'a> KeepLastGood<'a> {
 
 impl Resolve for KeepLastGood<'_> {
     fn lookup(&self, authority: &str) -> Result<Vec<SocketAddr>, String> {
-        match self.inner.lookup(authority) {
+        let last = self.last.get(authority);
+        let answer = self.inner.lookup(authority).and_then(|addrs| {
+            match refused(authority, &addrs, last.map(Vec::as_slice), self.own) {
+                Some(why) => Err(format!("answer refused: {why}")),
+                None => Ok(addrs),
+            }
+        });
+        match answer {
             Ok(addrs) => Ok(addrs),
-            Err(why) => match self.last.get(authority) {
+            Err(why) => match last {
                 Some(addrs) => {
                     self.failures.lock().push((authority.to_string(), why));
                     Ok(addrs.clone())
@@ -81,6 +165,7 @@ impl Resolve for KeepLastGood<'_> {
 pub(super) struct Recorder<'a> {
     inner: &'a dyn Resolve,
     answers: RefCell<Answers>,
+    own: RefCell<Vec<SocketAddr>>,
 }
 
 impl<'a> Recorder<'a> {
@@ -88,7 +173,13 @@ impl<'a> Recorder<'a> {
         Recorder {
             inner,
             answers: RefCell::new(Answers::new()),
+            own: RefCell::new(Vec::new()),
         }
+    }
+
+    /// This proxy's listeners, which no name may resolve to.
+    pub(super) fn set_own(&self, own: Vec<SocketAddr>) {
+        *self.own.borrow_mut() = own;
     }
 
     /// The addresses of `host:port`: an IP literal as it is, a name as the
@@ -99,6 +190,9 @@ impl<'a> Recorder<'a> {
             return Ok(vec![a]);
         }
         let addrs = self.inner.lookup(authority)?;
+        if let Some(why) = refused(authority, &addrs, None, &self.own.borrow()) {
+            return Err(why);
+        }
         self.answers
             .borrow_mut()
             .insert(authority.to_string(), addrs.clone());
@@ -149,7 +243,7 @@ mod tests {
         let mut last = Answers::new();
         last.insert("gone.invalid:80".into(), vec![addr("10.0.0.1:80")]);
         let down = Scripted(Err("no answer".into()));
-        let dns = KeepLastGood::new(&down, &last);
+        let dns = KeepLastGood::new(&down, &last, &[]);
         assert_eq!(
             dns.lookup("gone.invalid:80").unwrap(),
             vec![addr("10.0.0.1:80")]
@@ -158,6 +252,53 @@ mod tests {
         let failures = dns.failures();
         assert_eq!(failures.len(), 1);
         assert_eq!(failures[0].0, "gone.invalid:80");
+    }
+
+    #[test]
+    fn answers_that_point_inward_or_flood_are_refused() {
+        let own = [addr("0.0.0.0:8080"), addr("127.0.0.1:9901")];
+        let ok = |v: &[&str], last: Option<&[SocketAddr]>| {
+            let v: Vec<SocketAddr> = v.iter().map(|s| addr(s)).collect();
+            refused("n:80", &v, last, &own)
+        };
+        assert_eq!(ok(&["10.0.0.1:80"], None), None);
+        assert!(ok(&["0.0.0.0:80"], None).is_some());
+        assert!(ok(&["224.0.0.1:80"], None).is_some());
+        assert!(
+            ok(&["127.0.0.1:9901"], None).is_some(),
+            "the admin listener"
+        );
+        assert!(
+            ok(&["127.0.0.1:8080"], None).is_some(),
+            "a wildcard listener's port"
+        );
+        // Loopback at start is the operator's choice; turning inward later is not.
+        assert_eq!(ok(&["127.0.0.5:80"], None), None);
+        let was = [addr("10.0.0.1:80")];
+        assert!(ok(&["127.0.0.5:80"], Some(&was)).is_some());
+        assert!(ok(&["169.254.169.254:80"], Some(&was)).is_some());
+        let many: Vec<String> = (0..=MAX_ADDRESSES)
+            .map(|i| format!("10.0.{}.{}:80", i / 250, i % 250))
+            .collect();
+        let many: Vec<&str> = many.iter().map(String::as_str).collect();
+        assert!(ok(&many, None).is_some());
+    }
+
+    #[test]
+    fn a_rotated_answer_is_the_same_answer() {
+        let mut a = Answers::new();
+        a.insert(
+            "n:80".into(),
+            vec![addr("10.0.0.1:80"), addr("10.0.0.2:80")],
+        );
+        let mut b = Answers::new();
+        b.insert(
+            "n:80".into(),
+            vec![addr("10.0.0.2:80"), addr("10.0.0.1:80")],
+        );
+        assert!(same(&a, &b));
+        b.insert("n:80".into(), vec![addr("10.0.0.2:80")]);
+        assert!(!same(&a, &b));
     }
 
     #[test]

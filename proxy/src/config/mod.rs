@@ -590,6 +590,7 @@ fn validate(
             ),
         ));
     }
+    dns.set_own(own_listeners(&server, &admin));
     let regions = validate_regions(loc, &server.region, s.regions, dns, errors);
     if regions.len() > 64 {
         errors.push(loc.at_offset(
@@ -699,6 +700,17 @@ fn validate(
     let consistency = validate_consistency(loc, s.consistency, errors);
     let cache = cache::validate_cache(loc, s.cache, &tables, errors);
     let mut warnings = consistency_warnings(&regions, &routes, &tables);
+    if let Some(dir) = server
+        .upgrade_sock
+        .as_deref()
+        .and_then(std::path::Path::parent)
+        .filter(|d| !d.exists())
+    {
+        warnings.push(format!(
+            "server.upgrade_sock: directory {} does not exist (yet): graceful upgrades fail until it does",
+            dir.display()
+        ));
+    }
     if !admin.listen.ip().is_loopback() {
         warnings.push(format!(
             "admin.listen {} is not a loopback address: /metrics, /status and (with the token) mutations are reachable from the network; put it on 127.0.0.1 or firewall it",
@@ -728,6 +740,17 @@ fn validate(
         warnings,
         names: dns::Answers::new(),
     })
+}
+
+/// Every address this proxy listens on (no name may resolve to one).
+pub fn own_listeners(server: &ServerConfig, admin: &AdminConfig) -> Vec<SocketAddr> {
+    server
+        .listen
+        .iter()
+        .copied()
+        .chain(server.tls.iter().map(|t| t.listen))
+        .chain(std::iter::once(admin.listen))
+        .collect()
 }
 
 /// The longest any duration setting may be: time arithmetic on the request
@@ -1088,8 +1111,19 @@ fn validate_server(
         ],
         errors,
     );
+    if !raw.dns_refresh.is_zero() && raw.dns_refresh < Duration::from_secs(1) {
+        errors.push(loc.at_path(
+            &p("dns_refresh"),
+            "at least 1s (or 0s: never): every refresh looks every name up",
+        ));
+    }
     let upgrade_sock = raw.upgrade_sock.map(std::path::PathBuf::from);
-    if let Some(msg) = upgrade_sock.as_deref().and_then(upgrade_sock_error) {
+    // A missing directory is only a warning here (`check` runs where
+    // systemd has not created it yet); an upgrade checks again.
+    if let Some(msg) = upgrade_sock
+        .as_deref()
+        .and_then(|p| upgrade_sock_path_error(p).or_else(|| upgrade_sock_dir_error(p)))
+    {
         errors.push(loc.at_path(&p("upgrade_sock"), msg));
     }
     let region = region_override
@@ -1138,11 +1172,22 @@ fn validate_server(
     }
 }
 
-/// What makes `path` unfit for the upgrade socket. Pingora creates it
-/// readable and writable by everyone, so its directory must keep other users
-/// out: whoever connects first hands the new process its listening sockets.
-fn upgrade_sock_error(p: &std::path::Path) -> Option<String> {
-    use std::os::unix::fs::PermissionsExt;
+/// What makes `path` unfit for the upgrade socket, its directory missing
+/// included (checked again before each upgrade). Pingora creates the socket
+/// readable and writable by everyone, so only its directory can keep other
+/// users out: whoever connects first hands the new process its listening
+/// sockets, and whoever can create a socket there is handed ours.
+pub fn upgrade_sock_error(p: &std::path::Path) -> Option<String> {
+    upgrade_sock_path_error(p).or_else(|| match std::fs::metadata(p.parent()?) {
+        Err(e) => Some(format!(
+            "directory {} of the upgrade socket: {e} (systemd: RuntimeDirectory=)",
+            p.parent()?.display()
+        )),
+        Ok(_) => upgrade_sock_dir_error(p),
+    })
+}
+
+fn upgrade_sock_path_error(p: &std::path::Path) -> Option<String> {
     let path = p.display();
     if !p.is_absolute() {
         return Some(format!("`{path}` must be an absolute path"));
@@ -1154,19 +1199,32 @@ fn upgrade_sock_error(p: &std::path::Path) -> Option<String> {
             "`{path}` is {len} bytes; a Unix socket path holds at most 107"
         ));
     }
+    None
+}
+
+/// The directory, when it exists, must be ours and closed to everyone else.
+fn upgrade_sock_dir_error(p: &std::path::Path) -> Option<String> {
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
     let dir = p.parent()?;
-    match std::fs::metadata(dir) {
-        Err(e) => Some(format!(
-            "directory {} of the upgrade socket: {e} (systemd: RuntimeDirectory=)",
-            dir.display()
-        )),
-        Ok(m) if !m.is_dir() => Some(format!("{} is not a directory", dir.display())),
-        Ok(m) if m.permissions().mode() & 0o007 != 0 => Some(format!(
-            "directory {} is open to other users (mode {:o}): one of them could hand the new process sockets of their own; use a directory with mode 0700 or 0750 (systemd: RuntimeDirectoryMode=0700)",
+    let m = std::fs::metadata(dir).ok()?;
+    // /proc/self belongs to the process's effective user (no unsafe libc call).
+    let me = std::fs::metadata("/proc/self").map(|m| m.uid()).ok()?;
+    let mode = m.permissions().mode() & 0o7777;
+    if !m.is_dir() {
+        Some(format!("{} is not a directory", dir.display()))
+    } else if m.uid() != me {
+        Some(format!(
+            "directory {} belongs to uid {}, not to this process's user ({me}): its owner could hand the new process sockets of their own",
             dir.display(),
-            m.permissions().mode() & 0o7777
-        )),
-        Ok(_) => None,
+            m.uid()
+        ))
+    } else if mode & 0o077 != 0 {
+        Some(format!(
+            "directory {} is open to other users (mode {mode:o}): they could hand the new process sockets of their own; use mode 0700 (systemd: RuntimeDirectoryMode=0700)",
+            dir.display()
+        ))
+    } else {
+        None
     }
 }
 

@@ -602,7 +602,7 @@ fn route_limits_parse_and_refuse_the_proxys_own_headers() {
 }
 
 #[test]
-fn the_upgrade_socket_must_be_absolute_and_in_a_directory_other_users_cannot_enter() {
+fn the_upgrade_socket_must_be_absolute_and_in_a_directory_only_we_can_enter() {
     use std::os::unix::fs::PermissionsExt;
     let with = |path: &str| {
         THREE.replace(
@@ -624,8 +624,28 @@ fn the_upgrade_socket_must_be_absolute_and_in_a_directory_other_users_cannot_ent
     assert!(e[0].message.contains("open to other users"), "{}", e[0]);
     let e = errors(&with("run/upgrade.sock"));
     assert!(e[0].message.contains("absolute"), "{}", e[0]);
-    let e = errors(&with("/nonexistent-edge-dir/upgrade.sock"));
-    assert!(e[0].message.contains("RuntimeDirectory"), "{}", e[0]);
+    mode(0o750);
+    let e = errors(&with(&sock.display().to_string()));
+    assert!(
+        e[0].message.contains("open to other users"),
+        "group too: {}",
+        e[0]
+    );
+    // Not there yet (`check` before systemd made it): a warning, checked again at upgrade time.
+    let missing =
+        parse("t.toml", &with("/nonexistent-edge-dir/upgrade.sock"), None).expect("valid");
+    assert!(
+        missing
+            .warnings
+            .iter()
+            .any(|w| w.contains("does not exist")),
+        "{:?}",
+        missing.warnings
+    );
+    assert!(
+        super::upgrade_sock_error(std::path::Path::new("/nonexistent-edge-dir/u.sock"))
+            .is_some_and(|e| e.contains("RuntimeDirectory"))
+    );
     let long = format!("/{}/u.sock", "d".repeat(120));
     let e = errors(&with(&long));
     assert!(e[0].message.contains("at most 107"), "{}", e[0]);
@@ -869,4 +889,13 @@ fn the_routes_digest_covers_return_and_compress() {
         hash("return = { status = 503, body = \"down\" }"),
         hash("return = { status = 503, body = \"down for good\" }")
     );
+}
+
+#[test]
+fn dns_refresh_is_zero_or_at_least_a_second() {
+    let with = |d: &str| THREE.replace("[server]\n", &format!("[server]\ndns_refresh = \"{d}\"\n"));
+    assert!(parse("t.toml", &with("0s"), None).is_ok());
+    assert!(parse("t.toml", &with("1s"), None).is_ok());
+    let e = errors(&with("10ms"));
+    assert_eq!(e[0].key_path, "server.dns_refresh");
 }

@@ -2,7 +2,8 @@
 //! the names are resolved again every `server.dns_refresh`, and a lookup
 //! that fails keeps the last addresses. The resolver is the system's
 //! (getaddrinfo, /etc/hosts first): edge-router runs in a mount namespace
-//! of its own where /etc/hosts is a file the test rewrites.
+//! of its own where /etc/hosts is a file the test rewrites, and
+//! /etc/resolv.conf names a server that refuses every query.
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -14,37 +15,65 @@ use crate::support::*;
 const NAME: &str = "backend.edge-test";
 const HANG: Duration = Duration::from_secs(20);
 
-/// `unshare` with a private mount namespace (and a user namespace, so that
-/// no privilege is needed where user namespaces are allowed) in which the
-/// file at `hosts` is /etc/hosts.
-fn with_hosts_file(hosts: &std::path::Path) -> Vec<String> {
-    let script = "mount --bind \"$0\" /etc/hosts && exec \"$@\"";
-    let mut w: Vec<String> = [
-        "unshare",
-        "--user",
-        "--map-root-user",
-        "--mount",
-        "sh",
-        "-c",
-    ]
-    .iter()
-    .map(|s| s.to_string())
-    .collect();
-    w.push(script.to_string());
+/// Size of the hosts file: always written whole, in one write, so that a
+/// lookup never reads it half written.
+const HOSTS_SIZE: usize = 512;
+
+/// `unshare` with a private mount namespace in which the file at `hosts` is
+/// /etc/hosts and `resolv` is /etc/resolv.conf (a name not in the file
+/// then fails at once instead of waiting on a real DNS server). A user
+/// namespace makes that unprivileged where the host allows it; root
+/// needs none.
+fn in_namespace(hosts: &std::path::Path, resolv: &std::path::Path) -> Vec<String> {
+    let script = "mount --bind \"$0\" /etc/hosts && mount --bind \"$1\" /etc/resolv.conf && shift && exec \"$@\"";
+    let userns = std::process::Command::new("unshare")
+        .args(["--user", "--map-root-user", "--mount", "true"])
+        .status()
+        .is_ok_and(|s| s.success());
+    let mut w: Vec<String> = vec!["unshare".into()];
+    if userns {
+        w.extend(["--user".into(), "--map-root-user".into()]);
+    } else {
+        let root = std::process::Command::new("id")
+            .arg("-u")
+            .output()
+            .is_ok_and(|o| o.stdout.starts_with(b"0"));
+        assert!(
+            root,
+            "this test runs edge-router with its own /etc/hosts: it needs `unshare --user` or root"
+        );
+    }
+    w.extend(["--mount".into(), "sh".into(), "-c".into(), script.into()]);
     w.push(hosts.display().to_string());
+    w.push(resolv.display().to_string());
     w
 }
 
-/// Rewrite the hosts file in place: the bind mount holds its inode.
+/// Rewrite the hosts file in place (the bind mount holds its inode), padded
+/// to [`HOSTS_SIZE`] so that one write replaces it all.
 fn hosts(path: &std::path::Path, lines: &[&str]) {
-    use std::io::Write;
+    use std::io::{Seek, Write};
+    let mut text: String = lines.iter().map(|l| format!("{l}\n")).collect();
+    assert!(text.len() < HOSTS_SIZE);
+    text.push('#');
+    while text.len() < HOSTS_SIZE - 1 {
+        text.push(' ');
+    }
+    text.push('\n');
     let mut f = std::fs::OpenOptions::new()
         .write(true)
-        .truncate(true)
         .open(path)
         .expect("open hosts");
-    let text: String = lines.iter().map(|l| format!("{l}\n")).collect();
+    f.seek(std::io::SeekFrom::Start(0)).expect("seek");
     f.write_all(text.as_bytes()).expect("write hosts");
+}
+
+fn dns_errors(metrics_text: &str) -> f64 {
+    metrics_text
+        .lines()
+        .filter(|l| l.starts_with("edge_dns_refreshes_total{") && l.contains("result=\"error\""))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
 }
 
 async fn backend_addresses(edge: &Edge) -> Vec<String> {
@@ -73,13 +102,20 @@ async fn every_address_of_a_name_is_a_backend_and_follows_the_answer() {
     let hosts_path = dir.path().join("hosts");
     std::fs::write(&hosts_path, "").expect("hosts");
     hosts(&hosts_path, &[&format!("127.0.0.9 {NAME}")]);
+    // Queries to a port where nothing listens: refused at once.
+    let resolv = dir.path().join("resolv.conf");
+    std::fs::write(
+        &resolv,
+        "nameserver 127.0.0.1\noptions timeout:1 attempts:1\n",
+    )
+    .expect("resolv");
 
     let regions = vec![RegionSpec::new("solo", vec![a.addr()])];
     let config = config_for(&regions, 0, &Tweaks::default())
         .replace(&format!("\"{a_addr}\""), &format!("\"{NAME}:{port}\""))
-        .replacen("[server]\n", "[server]\ndns_refresh = \"200ms\"\n", 1);
+        .replacen("[server]\n", "[server]\ndns_refresh = \"1s\"\n", 1);
     assert!(config.contains(NAME), "{config}");
-    let wrapper = with_hosts_file(&hosts_path);
+    let wrapper = in_namespace(&hosts_path, &resolv);
     let wrapper: Vec<&str> = wrapper.iter().map(String::as_str).collect();
     let edge = Edge::start_wrapped(&wrapper, &config, regions[0].port, regions[0].admin, &[]).await;
     assert_eq!(backend_addresses(&edge).await, vec![a_addr.clone()]);
@@ -142,12 +178,11 @@ async fn every_address_of_a_name_is_a_backend_and_follows_the_answer() {
     );
 
     // The lookup fails: b stays, the failure is logged and counted.
+    let before = dns_errors(&metrics(&c, &edge).await);
+    assert_eq!(before, 0.0, "no lookup has failed yet");
     hosts(&hosts_path, &["127.0.0.1 localhost"]);
     let counted = eventually(HANG, || async {
-        metrics(&c, &edge)
-            .await
-            .lines()
-            .any(|l| l.starts_with("edge_dns_refreshes_total{") && l.contains("result=\"error\""))
+        dns_errors(&metrics(&c, &edge).await) >= 2.0
     })
     .await;
     assert!(

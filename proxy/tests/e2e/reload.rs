@@ -121,13 +121,7 @@ async fn ten_reloads_and_a_graceful_upgrade_at_a_thousand_requests_a_second_fail
     // A directory of our own (0700) for the socket the upgrade goes through.
     let sock_dir = private_dir();
     let sock = sock_dir.path().join("upgrade.sock");
-    let with_sock = |text: String| {
-        text.replacen(
-            "[server]\n",
-            &format!("[server]\nupgrade_sock = \"{}\"\n", sock.display()),
-            1,
-        )
-    };
+    let with_sock = |text: String| with_upgrade_sock(text, &sock);
     let config_a = with_sock(config_for(&regions_a, 0, &t));
     let config_b = with_sock(config_for(&regions_b, 0, &t));
     assert!(config_a.contains("upgrade_sock"), "{config_a}");
@@ -307,33 +301,68 @@ async fn an_upgrade_whose_new_process_fails_keeps_the_old_one_serving() {
         let regions = vec![RegionSpec::new("solo", vec![a.addr()])];
         (a, regions)
     };
-    let config = config_for(&regions, 0, &Tweaks::default()).replacen(
-        "[server]\n",
-        &format!("[server]\nupgrade_sock = \"{}\"\n", sock.display()),
-        1,
-    );
+    let config = with_upgrade_sock(config_for(&regions, 0, &Tweaks::default()), &sock);
     let mut edge = Edge::start(&config, regions[0].port, regions[0].admin).await;
     let c = client();
     let load = Load::paced(edge.url("/during"), 200, 2);
-    // The new process refuses the file it reads: it exits before taking anything.
+    let failures = |edge: &Edge| {
+        let c = c.clone();
+        let url = edge.admin_url("/metrics");
+        async move {
+            let text = c.get(url).send().await.ok()?.text().await.ok()?;
+            text.lines()
+                .find(|l| l.starts_with("edge_upgrades_total{") && l.contains("result=\"error\""))
+                .and_then(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        }
+    };
+    assert_eq!(failures(&edge).await, Some(0.0), "counted from zero");
+
+    // 1. The new process refuses the file it reads.
     std::fs::write(edge.config_path(), "[server\n").expect("write");
     edge.signal("USR2");
-    let failed_upgrade = eventually(HANG, || async {
-        // Only a failure can have been counted yet.
-        metric_total(&metrics(&c, &edge).await, "edge_upgrades_total") >= 1.0
-    })
-    .await;
+    let seen = eventually(HANG, || async { failures(&edge).await == Some(1.0) }).await;
     assert!(
-        failed_upgrade.is_some(),
+        seen.is_some(),
         "no failed upgrade counted; log:\n{}",
         edge.log_text()
     );
-    assert!(edge.log_text().contains("graceful upgrade failed"));
-    assert!(
-        edge.wait_exit(Duration::from_millis(300)).await.is_none(),
-        "the old process must keep serving"
+    // 2. It cannot bind a new listener (a port someone else holds): it
+    //    says so before taking any socket.
+    let held = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let held_port = held.local_addr().expect("addr").port();
+    let taken = config.replace(
+        &format!("listen = [\"127.0.0.1:{}\"]", regions[0].port),
+        &format!(
+            "listen = [\"127.0.0.1:{}\", \"127.0.0.1:{held_port}\"]",
+            regions[0].port
+        ),
     );
-    // And a later SIGUSR2 with a good file still works.
+    assert_ne!(taken, config);
+    std::fs::write(edge.config_path(), &taken).expect("write");
+    edge.signal("USR2");
+    let seen = eventually(HANG, || async { failures(&edge).await == Some(2.0) }).await;
+    assert!(
+        seen.is_some(),
+        "the second failure was not counted; log:\n{}",
+        edge.log_text()
+    );
+    let logged = eventually(HANG, || async {
+        let log = edge.log_text();
+        log.matches("graceful upgrade failed: this process keeps serving")
+            .count()
+            == 2
+            && log.contains(&format!("127.0.0.1:{held_port}"))
+    })
+    .await;
+    assert!(logged.is_some(), "{}", edge.log_text());
+    assert!(
+        matches!(edge.child.try_wait(), Ok(None)),
+        "the old process exited"
+    );
+    assert_eq!(try_get(&c, &edge.url("/still")).await.status, 200);
+    drop(held);
+
+    // 3. A later SIGUSR2 with a good file still works.
     std::fs::write(edge.config_path(), &config).expect("write");
     let old_pid = status_json(&c, &edge).await["pid"].as_u64().expect("pid");
     edge.signal("USR2");
@@ -347,6 +376,76 @@ async fn an_upgrade_whose_new_process_fails_keeps_the_old_one_serving() {
         "{failed} of {} failed; last: {last}",
         ok + failed
     );
+}
+
+/// `text` with `upgrade_sock` set in its [server] table.
+fn with_upgrade_sock(text: String, sock: &std::path::Path) -> String {
+    text.replacen(
+        "[server]\n",
+        &format!("[server]\nupgrade_sock = \"{}\"\n", sock.display()),
+        1,
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hand_over_nobody_completes_exits_with_an_error_and_sigquit_alone_drains() {
+    let sock_dir = private_dir();
+    let sock = sock_dir.path().join("upgrade.sock");
+    let a = origin("solo", "a").await;
+    let regions = vec![RegionSpec::new("solo", vec![a.addr()])];
+    let config = with_upgrade_sock(config_for(&regions, 0, &Tweaks::default()), &sock);
+
+    // A misbehaving successor: it listens on the socket, takes the
+    // connection and drops it, and never removes the socket.
+    let mut edge = Edge::start(&config, regions[0].port, regions[0].admin).await;
+    let fake = std::os::unix::net::UnixListener::bind(&sock).expect("bind the socket");
+    let taker = std::thread::spawn(move || {
+        if let Ok((conn, _)) = fake.accept() {
+            drop(conn);
+        }
+    });
+    edge.signal("QUIT");
+    let code = async {
+        let limit = std::time::Instant::now() + Duration::from_secs(60);
+        while std::time::Instant::now() < limit {
+            if let Ok(Some(status)) = edge.child.try_wait() {
+                return status.code();
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        None
+    }
+    .await;
+    let _ = taker.join();
+    assert_eq!(
+        code,
+        Some(1),
+        "a hand-over nobody completed must end with status 1; log:\n{}",
+        edge.log_text()
+    );
+    assert!(edge
+        .log_text()
+        .contains("graceful upgrade failed after the listening sockets were offered"));
+    drop(edge);
+    let _ = std::fs::remove_file(&sock);
+
+    // SIGQUIT with nobody waiting: a drain (health 503), then exit 0.
+    let edge = Edge::start(&config, regions[0].port, regions[0].admin).await;
+    edge.signal("QUIT");
+    let c = client();
+    let draining = eventually(HANG, || async {
+        c.get(edge.url("/.edge/health"))
+            .send()
+            .await
+            .is_ok_and(|r| r.status() == 503)
+    })
+    .await;
+    assert!(
+        draining.is_some(),
+        "SIGQUIT alone did not drain; log:\n{}",
+        edge.log_text()
+    );
+    assert!(edge.log_text().contains("no new process waits"));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
