@@ -429,7 +429,7 @@ async fn a_hand_over_nobody_completes_exits_with_an_error_and_sigquit_alone_drai
     drop(edge);
     let _ = std::fs::remove_file(&sock);
 
-    // SIGQUIT with nobody waiting: a drain (health 503), then exit 0.
+    // SIGQUIT with nobody waiting: a drain (health 503), as on SIGTERM.
     let edge = Edge::start(&config, regions[0].port, regions[0].admin).await;
     edge.signal("QUIT");
     let c = client();
