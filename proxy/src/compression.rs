@@ -241,6 +241,11 @@ fn module(session: &mut Session) -> Option<&mut ResponseCompressionCtx> {
 /// module (no compressing route then; a reload cannot add one) leaves the
 /// response as it is.
 pub fn enable(session: &mut Session, settings: &Compression) -> Result<()> {
+    // A compressed body of unknown length is sent chunked, which HTTP/1.0
+    // clients cannot read (nginx's `gzip_http_version 1.1`).
+    if session.req_header().version < http::Version::HTTP_11 {
+        return Ok(());
+    }
     let Some(coding) = choose(session.req_header().headers.get(ACCEPT_ENCODING)) else {
         return Ok(());
     };
@@ -276,6 +281,13 @@ pub enum Skip {
     Partial,
     /// `Cache-Control: no-transform` (RFC 9111 5.2.2.6).
     NoTransform,
+    /// Server-sent events: the encoders hold small writes back, so events
+    /// would wait for kilobytes of others.
+    Stream,
+    /// Marked private (Set-Cookie, `Cache-Control: private` or `no-store`):
+    /// compressing secrets beside what a client reflects leaks them through
+    /// the compressed length (BREACH), unless the route says `private = true`.
+    Private,
 }
 
 /// Whether a response of a route with `settings` may be compressed.
@@ -287,15 +299,34 @@ pub fn skip(settings: &Compression, resp: &ResponseHeader) -> Option<Skip> {
     if resp.status.as_u16() == 206 {
         return Some(Skip::Partial);
     }
-    if !header(CONTENT_TYPE).is_some_and(|t| settings.compresses(t)) {
+    let content_type = header(CONTENT_TYPE);
+    if content_type.is_some_and(|t| {
+        t.split(';')
+            .next()
+            .is_some_and(|e| e.trim().eq_ignore_ascii_case("text/event-stream"))
+    }) {
+        return Some(Skip::Stream);
+    }
+    if !content_type.is_some_and(|t| settings.compresses(t)) {
         return Some(Skip::Type);
     }
-    let no_transform = resp.headers.get_all(CACHE_CONTROL).iter().any(|v| {
-        v.as_bytes()
-            .split(|b| *b == b',')
-            .any(|d| d.trim_ascii().eq_ignore_ascii_case(b"no-transform"))
-    });
-    no_transform.then_some(Skip::NoTransform)
+    let directive = |name: &[u8]| {
+        resp.headers.get_all(CACHE_CONTROL).iter().any(|v| {
+            v.as_bytes().split(|b| *b == b',').any(|d| {
+                let d = d.trim_ascii();
+                // `private="set-cookie"` names fields; it is still private.
+                let d = d.split(|b| *b == b'=').next().unwrap_or(d);
+                d.eq_ignore_ascii_case(name)
+            })
+        })
+    };
+    if directive(b"no-transform") {
+        return Some(Skip::NoTransform);
+    }
+    let private = resp.headers.contains_key(http::header::SET_COOKIE)
+        || directive(b"private")
+        || directive(b"no-store");
+    (private && !settings.private).then_some(Skip::Private)
 }
 
 /// Say that the response depends on `Accept-Encoding` (unless it already
@@ -321,6 +352,10 @@ pub fn on_response(
     settings: &Compression,
     resp: &mut ResponseHeader,
 ) -> Result<()> {
+    // 100 Continue, 103 Early Hints: the response proper comes next.
+    if resp.status.is_informational() {
+        return Ok(());
+    }
     match skip(settings, resp) {
         None => add_vary(resp),
         Some(_) => {
@@ -374,6 +409,7 @@ mod tests {
             types: vec![crate::config::route_compress::MediaRange::Type(
                 "text/".into(),
             )],
+            private: false,
         }
     }
 
@@ -424,6 +460,24 @@ mod tests {
             ),
             Some(Skip::NoTransform)
         );
+        assert_eq!(
+            skip(&s, &response(&[("content-type", "text/event-stream")], 200)),
+            Some(Skip::Stream)
+        );
+        for private in [
+            ("set-cookie", "sid=1"),
+            ("cache-control", "private, max-age=60"),
+            ("cache-control", "private=\"set-cookie\""),
+            ("cache-control", "no-store"),
+        ] {
+            let r = response(&[("content-type", "text/html"), private], 200);
+            assert_eq!(skip(&s, &r), Some(Skip::Private), "{private:?}");
+            let opted_in = Compression {
+                private: true,
+                ..settings()
+            };
+            assert_eq!(skip(&opted_in, &r), None, "{private:?}");
+        }
     }
 
     /// Pingora's brotli encoder, fed as the module feeds it, with our end.

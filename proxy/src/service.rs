@@ -1098,7 +1098,14 @@ impl ProxyHttp for Region {
                 return Ok(true);
             }
         }
-        if let Some(settings) = self.route(ctx).and_then(|r| r.compress.as_ref()) {
+        // A peer region's answer is compressed, if at all, by the region
+        // the client is at: it knows the client and caches the origin's bytes.
+        let from_peer = ctx.hop_from.is_some();
+        if let Some(settings) = self
+            .route(ctx)
+            .and_then(|r| r.compress.as_ref())
+            .filter(|_| !from_peer)
+        {
             compression::enable(session, settings)?;
         }
         Ok(false)

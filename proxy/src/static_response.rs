@@ -31,6 +31,10 @@ pub fn fill(
     }
     if !spec.bodiless() {
         resp.insert_header(CONTENT_LENGTH, spec.body.len().to_string())?;
+    } else if spec.status == 205 {
+        // 205 is not bodiless in HTTP/1.1's framing (RFC 9112 6.3): without
+        // a length a client would read until the connection closes.
+        resp.insert_header(CONTENT_LENGTH, "0")?;
     }
     Ok(())
 }

@@ -501,6 +501,10 @@ pub struct RawCompressSettings {
     pub brotli_level: Option<i64>,
     /// Media types compressed: `type/subtype` or `type/*`.
     pub types: Option<Vec<String>>,
+    /// Also compress responses marked private (Set-Cookie, `Cache-Control:
+    /// private` or `no-store`), accepting the BREACH risk.
+    #[serde(default)]
+    pub private: bool,
 }
 
 impl<'de> Deserialize<'de> for RawCompress {

@@ -30,7 +30,6 @@ const PINGORA_COMPRESSES: &[&str] = &[
     "font/",
     "image/x-icon",
     "image/svg+xml",
-    "image/vnd.microsoft.icon",
     "binary/octet-stream",
 ];
 
@@ -52,6 +51,8 @@ pub struct Compression {
     pub brotli_level: u32,
     /// The media ranges compressed.
     pub types: Vec<MediaRange>,
+    /// Responses marked private are compressed too (`private = true`).
+    pub private: bool,
 }
 
 impl Compression {
@@ -172,6 +173,7 @@ pub(super) fn route_compress(
         gzip_level,
         brotli_level,
         types,
+        private: settings.private,
     })
 }
 
@@ -188,6 +190,7 @@ mod tests {
                 .iter()
                 .map(|t| media_range(t).unwrap())
                 .collect(),
+            private: false,
         };
         assert!(c.compresses("text/html; charset=utf-8"));
         assert!(c.compresses("Application/JSON"));

@@ -98,17 +98,6 @@ impl Load {
     }
 }
 
-async fn post_reload(edge: &Edge) -> (u16, serde_json::Value) {
-    let resp = client()
-        .post(edge.admin_url("/reload"))
-        .bearer_auth(ADMIN_TOKEN)
-        .send()
-        .await
-        .expect("POST /reload");
-    let status = resp.status().as_u16();
-    (status, resp.json().await.unwrap_or_default())
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ten_reloads_and_a_graceful_upgrade_at_a_thousand_requests_a_second_fail_no_request() {
     let (a, b) = (origin("solo", "a").await, origin("solo", "b").await);

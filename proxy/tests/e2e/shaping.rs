@@ -289,6 +289,35 @@ async fn encoded_responses_and_unlisted_types_pass_through_untouched() {
         !header_has(&binary, "vary", "accept-encoding"),
         "a type never compressed does not vary: {binary:?}"
     );
+
+    // The same text is compressed when public...
+    let public = raw_request(
+        edge.port,
+        &get_request("/doc", "Accept-Encoding: gzip\r\n"),
+    )
+    .await;
+    assert_eq!(public.header("content-encoding"), Some("gzip"), "{public:?}");
+    // ...not when marked private (BREACH), nor for an HTTP/1.0 client
+    // (a compressed body is chunked, which HTTP/1.0 cannot read).
+    let private = raw_request(
+        edge.port,
+        &get_request(
+            "/doc?cache-control=private",
+            "Accept-Encoding: gzip\r\n",
+        ),
+    )
+    .await;
+    assert_eq!(private.status, 200);
+    assert_eq!(private.header("content-encoding"), None, "{private:?}");
+    assert!(String::from_utf8_lossy(&private.body).contains("\"solo\""), "{private:?}");
+    let old = raw_request(
+        edge.port,
+        "GET /doc HTTP/1.0\r\nHost: a.test\r\nAccept-Encoding: gzip\r\n\r\n",
+    )
+    .await;
+    assert_eq!(old.status, 200);
+    assert_eq!(old.header("content-encoding"), None, "{old:?}");
+    assert!(String::from_utf8_lossy(&old.body).contains("\"solo\""), "{old:?}");
 }
 
 /// The data of the chunks in a chunked body read so far, and whether the
@@ -467,14 +496,8 @@ async fn a_reload_cannot_turn_compression_on_without_a_restart() {
         ..Tweaks::default()
     };
     std::fs::write(edge.config_path(), config_for(&regions, 0, &compressing)).expect("rewrite");
-    let resp = client()
-        .post(edge.admin_url("/reload"))
-        .bearer_auth(ADMIN_TOKEN)
-        .send()
-        .await
-        .expect("POST /reload");
-    assert_eq!(resp.status().as_u16(), 422);
-    let body: serde_json::Value = resp.json().await.unwrap_or_default();
+    let (status, body) = post_reload(&edge).await;
+    assert_eq!(status, 422, "{body}");
     let error = body["error"].as_str().unwrap_or_default();
     assert!(
         error.contains("compress") && error.contains("restart"),

@@ -289,6 +289,18 @@ impl Drop for Edge {
     }
 }
 
+/// `POST /reload` with the admin token: the status and the JSON answer.
+pub async fn post_reload(edge: &Edge) -> (u16, serde_json::Value) {
+    let resp = client()
+        .post(edge.admin_url("/reload"))
+        .bearer_auth(ADMIN_TOKEN)
+        .send()
+        .await
+        .expect("POST /reload");
+    let status = resp.status().as_u16();
+    (status, resp.json().await.unwrap_or_default())
+}
+
 /// Start region `me` of `regions` with its generated config.
 pub async fn start_region(regions: &[RegionSpec], me: usize, t: &Tweaks) -> Edge {
     let r = &regions[me];
