@@ -291,25 +291,25 @@ async fn encoded_responses_and_unlisted_types_pass_through_untouched() {
     );
 
     // The same text is compressed when public...
-    let public = raw_request(
-        edge.port,
-        &get_request("/doc", "Accept-Encoding: gzip\r\n"),
-    )
-    .await;
-    assert_eq!(public.header("content-encoding"), Some("gzip"), "{public:?}");
+    let public = raw_request(edge.port, &get_request("/doc", "Accept-Encoding: gzip\r\n")).await;
+    assert_eq!(
+        public.header("content-encoding"),
+        Some("gzip"),
+        "{public:?}"
+    );
     // ...not when marked private (BREACH), nor for an HTTP/1.0 client
     // (a compressed body is chunked, which HTTP/1.0 cannot read).
     let private = raw_request(
         edge.port,
-        &get_request(
-            "/doc?cache-control=private",
-            "Accept-Encoding: gzip\r\n",
-        ),
+        &get_request("/doc?cache-control=private", "Accept-Encoding: gzip\r\n"),
     )
     .await;
     assert_eq!(private.status, 200);
     assert_eq!(private.header("content-encoding"), None, "{private:?}");
-    assert!(String::from_utf8_lossy(&private.body).contains("\"solo\""), "{private:?}");
+    assert!(
+        String::from_utf8_lossy(&private.body).contains("\"solo\""),
+        "{private:?}"
+    );
     let old = raw_request(
         edge.port,
         "GET /doc HTTP/1.0\r\nHost: a.test\r\nAccept-Encoding: gzip\r\n\r\n",
@@ -317,7 +317,10 @@ async fn encoded_responses_and_unlisted_types_pass_through_untouched() {
     .await;
     assert_eq!(old.status, 200);
     assert_eq!(old.header("content-encoding"), None, "{old:?}");
-    assert!(String::from_utf8_lossy(&old.body).contains("\"solo\""), "{old:?}");
+    assert!(
+        String::from_utf8_lossy(&old.body).contains("\"solo\""),
+        "{old:?}"
+    );
 }
 
 /// The data of the chunks in a chunked body read so far, and whether the
