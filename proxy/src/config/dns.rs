@@ -7,9 +7,10 @@
 //! Whoever controls a zone controls these answers, every refresh, with no
 //! operator watching; so an answer is refused (at start: a config error;
 //! later: treated as a failed lookup) when it has more than
-//! [`MAX_ADDRESSES`], an unspecified or multicast address, one of this
-//! proxy's own listeners, or newly a loopback or link-local address (the
-//! cloud metadata service is link-local).
+//! [`MAX_ADDRESSES`] or an unspecified or multicast address, or when it
+//! newly (unlike the name's previous answer) holds one of this proxy's own
+//! listeners or a loopback or link-local address (the cloud metadata
+//! service is link-local).
 
 use std::cell::RefCell;
 use std::collections::BTreeMap;
@@ -50,10 +51,15 @@ pub fn refused(
             l == a || (l.port() == a.port() && l.ip().is_unspecified() && a.ip().is_loopback())
         })
     };
-    if let Some(a) = addrs.iter().find(|a| ours(a)) {
-        return Some(format!(
-            "`{authority}` resolves to {a}, one of this proxy's own listeners"
-        ));
+    // What the file's names answered at start is the operator's choice (a
+    // region's own peer URL is its own listener); a later answer that
+    // turns inward is not.
+    if let Some(last) = last.filter(|l| !l.iter().any(ours)) {
+        if let Some(a) = addrs.iter().find(|a| ours(a)) {
+            return Some(format!(
+                "`{authority}` now resolves to {a}, one of this proxy's own listeners, which its earlier answer {last:?} did not"
+            ));
+        }
     }
     let inward = |a: &SocketAddr| a.ip().is_loopback() || is_link_local(a);
     if let Some(last) = last.filter(|l| !l.iter().any(inward)) {
@@ -264,13 +270,16 @@ mod tests {
         assert_eq!(ok(&["10.0.0.1:80"], None), None);
         assert!(ok(&["0.0.0.0:80"], None).is_some());
         assert!(ok(&["224.0.0.1:80"], None).is_some());
+        // At start, the file's own choice (a region's peer URL is its own listener).
+        assert_eq!(ok(&["127.0.0.1:9901"], None), None);
+        let was_loopback = [addr("127.0.0.5:80")];
         assert!(
-            ok(&["127.0.0.1:9901"], None).is_some(),
-            "the admin listener"
+            ok(&["127.0.0.1:9901"], Some(&was_loopback)).is_some(),
+            "newly the admin listener"
         );
         assert!(
-            ok(&["127.0.0.1:8080"], None).is_some(),
-            "a wildcard listener's port"
+            ok(&["127.0.0.1:8080"], Some(&was_loopback)).is_some(),
+            "newly a wildcard listener's port"
         );
         // Loopback at start is the operator's choice; turning inward later is not.
         assert_eq!(ok(&["127.0.0.5:80"], None), None);
