@@ -184,9 +184,9 @@ impl DrainThenStop {
             return ShutdownSignal::GracefulTerminate;
         };
         let before = async move {
-            // Pingora's sender retries for a few seconds.
+            // Pingora's sender retries for 5 s, and a successor waits about as long.
             let code = match upgrade
-                .handed_over(successor.as_ref(), Duration::from_secs(20))
+                .handed_over(successor.as_ref(), HAND_OVER_LIMIT)
                 .await
             {
                 Ok(()) => {
@@ -203,15 +203,41 @@ impl DrainThenStop {
             // Pingora keeps accepting for its CLOSE_TIMEOUT after sending the
             // sockets; only then can "nothing in flight" mean done.
             tokio::time::sleep(PINGORA_CLOSE_TIMEOUT + Duration::from_millis(200)).await;
+            // A successor that took the sockets and then died leaves nobody.
+            let code = match successor {
+                Some(s) if code == 0 && !s.alive() => {
+                    metrics.upgrades.with_label_values(&["error"]).inc();
+                    tracing::error!(pid = s.pid, "graceful upgrade failed: the new process exited after taking the listening sockets; exiting with status 1 for the supervisor to restart edge-router");
+                    1
+                }
+                _ => code,
+            };
+            EXIT_CODE.store(code, Ordering::SeqCst);
             code
         };
         spawn_exit_when_idle(
             self.lifecycles.clone(),
             before,
-            Duration::from_secs(20) + PINGORA_CLOSE_TIMEOUT + self.shutdown_timeout,
+            HAND_OVER_LIMIT + PINGORA_CLOSE_TIMEOUT + self.shutdown_timeout,
+            // systemd's stop signals every process of the unit: this one
+            // finishes what it has (SIGINT stops it at once).
+            false,
         );
         ShutdownSignal::GracefulUpgrade
     }
+}
+
+/// How long the sockets may take to reach the successor: Pingora's sender
+/// gives up after 5 attempts a second apart, a successor after about as long.
+const HAND_OVER_LIMIT: Duration = Duration::from_secs(10);
+
+/// The status the process ends with when Pingora's `run` returns before our
+/// shutdown watcher exits (1: a hand-over failed).
+static EXIT_CODE: std::sync::atomic::AtomicI32 = std::sync::atomic::AtomicI32::new(0);
+
+/// The exit status decided during shutdown (0 unless something failed).
+pub fn exit_code() -> u8 {
+    u8::try_from(EXIT_CODE.load(Ordering::SeqCst)).unwrap_or(1)
 }
 
 /// Pingora's wait between sending the listening sockets and closing its own
@@ -248,7 +274,11 @@ impl ShutdownSignalWatch for DrainThenStop {
         > = None;
         loop {
             tokio::select! {
-                _ = term.recv() => break,
+                _ = term.recv() => {
+                    // Dropping it kills a successor still starting.
+                    drop(starting.take());
+                    break;
+                }
                 _ = int.recv() => {
                     tracing::info!("SIGINT: stopping now");
                     return ShutdownSignal::FastShutdown;
@@ -257,6 +287,9 @@ impl ShutdownSignalWatch for DrainThenStop {
                     Some((u, _)) if starting.is_none() && u.someone_waits() => {
                         tracing::info!(sock = %u.sock().display(), "SIGQUIT: handing the listening sockets to the process waiting for them, then finishing requests in flight");
                         return self.hand_over(None);
+                    }
+                    _ if starting.is_some() => {
+                        tracing::warn!("SIGQUIT ignored: a graceful upgrade is starting (SIGTERM stops it and drains)");
                     }
                     _ => {
                         tracing::info!("SIGQUIT and no new process waits for the listening sockets: stopping as on SIGTERM");
@@ -323,6 +356,7 @@ impl ShutdownSignalWatch for DrainThenStop {
                 0
             },
             self.shutdown_timeout,
+            true,
         );
         ShutdownSignal::GracefulTerminate
     }
@@ -332,8 +366,13 @@ impl ShutdownSignalWatch for DrainThenStop {
 /// graceful stop; this thread ends the process as soon as no request is in
 /// flight, or at once on another SIGTERM or SIGINT, since Pingora no longer
 /// listens for signals then.
-fn spawn_exit_when_idle<F>(lifecycles: Vec<Arc<Lifecycle>>, before: F, limit: Duration)
-where
+/// `term_exits`: a SIGTERM ends it at once (else only SIGINT does).
+fn spawn_exit_when_idle<F>(
+    lifecycles: Vec<Arc<Lifecycle>>,
+    before: F,
+    limit: Duration,
+    term_exits: bool,
+) where
     F: std::future::Future<Output = i32> + Send + 'static,
 {
     let spawned = std::thread::Builder::new()
@@ -357,10 +396,19 @@ where
                     return None;
                 };
                 let start = Instant::now();
-                let code = tokio::select! {
-                    code = before => code,
-                    _ = term.recv() => { tracing::info!("signal during shutdown: exiting now"); return Some(1); }
-                    _ = int.recv() => { tracing::info!("signal during shutdown: exiting now"); return Some(1); }
+                tokio::pin!(before);
+                let code = loop {
+                    tokio::select! {
+                        code = &mut before => break code,
+                        _ = term.recv() => {
+                            if term_exits {
+                                tracing::info!("signal during shutdown: exiting now");
+                                return Some(1);
+                            }
+                            tracing::info!("SIGTERM while handing over: finishing requests in flight (SIGINT stops now)");
+                        }
+                        _ = int.recv() => { tracing::info!("signal during shutdown: exiting now"); return Some(1); }
+                    }
                 };
                 loop {
                     let left: usize = lifecycles.iter().map(|l| l.in_flight()).sum();
@@ -374,7 +422,7 @@ where
                     }
                     tokio::select! {
                         _ = tokio::time::sleep(Duration::from_millis(20)) => {}
-                        _ = term.recv() => { tracing::info!("signal during shutdown: exiting now"); return Some(1); }
+                        _ = term.recv(), if term_exits => { tracing::info!("signal during shutdown: exiting now"); return Some(1); }
                         _ = int.recv() => { tracing::info!("signal during shutdown: exiting now"); return Some(1); }
                     }
                 }

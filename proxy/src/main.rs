@@ -373,5 +373,11 @@ fn run(config: config::Config, source: app::ConfigSource, upgrade: bool) -> anyh
     server.run(RunArgs {
         shutdown_signal: Box::new(stop),
     });
+    // Pingora's run can return before our shutdown watcher exits.
+    let code = edge_router::lifecycle::exit_code();
+    if code != 0 {
+        edge_router::telemetry::flush();
+        std::process::exit(i32::from(code));
+    }
     Ok(())
 }

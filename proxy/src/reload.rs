@@ -131,6 +131,9 @@ pub struct Reloader {
     handle: ReloadHandle,
     text: Arc<ArcSwap<String>>,
     info: Arc<ArcSwap<ConfigInfo>>,
+    /// A round of name lookups is still running (one that outlived its
+    /// limit): the next refresh waits for it rather than start another.
+    looking_up: Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl Reloader {
@@ -155,6 +158,7 @@ impl Reloader {
             handle: ReloadHandle(tx, text.clone()),
             text,
             info: Arc::new(ArcSwap::from_pointee(info)),
+            looking_up: Arc::new(std::sync::atomic::AtomicBool::new(false)),
         }
     }
 
@@ -212,10 +216,13 @@ impl Reloader {
         let previous = self.current.load_full();
         let fixed = self.fixed.clone();
         // Reading, DNS and certificates block: off the runtime the probers share.
-        let (new, region, source) =
-            tokio::task::spawn_blocking(move || prepare(source, &old, &fixed, &previous))
-                .await
-                .map_err(|e| format!("the reload task failed: {e}"))??;
+        let task = tokio::task::spawn_blocking(move || prepare(source, &old, &fixed, &previous));
+        let (new, region, source) = tokio::time::timeout(DNS_ROUND_LIMIT, task)
+            .await
+            .map_err(|_| {
+                format!("reading and building the config took over {DNS_ROUND_LIMIT:?} (a resolver that does not answer?)")
+            })?
+            .map_err(|e| format!("the reload task failed: {e}"))??;
         let info = ConfigInfo::of(&source, self.info.load().reloads + 1, new.warnings.clone());
         self.install(new, region, prober);
         self.text.store(Arc::new(source.text.clone()));
@@ -256,7 +263,21 @@ impl Reloader {
         let fixed = self.fixed.clone();
         let previous = self.current.load_full();
         let last = names.clone();
+        use std::sync::atomic::Ordering;
+        if self.looking_up.swap(true, Ordering::SeqCst) {
+            tracing::warn!("DNS refresh skipped: the previous round of lookups has not finished");
+            return;
+        }
+        let looking_up = self.looking_up.clone();
         let lookups = tokio::task::spawn_blocking(move || {
+            /// Clears the flag however the round ends.
+            struct Done(Arc<std::sync::atomic::AtomicBool>);
+            impl Drop for Done {
+                fn drop(&mut self) {
+                    self.0.store(false, std::sync::atomic::Ordering::SeqCst);
+                }
+            }
+            let _done = Done(looking_up);
             let dns = KeepLastGood::new(&SystemDns, &last, &own);
             let file = source
                 .path

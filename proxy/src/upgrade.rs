@@ -72,20 +72,23 @@ pub struct Successor {
 }
 
 impl Successor {
-    fn alive(&self) -> bool {
+    /// It has not exited.
+    pub fn alive(&self) -> bool {
         !self.exited.load(Ordering::SeqCst)
     }
 }
 
 /// Kills the successor unless it got as far as waiting for the sockets (a
 /// SIGTERM while it starts, a timeout).
-struct Starting(Option<Child>);
+struct Starting(Option<Child>, PathBuf);
 
 impl Drop for Starting {
     fn drop(&mut self) {
         if let Some(mut child) = self.0.take() {
             let _ = child.kill();
             let _ = child.wait();
+            // It may have made the socket: nobody waits on it now.
+            let _ = std::fs::remove_file(&self.1);
         }
     }
 }
@@ -135,7 +138,7 @@ impl Upgrade {
                 source,
             })?;
         let pid = child.id();
-        let mut starting = Starting(Some(child));
+        let mut starting = Starting(Some(child), self.sock.clone());
         tracing::info!(pid, exe = %exe.display(), "graceful upgrade: new process started; waiting until it asks for the listening sockets");
         let started = Instant::now();
         loop {

@@ -32,6 +32,24 @@ pub fn refused(
     last: Option<&[SocketAddr]>,
     own: &[SocketAddr],
 ) -> Option<String> {
+    refused_as(authority, addrs, last, own, false)
+}
+
+/// [`refused`]; `backend`: the name is a backend's, which may never be one
+/// of our own listeners (a request loop), even as the file wrote it.
+fn refused_as(
+    authority: &str,
+    addrs: &[SocketAddr],
+    last: Option<&[SocketAddr]>,
+    own: &[SocketAddr],
+    backend: bool,
+) -> Option<String> {
+    // `::ffff:127.0.0.1` is 127.0.0.1.
+    let addrs: Vec<SocketAddr> = addrs
+        .iter()
+        .map(|a| SocketAddr::new(a.ip().to_canonical(), a.port()))
+        .collect();
+    let addrs = addrs.as_slice();
     if addrs.len() > MAX_ADDRESSES {
         return Some(format!(
             "`{authority}` resolves to {} addresses, more than {MAX_ADDRESSES}",
@@ -54,6 +72,13 @@ pub fn refused(
     // What the file's names answered at start is the operator's choice (a
     // region's own peer URL is its own listener); a later answer that
     // turns inward is not.
+    if backend && last.is_none() {
+        if let Some(a) = addrs.iter().find(|a| ours(a)) {
+            return Some(format!(
+                "`{authority}` resolves to {a}, one of this proxy's own listeners: requests would loop"
+            ));
+        }
+    }
     if let Some(last) = last.filter(|l| !l.iter().any(ours)) {
         if let Some(a) = addrs.iter().find(|a| ours(a)) {
             return Some(format!(
@@ -191,12 +216,21 @@ impl<'a> Recorder<'a> {
     /// The addresses of `host:port`: an IP literal as it is, a name as the
     /// resolver answers it.
     pub(super) fn resolve(&self, authority: &str) -> Result<Vec<SocketAddr>, String> {
+        self.resolve_as(authority, false)
+    }
+
+    /// [`Recorder::resolve`] for a backend (never one of our own listeners).
+    pub(super) fn resolve_backend(&self, authority: &str) -> Result<Vec<SocketAddr>, String> {
+        self.resolve_as(authority, true)
+    }
+
+    fn resolve_as(&self, authority: &str, backend: bool) -> Result<Vec<SocketAddr>, String> {
         super::port_error(authority)?;
         if let Ok(a) = authority.parse::<SocketAddr>() {
             return Ok(vec![a]);
         }
         let addrs = self.inner.lookup(authority)?;
-        if let Some(why) = refused(authority, &addrs, None, &self.own.borrow()) {
+        if let Some(why) = refused_as(authority, &addrs, None, &self.own.borrow(), backend) {
             return Err(why);
         }
         self.answers
@@ -269,6 +303,16 @@ mod tests {
         };
         assert_eq!(ok(&["10.0.0.1:80"], None), None);
         assert!(ok(&["0.0.0.0:80"], None).is_some());
+        assert!(ok(&["[::ffff:0.0.0.0]:80"], None).is_some(), "mapped");
+        let was = [addr("10.0.0.1:80")];
+        assert!(
+            ok(&["[::ffff:169.254.169.254]:80"], Some(&was)).is_some(),
+            "mapped"
+        );
+        assert!(
+            refused_as("n:80", &[addr("127.0.0.1:9901")], None, &own, true).is_some(),
+            "a backend loop"
+        );
         assert!(ok(&["224.0.0.1:80"], None).is_some());
         // At start, the file's own choice (a region's peer URL is its own listener).
         assert_eq!(ok(&["127.0.0.1:9901"], None), None);

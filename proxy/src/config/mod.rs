@@ -1207,25 +1207,34 @@ fn upgrade_sock_dir_error(p: &std::path::Path) -> Option<String> {
     use std::os::unix::fs::{MetadataExt, PermissionsExt};
     let dir = p.parent()?;
     let m = std::fs::metadata(dir).ok()?;
-    // /proc/self belongs to the process's effective user (no unsafe libc call).
-    let me = std::fs::metadata("/proc/self").map(|m| m.uid()).ok()?;
     let mode = m.permissions().mode() & 0o7777;
     if !m.is_dir() {
-        Some(format!("{} is not a directory", dir.display()))
-    } else if m.uid() != me {
-        Some(format!(
+        return Some(format!("{} is not a directory", dir.display()));
+    }
+    if mode & 0o077 != 0 {
+        return Some(format!(
+            "directory {} is open to other users (mode {mode:o}): they could hand the new process sockets of their own; use mode 0700 (systemd: RuntimeDirectoryMode=0700)",
+            dir.display()
+        ));
+    }
+    match effective_uid() {
+        Some(me) if m.uid() != me => Some(format!(
             "directory {} belongs to uid {}, not to this process's user ({me}): its owner could hand the new process sockets of their own",
             dir.display(),
             m.uid()
-        ))
-    } else if mode & 0o077 != 0 {
-        Some(format!(
-            "directory {} is open to other users (mode {mode:o}): they could hand the new process sockets of their own; use mode 0700 (systemd: RuntimeDirectoryMode=0700)",
-            dir.display()
-        ))
-    } else {
-        None
+        )),
+        Some(_) => None,
+        None => Some("cannot read this process's user id (/proc/self/status) to check the upgrade socket's directory".into()),
     }
+}
+
+/// The effective user id, from `/proc/self/status` (readable by the process
+/// itself even when it is not dumpable; no unsafe libc call).
+fn effective_uid() -> Option<u32> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("Uid:"))?;
+    // Real, effective, saved, filesystem.
+    line.split_whitespace().nth(2)?.parse().ok()
 }
 
 fn validate_admin(loc: &Locator<'_>, raw: &RawAdmin, errors: &mut Vec<ConfigError>) -> AdminConfig {
@@ -1400,7 +1409,7 @@ fn validate_upstream(
         let mut resolved = Vec::new();
         for (i, a) in addrs.iter().enumerate() {
             // Every address of a name is a backend (Envoy's STRICT_DNS).
-            match dns.resolve(a) {
+            match dns.resolve_backend(a) {
                 Ok(sa) => resolved.extend(sa),
                 Err(msg) => {
                     let mut p = rp.clone();
