@@ -44,7 +44,18 @@ async fn global_table(endpoint: &str, regions: &[&str]) -> String {
         "test",
     )
     .await;
-    first.ensure().await.expect("create the table");
+    // MiniStack on a loaded 2-core CI machine can miss the client's 2 s
+    // operation timeout once; the set-up asks again (what is tested is
+    // what edge-router does with the table, not MiniStack's speed).
+    let mut attempt = 0;
+    loop {
+        attempt += 1;
+        match first.ensure().await {
+            Ok(_) => break,
+            Err(e) if attempt < 5 => eprintln!("create the table (attempt {attempt}): {e:?}"),
+            Err(e) => panic!("create the table: {e:?}"),
+        }
+    }
     let others: Vec<String> = regions[1..].iter().map(|r| r.to_string()).collect();
     first.make_global(&others).await.expect("make it global");
     name
