@@ -320,12 +320,7 @@ impl Reloader {
         let after = changed.as_ref().map(|(c, _)| &c.names);
         for (name, before) in &names {
             let now = after.and_then(|a| a.get(name));
-            let moved = now.is_some_and(|n| {
-                let one = |v: &Vec<std::net::SocketAddr>| {
-                    config::dns::Answers::from([(name.clone(), v.clone())])
-                };
-                !config::dns::same(&one(n), &one(before))
-            });
+            let moved = now.is_some_and(|n| !config::dns::same_addresses(n, before));
             let result = if failed.contains(name.as_str()) {
                 "error"
             } else if moved {

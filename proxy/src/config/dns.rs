@@ -106,15 +106,20 @@ fn is_link_local(a: &SocketAddr) -> bool {
 
 /// Whether two answers hold the same addresses (DNS may rotate their order).
 pub fn same(a: &Answers, b: &Answers) -> bool {
-    let sorted = |v: &Vec<SocketAddr>| {
-        let mut v = v.clone();
-        v.sort_unstable();
-        v
-    };
     a.len() == b.len()
         && a.iter()
             .zip(b)
-            .all(|((ka, va), (kb, vb))| ka == kb && sorted(va) == sorted(vb))
+            .all(|((ka, va), (kb, vb))| ka == kb && same_addresses(va, vb))
+}
+
+/// Whether two answers for one name hold the same addresses, in any order.
+pub fn same_addresses(a: &[SocketAddr], b: &[SocketAddr]) -> bool {
+    let sorted = |v: &[SocketAddr]| {
+        let mut v = v.to_vec();
+        v.sort_unstable();
+        v
+    };
+    sorted(a) == sorted(b)
 }
 
 /// A way to look names up.
